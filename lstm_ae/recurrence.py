@@ -1,0 +1,324 @@
+"""LSTM recurrences with hand-written backward passes: the fast path the model trains with.
+
+Why not `nn.LSTM` stepped one frame at a time (the tutorial's way)? Autograd then computes a
+full weight-gradient matrix at every time step and adds it into the accumulator: for small
+batches that is a memory-bound pass over every weight per step. Here the time loops only
+carry what truly is sequential (the hidden-to-hidden products and the gate math); every
+weight gradient is computed once, after the loop, as one matmul over all T * B rows.
+
+Two functions cover every use:
+
+- `lstm_layer(input_gates, weight_hh, h0, c0)`: one LSTM layer whose input projections are
+  already known for all steps (the encoder, and decoders fed ground truth). The caller
+  computes `input_gates = x @ W_ih^T + b` for all steps at once with ordinary autograd ops.
+- `free_running_decoder(...)`: a stacked LSTM decoder whose input at each step is its own
+  previous output frame (a zero frame first), with the gradient flowing through that
+  feedback, as in the tutorial's model.
+
+Both run P independent stacks at once (leading dimension P, batched matmuls): the model
+runs its reconstruction and prediction decoders together with P = 2.
+
+Numerics: under `torch.autocast` with bfloat16 the matmuls run in bf16 (AMX on recent
+CPUs, tensor cores on GPUs) while gates, cell states and all gradients stay in float32.
+Gate order is PyTorch's (input, forget, cell, output).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+def matmul_dtype_for(reference: Tensor) -> torch.dtype:
+    """The dtype matmuls run in: autocast's lower precision when autocast is on, else the input's."""
+    device_type = reference.device.type
+    if reference.dtype == torch.float32 and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return reference.dtype
+
+
+def _bmm(left: Tensor, right: Tensor, dtype: torch.dtype) -> Tensor:
+    """Batched matmul in `dtype`, result in float32 (or the inputs' dtype when wider)."""
+    product = torch.bmm(left.to(dtype), right.to(dtype))
+    return product if dtype in (torch.float32, torch.float64) else product.float()
+
+
+def _cell_forward(pre_gates: Tensor, cell: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Gate activations, new cell and new hidden state from pre-activations (P, B, 4H)."""
+    hidden_size = cell.shape[-1]
+    gates = torch.sigmoid(pre_gates)
+    candidate = gates[..., 2 * hidden_size : 3 * hidden_size]
+    torch.tanh(pre_gates[..., 2 * hidden_size : 3 * hidden_size], out=candidate)
+    input_gate, forget_gate, _, output_gate = gates.chunk(4, dim=-1)
+    new_cell = torch.addcmul(forget_gate * cell, input_gate, candidate)
+    new_hidden = output_gate * torch.tanh(new_cell)
+    return gates, new_cell, new_hidden
+
+
+def _cell_backward(
+    gates: Tensor, cell_prev: Tensor, cell: Tensor, grad_hidden: Tensor, grad_cell: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Gradient of the gate pre-activations (P, B, 4H) and of the previous cell state.
+
+    `grad_hidden` and `grad_cell` are the total gradients reaching this step's h and c.
+    """
+    input_gate, forget_gate, candidate, output_gate = gates.chunk(4, dim=-1)
+    tanh_cell = torch.tanh(cell)
+    grad_cell = grad_cell + grad_hidden * output_gate * (1 - tanh_cell * tanh_cell)
+    grad_pre = torch.empty_like(gates)
+    grad_input, grad_forget, grad_candidate, grad_output = grad_pre.chunk(4, dim=-1)
+    torch.mul(grad_cell * candidate, input_gate * (1 - input_gate), out=grad_input)
+    torch.mul(grad_cell * cell_prev, forget_gate * (1 - forget_gate), out=grad_forget)
+    torch.mul(grad_cell * input_gate, 1 - candidate * candidate, out=grad_candidate)
+    torch.mul(grad_hidden * tanh_cell, output_gate * (1 - output_gate), out=grad_output)
+    return grad_pre, grad_cell * forget_gate
+
+
+def _rows(sequence: Tensor) -> Tensor:
+    """(P, T, B, N) -> (P, T * B, N): all time steps as rows of one matmul."""
+    return sequence.reshape(sequence.shape[0], -1, sequence.shape[-1])
+
+
+class _LayerRecurrence(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, input_gates, weight_hh, h0, c0, matmul_dtype):
+        # input_gates (P, T, B, 4H); weight_hh (P, 4H, H); h0, c0 (P, B, H)
+        steps = input_gates.shape[1]
+        weight_t = weight_hh.to(matmul_dtype).transpose(1, 2)  # (P, H, 4H)
+        hidden = input_gates.new_empty(h0.shape[0], steps + 1, *h0.shape[1:])  # h0 at index 0
+        cells = torch.empty_like(hidden)
+        gates = torch.empty_like(input_gates)
+        hidden[:, 0] = h0
+        cells[:, 0] = c0
+        for t in range(steps):
+            pre_gates = input_gates[:, t] + _bmm(hidden[:, t], weight_t, matmul_dtype)
+            gates[:, t], cells[:, t + 1], hidden[:, t + 1] = _cell_forward(pre_gates, cells[:, t])
+        ctx.matmul_dtype = matmul_dtype
+        ctx.save_for_backward(weight_hh, hidden, cells, gates)
+        return hidden[:, 1:].clone(), cells[:, steps].clone()
+
+    @staticmethod
+    def backward(ctx, grad_outputs, grad_last_cell):
+        weight_hh, hidden, cells, gates = ctx.saved_tensors
+        matmul_dtype = ctx.matmul_dtype
+        steps = gates.shape[1]
+        weight = weight_hh.to(matmul_dtype)  # (P, 4H, H)
+        grad_hidden = torch.zeros_like(hidden[:, 0])
+        grad_cell = torch.zeros_like(cells[:, 0]) if grad_last_cell is None else grad_last_cell
+        grad_gates = torch.empty_like(gates)
+        for t in reversed(range(steps)):
+            if grad_outputs is not None:
+                grad_hidden = grad_hidden + grad_outputs[:, t]
+            grad_gates[:, t], grad_cell = _cell_backward(
+                gates[:, t], cells[:, t], cells[:, t + 1], grad_hidden, grad_cell
+            )
+            grad_hidden = _bmm(grad_gates[:, t], weight, matmul_dtype)
+        # One matmul over all T * B rows: sum_t dG_t^T h_{t-1}.
+        grad_weight = _bmm(
+            _rows(grad_gates).transpose(1, 2), _rows(hidden[:, :steps]), matmul_dtype
+        )  # (P, 4H, H)
+        return grad_gates, grad_weight.to(weight_hh.dtype), grad_hidden, grad_cell, None
+
+
+def lstm_layer(input_gates: Tensor, weight_hh: Tensor, h0: Tensor, c0: Tensor) -> tuple[Tensor, Tensor]:
+    """Run P LSTM layers over T steps given their input projections.
+
+    Args:
+        input_gates: (P, T, B, 4H) float, `x_t @ W_ih^T + bias` for every step.
+        weight_hh: (P, 4H, H) hidden-to-hidden weights.
+        h0, c0: (P, B, H) initial states.
+    Returns:
+        hidden states (P, T, B, H) of every step, and the last cell state (P, B, H).
+    """
+    return _LayerRecurrence.apply(input_gates, weight_hh, h0, c0, matmul_dtype_for(input_gates))
+
+
+@dataclass(frozen=True)
+class DecoderWeights:
+    """Weights of P stacked decoders with L layers each (views, no copies).
+
+    weight_ih[l]: (P, 4H, input size of layer l); weight_hh[l]: (P, 4H, H); bias[l]: (P, 4H);
+    output_weight: (P, D, H); output_bias: (P, D).
+    """
+
+    weight_ih: tuple[Tensor, ...]
+    weight_hh: tuple[Tensor, ...]
+    bias: tuple[Tensor, ...]
+    output_weight: Tensor
+    output_bias: Tensor
+
+    def flat(self) -> list[Tensor]:
+        return [
+            *self.weight_ih,
+            *self.weight_hh,
+            *self.bias,
+            self.output_weight,
+            self.output_bias,
+        ]
+
+
+class _FreeRunningDecoder(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, steps, logistic, dropout, matmul_dtype, h0, c0, *parameters):
+        # h0, c0: (L, P, B, H); parameters: DecoderWeights.flat()
+        num_layers = h0.shape[0]
+        weight_ih = parameters[:num_layers]
+        weight_hh = parameters[num_layers : 2 * num_layers]
+        bias = parameters[2 * num_layers : 3 * num_layers]
+        output_weight, output_bias = parameters[3 * num_layers :]
+        P, B, H = h0.shape[1:]
+        D = output_weight.shape[1]
+
+        # Matmul copies of the weights, transposed for x @ W^T, cast once per call.
+        weight_ih_t = [w.to(matmul_dtype).transpose(1, 2) for w in weight_ih]
+        weight_hh_t = [w.to(matmul_dtype).transpose(1, 2) for w in weight_hh]
+        output_weight_t = output_weight.to(matmul_dtype).transpose(1, 2)  # (P, H, D)
+
+        hidden = h0.new_empty(num_layers, P, steps + 1, B, H)  # h_{t-1} at index t
+        cells = torch.empty_like(hidden)
+        gates = h0.new_empty(num_layers, P, steps, B, 4 * H)
+        frames = h0.new_empty(P, steps, B, D)  # fed-back outputs: sigmoid(logits) or logits
+        logits = h0.new_empty(P, steps, B, D)
+        masks = None
+        if dropout > 0 and num_layers > 1:
+            keep = h0.new_full((num_layers - 1, P, steps, B, H), 1 - dropout)
+            masks = torch.bernoulli(keep).div_(1 - dropout)
+        hidden[:, :, 0] = h0
+        cells[:, :, 0] = c0
+        for t in range(steps):
+            layer_input = frames[:, t - 1] if t > 0 else None  # a zero frame at t = 0
+            for layer in range(num_layers):
+                pre_gates = bias[layer].unsqueeze(1) + _bmm(
+                    hidden[layer, :, t], weight_hh_t[layer], matmul_dtype
+                )
+                if layer_input is not None:
+                    pre_gates += _bmm(layer_input, weight_ih_t[layer], matmul_dtype)
+                (
+                    gates[layer, :, t],
+                    cells[layer, :, t + 1],
+                    hidden[layer, :, t + 1],
+                ) = _cell_forward(pre_gates, cells[layer, :, t])
+                layer_input = hidden[layer, :, t + 1]
+                if masks is not None and layer < num_layers - 1:
+                    layer_input = layer_input * masks[layer, :, t]
+            logits[:, t] = output_bias.unsqueeze(1) + _bmm(layer_input, output_weight_t, matmul_dtype)
+            frames[:, t] = torch.sigmoid(logits[:, t]) if logistic else logits[:, t]
+        ctx.steps, ctx.logistic, ctx.matmul_dtype = steps, logistic, matmul_dtype
+        ctx.num_layers = num_layers
+        ctx.save_for_backward(hidden, cells, gates, frames, masks, *parameters)
+        return logits
+
+    @staticmethod
+    def backward(ctx, grad_logits):
+        hidden, cells, gates, frames, masks, *parameters = ctx.saved_tensors
+        steps, num_layers, dtype = ctx.steps, ctx.num_layers, ctx.matmul_dtype
+        weight_ih = parameters[:num_layers]
+        weight_hh = parameters[num_layers : 2 * num_layers]
+        output_weight = parameters[3 * num_layers]
+        weight_ih_m = [w.to(dtype) for w in weight_ih]  # (P, 4H, in)
+        weight_hh_m = [w.to(dtype) for w in weight_hh]  # (P, 4H, H)
+        output_weight_m = output_weight.to(dtype)  # (P, D, H)
+
+        grad_hidden = [torch.zeros_like(hidden[0, :, 0]) for _ in range(num_layers)]
+        grad_cell = [torch.zeros_like(cells[0, :, 0]) for _ in range(num_layers)]
+        grad_gates = torch.empty_like(gates)
+        grad_logits_total = torch.empty_like(grad_logits)
+        grad_feedback = None  # gradient reaching the frame fed back at step t (made at t - 1)
+        for t in reversed(range(steps)):
+            grad_step_logits = grad_logits[:, t]
+            if grad_feedback is not None:
+                frame = frames[:, t]
+                derivative = frame * (1 - frame) if ctx.logistic else 1.0
+                grad_step_logits = grad_step_logits + grad_feedback * derivative
+            grad_logits_total[:, t] = grad_step_logits
+            grad_top = _bmm(grad_step_logits, output_weight_m, dtype)  # (P, B, H)
+            grad_hidden[-1] = grad_hidden[-1] + grad_top
+            grad_feedback = None
+            for layer in reversed(range(num_layers)):
+                grad_gates[layer, :, t], grad_cell[layer] = _cell_backward(
+                    gates[layer, :, t],
+                    cells[layer, :, t],
+                    cells[layer, :, t + 1],
+                    grad_hidden[layer],
+                    grad_cell[layer],
+                )
+                step_grad_gates = grad_gates[layer, :, t]
+                grad_hidden[layer] = _bmm(step_grad_gates, weight_hh_m[layer], dtype)
+                if layer > 0:
+                    grad_below = _bmm(step_grad_gates, weight_ih_m[layer], dtype)
+                    if masks is not None:
+                        grad_below = grad_below * masks[layer - 1, :, t]
+                    grad_hidden[layer - 1] = grad_hidden[layer - 1] + grad_below
+                elif t > 0:
+                    grad_feedback = _bmm(step_grad_gates, weight_ih_m[0], dtype)
+
+        # Weight gradients: one matmul per weight over all T * B rows.
+        grad_weight_ih, grad_weight_hh, grad_bias = [], [], []
+        for layer in range(num_layers):
+            layer_grad_gates = grad_gates[layer]  # (P, T, B, 4H)
+            if layer == 0:  # inputs are the fed-back frames; the zero frame at t = 0 adds nothing
+                inputs, grads = frames[:, : steps - 1], layer_grad_gates[:, 1:]
+            else:
+                inputs = hidden[layer - 1, :, 1:]
+                if masks is not None:
+                    inputs = inputs * masks[layer - 1]
+                grads = layer_grad_gates
+            grad_weight_ih.append(_bmm(_rows(grads).transpose(1, 2), _rows(inputs), dtype))
+            grad_weight_hh.append(
+                _bmm(
+                    _rows(layer_grad_gates).transpose(1, 2),
+                    _rows(hidden[layer, :, :steps]),
+                    dtype,
+                )
+            )
+            grad_bias.append(layer_grad_gates.sum(dim=(1, 2)))
+        top_hidden = hidden[-1, :, 1:]  # the head sees the top layer without dropout
+        grad_output_weight = _bmm(_rows(grad_logits_total).transpose(1, 2), _rows(top_hidden), dtype)
+        grad_output_bias = grad_logits_total.sum(dim=(1, 2))
+        grad_parameters = [
+            *grad_weight_ih,
+            *grad_weight_hh,
+            *grad_bias,
+            grad_output_weight,
+            grad_output_bias,
+        ]
+        grad_parameters = [g.to(p.dtype) for g, p in zip(grad_parameters, parameters)]
+        return (
+            None,
+            None,
+            None,
+            None,
+            torch.stack(grad_hidden),
+            torch.stack(grad_cell),
+            *grad_parameters,
+        )
+
+
+def free_running_decoder(
+    weights: DecoderWeights,
+    h0: Tensor,
+    c0: Tensor,
+    steps: int,
+    logistic: bool,
+    dropout: float = 0.0,
+) -> Tensor:
+    """Run P stacked LSTM decoders that feed their own output back as the next input.
+
+    The first input is a zero frame; each later input is the previous output frame
+    (`sigmoid(logits)` for the logistic head, the logits themselves for the linear head),
+    and gradients flow through that feedback.
+
+    Args:
+        weights: the decoders' weights (see DecoderWeights).
+        h0, c0: (L, P, B, H) initial states of every layer.
+        steps: frames to generate.
+        logistic: the output head (sigmoid) or a linear one.
+        dropout: dropout probability between stacked layers (pass 0 at evaluation).
+    Returns:
+        logits (P, steps, B, D) of every generated frame.
+    """
+    return _FreeRunningDecoder.apply(
+        steps, logistic, float(dropout), matmul_dtype_for(h0), h0, c0, *weights.flat()
+    )

@@ -1,0 +1,153 @@
+"""Pictures of a run: prediction and reconstruction GIFs, a frame grid, and loss curves.
+
+Frames come in as (T, H, W) or (T, 1, H, W) floats in [0, 1]. Everything here writes files
+and returns nothing; matplotlib runs headless (Agg).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from lstm_ae.metrics import BASELINE_COPY_LAST_MSE_FRAME, BASELINE_ZEROS_MSE_FRAME
+
+GIF_SCALE = 3  # pixels per frame pixel
+GIF_FRAME_MS = 200
+GAP = 2  # pixels between panels
+
+
+def _to_uint8(frames: torch.Tensor | np.ndarray) -> np.ndarray:
+    """(T, [1,] H, W) floats in [0, 1] -> (T, H, W) uint8."""
+    array = frames.detach().float().cpu().numpy() if isinstance(frames, torch.Tensor) else np.asarray(frames)
+    if array.ndim == 4:
+        array = array[:, 0]
+    return (np.clip(array, 0, 1) * 255).round().astype(np.uint8)
+
+
+def _side_by_side(panels: Sequence[np.ndarray], marker: np.ndarray | None = None) -> list[Image.Image]:
+    """Panels (T, H, W) uint8 side by side per frame; `marker` (T,) bool lights a bar on top."""
+    steps, height, _ = panels[0].shape
+    images = []
+    for t in range(steps):
+        row = [np.pad(panel[t], ((0, 0), (0, GAP)), constant_values=128) for panel in panels]
+        frame = np.concatenate(row, axis=1)[:, :-GAP]
+        bar = np.full((3, frame.shape[1]), 255 if marker is not None and marker[t] else 0, np.uint8)
+        frame = np.concatenate([bar, frame], axis=0)
+        image = Image.fromarray(frame).resize(
+            (frame.shape[1] * GIF_SCALE, frame.shape[0] * GIF_SCALE), Image.NEAREST
+        )
+        images.append(image)
+    return images
+
+
+def _save_gif(path: str | os.PathLike, images: list[Image.Image]) -> None:
+    images[0].save(path, save_all=True, append_images=images[1:], duration=GIF_FRAME_MS, loop=0)
+
+
+def _stack_sequences(sequences: Sequence[np.ndarray]) -> np.ndarray:
+    """Several (T, H, W) sequences stacked vertically into one (T, n*H + gaps, W)."""
+    padded = [np.pad(s, ((0, 0), (0, GAP), (0, 0)), constant_values=128) for s in sequences]
+    return np.concatenate(padded, axis=1)[:, :-GAP]
+
+
+def prediction_gif(path: str | os.PathLike, past, future, prediction) -> None:
+    """Left: the true sequence; right: the same past, then the model's prediction.
+
+    Arguments are (N, T, 1, H, W) batches; each of the N sequences is a row. The bar on top
+    lights up while the frames shown are predicted.
+    """
+    truth = [_to_uint8(torch.cat([p, f])) for p, f in zip(past, future)]
+    generated = [_to_uint8(torch.cat([p, q])) for p, q in zip(past, prediction)]
+    marker = np.arange(truth[0].shape[0]) >= past.shape[1]
+    _save_gif(path, _side_by_side([_stack_sequences(truth), _stack_sequences(generated)], marker))
+
+
+def reconstruction_gif(path: str | os.PathLike, past, reconstruction) -> None:
+    """Left: the past frames; right: their reconstruction (chronological order)."""
+    original = _stack_sequences([_to_uint8(p) for p in past])
+    rebuilt = _stack_sequences([_to_uint8(r) for r in reconstruction])
+    _save_gif(path, _side_by_side([original, rebuilt]))
+
+
+def _figure(rows: int, columns: int, width: float, height: float):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt, *plt.subplots(rows, columns, figsize=(width, height), squeeze=False)
+
+
+def frames_png(path: str | os.PathLike, past, future, prediction, reconstruction) -> None:
+    """A grid per sequence: input, true future, predicted future, reconstruction (rows)."""
+    steps = max(past.shape[1], future.shape[1])
+    labels = ("input", "true future", "predicted", "reconstructed")
+    rows = []
+    for index in range(past.shape[0]):
+        for label, frames in zip(labels, (past, future, prediction, reconstruction)):
+            rows.append((f"#{index} {label}", _to_uint8(frames[index])))
+    plt, figure, axes = _figure(len(rows), steps, steps * 0.9, len(rows) * 0.95)
+    for row, (label, frames) in enumerate(rows):
+        for column in range(steps):
+            axis = axes[row, column]
+            axis.set_xticks([])
+            axis.set_yticks([])
+            if column < len(frames):
+                axis.imshow(frames[column], cmap="gray", vmin=0, vmax=255)
+            else:
+                axis.axis("off")
+            if column == 0:
+                axis.set_ylabel(label, rotation=0, ha="right", va="center", fontsize=7)
+    figure.tight_layout(pad=0.3)
+    figure.savefig(path, dpi=80)
+    plt.close(figure)
+
+
+def curves_png(path: str | os.PathLike, rows: Sequence[Mapping[str, float]], metric: str) -> None:
+    """Training losses and the validation metric over steps, with the trivial baselines."""
+    plt, figure, axes = _figure(1, 2, 11, 4)
+    train_axis, validation_axis = axes[0]
+    train_rows = [row for row in rows if "loss" in row and _finite(row["loss"])]
+    for key, label in (
+        ("loss", "composite loss"),
+        ("reconstruction_loss", "reconstruction"),
+        ("prediction_loss", "prediction"),
+    ):
+        points = [(row["step"], row[key]) for row in train_rows if _finite(row.get(key))]
+        if points and any(value > 0 for _, value in points):
+            train_axis.plot(*zip(*points), label=label)
+    train_axis.set_xlabel("step")
+    train_axis.set_ylabel("training loss per frame")
+    train_axis.set_yscale("log")
+    train_axis.legend()
+    validation_rows = [row for row in rows if _finite(row.get(metric))]
+    if validation_rows:
+        validation_axis.plot(
+            [row["step"] for row in validation_rows],
+            [row[metric] for row in validation_rows],
+            marker="o",
+            label="model",
+        )
+        last = validation_rows[-1]
+        if metric.startswith("val_mse"):
+            for key, label, style in (
+                (BASELINE_ZEROS_MSE_FRAME, "all-zeros baseline", "--"),
+                (BASELINE_COPY_LAST_MSE_FRAME, "copy-last-frame baseline", ":"),
+            ):
+                if _finite(last.get(key)):
+                    validation_axis.axhline(last[key], linestyle=style, color="gray", label=label)
+        validation_axis.legend()
+    validation_axis.set_xlabel("step")
+    validation_axis.set_ylabel(metric)
+    figure.tight_layout()
+    figure.savefig(path, dpi=90)
+    plt.close(figure)
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)

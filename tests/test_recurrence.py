@@ -1,0 +1,151 @@
+"""The hand-written backward passes against autograd, and the fast model against the naive one."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from torch.autograd import gradcheck
+
+from benchmarks.reference_model import NaiveCompositeLSTM, gradients_like_model
+from lstm_ae.config import ModelConfig
+from lstm_ae.model import CompositeLSTMAutoencoder
+from lstm_ae.recurrence import DecoderWeights, free_running_decoder, lstm_layer
+
+DOUBLE = dict(dtype=torch.float64, requires_grad=True)
+
+
+def test_layer_recurrence_backward_matches_autograd():
+    stacks, steps, batch, hidden = 2, 3, 2, 3
+    inputs = (
+        torch.randn(stacks, steps, batch, 4 * hidden, **DOUBLE),
+        (0.5 * torch.randn(stacks, 4 * hidden, hidden, dtype=torch.float64)).requires_grad_(),
+        torch.randn(stacks, batch, hidden, **DOUBLE),
+        torch.randn(stacks, batch, hidden, **DOUBLE),
+    )
+    assert gradcheck(lstm_layer, inputs)
+
+
+def decoder_inputs(layers: int, stacks: int = 2, batch: int = 2, hidden: int = 3, frame: int = 4):
+    sizes = [frame] + [hidden] * (layers - 1)
+
+    def weight(*shape):
+        return (0.5 * torch.randn(*shape, dtype=torch.float64)).requires_grad_()
+
+    parameters = [
+        *(weight(stacks, 4 * hidden, size) for size in sizes),
+        *(weight(stacks, 4 * hidden, hidden) for _ in range(layers)),
+        *(weight(stacks, 4 * hidden) for _ in range(layers)),
+        weight(stacks, frame, hidden),
+        weight(stacks, frame),
+    ]
+    h0 = torch.randn(layers, stacks, batch, hidden, **DOUBLE)
+    c0 = torch.randn(layers, stacks, batch, hidden, **DOUBLE)
+    return (h0, c0, *parameters)
+
+
+def run_decoder(layers: int, logistic: bool, dropout: float):
+    def decode(h0, c0, *parameters):
+        weights = DecoderWeights(
+            weight_ih=tuple(parameters[:layers]),
+            weight_hh=tuple(parameters[layers : 2 * layers]),
+            bias=tuple(parameters[2 * layers : 3 * layers]),
+            output_weight=parameters[3 * layers],
+            output_bias=parameters[3 * layers + 1],
+        )
+        torch.manual_seed(7)  # the same dropout masks on every call
+        return free_running_decoder(weights, h0, c0, steps=4, logistic=logistic, dropout=dropout)
+
+    return decode
+
+
+@pytest.mark.parametrize(
+    "layers, logistic, dropout",
+    [(1, True, 0.0), (1, False, 0.0), (2, True, 0.0), (3, False, 0.0), (2, True, 0.3), (3, False, 0.5)],
+)
+def test_free_running_decoder_backward_matches_autograd(layers, logistic, dropout):
+    assert gradcheck(run_decoder(layers, logistic, dropout), decoder_inputs(layers))
+
+
+CASES = list(itertools.product(("free", "conditioned"), ("logistic", "linear"), (1, 2), (0.5, 0.0, 1.0)))
+
+
+@pytest.mark.parametrize("decoder_mode, head, layers, weight", CASES)
+def test_fast_model_matches_naive_reference(decoder_mode, head, layers, weight):
+    config = ModelConfig(
+        hidden_size=16,
+        num_layers=layers,
+        decoder_mode=decoder_mode,
+        head=head,
+        reconstruction_weight=weight,
+        height=8,
+        width=8,
+        past_length=4,
+        future_length=3,
+    )
+    model = CompositeLSTMAutoencoder(config)
+    reference = NaiveCompositeLSTM(config)
+    reference.copy_weights_from(model)
+    frames = torch.rand(3, 7, 1, 8, 8)
+    past, future = frames[:, :4], frames[:, 4:]
+
+    output = model(past, future)
+    output.loss.backward()
+    loss, reconstruction_loss, prediction_loss = reference(past, future)
+    loss.backward()
+
+    assert output.loss.item() == pytest.approx(loss.item(), rel=1e-5)
+    assert output.reconstruction_loss.item() == pytest.approx(reconstruction_loss.item(), rel=1e-5)
+    assert output.prediction_loss.item() == pytest.approx(prediction_loss.item(), rel=1e-5)
+    expected = gradients_like_model(reference, model)
+    for name, parameter in model.named_parameters():
+        scale = expected[name].abs().max().clamp_min(1e-12)
+        error = (parameter.grad - expected[name]).abs().max() / scale
+        assert error < 1e-5, f"{name}: relative error {error:.2e}"
+
+
+def test_reconstruction_order_forward_matches_reference():
+    config = ModelConfig(
+        hidden_size=8, height=8, width=8, past_length=3, future_length=2, reconstruction_order="forward"
+    )
+    model = CompositeLSTMAutoencoder(config)
+    reference = NaiveCompositeLSTM(config)
+    reference.copy_weights_from(model)
+    frames = torch.rand(2, 5, 1, 8, 8)
+    assert model(frames[:, :3], frames[:, 3:]).loss.item() == pytest.approx(
+        reference(frames[:, :3], frames[:, 3:])[0].item(), rel=1e-5
+    )
+
+
+def test_dropout_changes_training_outputs_only():
+    config = ModelConfig(
+        hidden_size=16, num_layers=2, dropout=0.5, height=8, width=8, past_length=3, future_length=3
+    )
+    model = CompositeLSTMAutoencoder(config)
+    frames = torch.rand(2, 6, 1, 8, 8)
+    first, second = model(frames[:, :3], frames[:, 3:]), model(frames[:, :3], frames[:, 3:])
+    assert not torch.equal(first.prediction, second.prediction)
+    first.loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+    model.eval()
+    assert torch.equal(model.predict(frames[:, :3]), model.predict(frames[:, :3]))
+
+
+def test_bf16_autocast_stays_close_to_fp32():
+    config = ModelConfig(hidden_size=32, height=8, width=8, past_length=4, future_length=4)
+    model = CompositeLSTMAutoencoder(config)
+    frames = torch.rand(4, 8, 1, 8, 8)
+    reference = model(frames[:, :4], frames[:, 4:])
+    reference.loss.backward()
+    reference_grad = model.encoder.weight_ih_l0.grad.clone()
+    model.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        output = model(frames[:, :4], frames[:, 4:])
+    assert output.loss.dtype == torch.float32
+    output.loss.backward()
+    assert output.loss.item() == pytest.approx(reference.loss.item(), rel=2e-2)
+    cosine = torch.nn.functional.cosine_similarity(
+        model.encoder.weight_ih_l0.grad.flatten(), reference_grad.flatten(), dim=0
+    )
+    assert cosine > 0.98
