@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lstm_ae.config import ModelConfig
-from lstm_ae.recurrence import DecoderWeights, free_running_decoder, lstm_layer
+from lstm_ae.recurrence import DecoderWeights, free_running_decoder, lstm_layer, project
 
 RECONSTRUCTION, PREDICTION = 0, 1  # decoder indices in the stacked weights
 
@@ -78,24 +78,13 @@ class StackedLSTMWeights(nn.Module):
         for parameter in self.parameters():
             nn.init.uniform_(parameter, -bound, bound)
 
-    def layer(self, layer: int, stacks: slice = slice(None)) -> tuple[Tensor, Tensor, Tensor]:
-        """(weight_ih, weight_hh, bias) of one layer, for the selected stacks (views)."""
+    def layer(self, layer: int) -> tuple[Tensor, Tensor, Tensor]:
+        """(weight_ih, weight_hh, bias) of one layer, all stacks."""
         return (
-            select_stacks(getattr(self, f"weight_ih_l{layer}"), stacks),
-            select_stacks(getattr(self, f"weight_hh_l{layer}"), stacks),
-            select_stacks(getattr(self, f"bias_l{layer}"), stacks),
+            getattr(self, f"weight_ih_l{layer}"),
+            getattr(self, f"weight_hh_l{layer}"),
+            getattr(self, f"bias_l{layer}"),
         )
-
-
-def select_stacks(parameter: Tensor, stacks: slice) -> Tensor:
-    """`parameter[stacks]`, or the parameter itself when every stack is selected.
-
-    Indexing a parameter costs a full-size zero gradient plus a copy in backward, so the
-    common case (all stacks) must not index.
-    """
-    if range(parameter.shape[0])[stacks] == range(parameter.shape[0]):
-        return parameter
-    return parameter[stacks]
 
 
 class CompositeLSTMAutoencoder(nn.Module):
@@ -169,7 +158,7 @@ class CompositeLSTMAutoencoder(nn.Module):
         }
         # A decoder whose loss has zero weight is not run (w = 1 or w = 0 trains one task).
         active = [task for task in (RECONSTRUCTION, PREDICTION) if task_weights[task] > 0]
-        stacks = slice(active[0], active[-1] + 1)
+        stacks = slice(None) if len(active) == 2 else slice(active[0], active[0] + 1)
         steps = max(targets[task].shape[1] for task in active)
 
         hidden, cell = self._encode_states(past)
@@ -240,16 +229,14 @@ class CompositeLSTMAutoencoder(nn.Module):
         final_hidden, final_cell = [], []
         layer_input = inputs
         for layer in range(self.config.num_layers):
-            weight_ih, weight_hh, bias = weights.layer(layer, stacks)
+            weight_ih, weight_hh, bias = weights.layer(layer)
             if layer > 0:
                 layer_input = self._dropout(layer_input)
             P, T, B, _ = layer_input.shape
             # One input projection for all steps: (P, T*B, in) @ (P, in, 4H).
-            input_gates = torch.baddbmm(
-                bias.unsqueeze(1), layer_input.reshape(P, T * B, -1), weight_ih.transpose(1, 2)
-            )
-            input_gates = input_gates.float().view(P, T, B, -1)
-            outputs, last_cell = lstm_layer(input_gates, weight_hh, hidden0[layer], cell0[layer])
+            input_gates = project(layer_input.reshape(P, T * B, -1), weight_ih, bias, stacks)
+            input_gates = input_gates.view(P, T, B, -1)
+            outputs, last_cell = lstm_layer(input_gates, weight_hh, hidden0[layer], cell0[layer], stacks)
             final_hidden.append(outputs[:, -1])
             final_cell.append(last_cell)
             layer_input = outputs
@@ -268,14 +255,14 @@ class CompositeLSTMAutoencoder(nn.Module):
         _, hidden, cell = self._stacked_layers(self.encoder, inputs, zeros, zeros, slice(None))
         return hidden, cell
 
-    def _decoder_weights(self, stacks: slice) -> DecoderWeights:
-        layers = [self.decoders.layer(layer, stacks) for layer in range(self.config.num_layers)]
+    def _decoder_weights(self) -> DecoderWeights:
+        layers = [self.decoders.layer(layer) for layer in range(self.config.num_layers)]
         return DecoderWeights(
             weight_ih=tuple(layer[0] for layer in layers),
             weight_hh=tuple(layer[1] for layer in layers),
             bias=tuple(layer[2] for layer in layers),
-            output_weight=select_stacks(self.output_weight, stacks),
-            output_bias=select_stacks(self.output_bias, stacks),
+            output_weight=self.output_weight,
+            output_bias=self.output_bias,
         )
 
     def _decode_free(self, hidden: Tensor, cell: Tensor, steps: int, stacks: slice) -> Tensor:
@@ -283,12 +270,13 @@ class CompositeLSTMAutoencoder(nn.Module):
         stack_count = len(range(2)[stacks])
         shape = (hidden.shape[0], stack_count, *hidden.shape[2:])
         return free_running_decoder(
-            self._decoder_weights(stacks),
+            self._decoder_weights(),
             hidden.expand(shape),
             cell.expand(shape),
             steps,
             logistic=self.config.head == "logistic",
             dropout=self.config.dropout if self.training else 0.0,
+            stacks=stacks,
         )
 
     def _decode_conditioned(
@@ -309,12 +297,8 @@ class CompositeLSTMAutoencoder(nn.Module):
             self.decoders, inputs, hidden.expand(shape), cell.expand(shape), stacks
         )
         P, T, B, H = top.shape
-        logits = torch.baddbmm(
-            select_stacks(self.output_bias, stacks).unsqueeze(1),
-            top.reshape(P, T * B, H),
-            select_stacks(self.output_weight, stacks).transpose(1, 2),
-        )  # (P, T*B, D)
-        return logits.float().view(P, T, B, -1)
+        logits = project(top.reshape(P, T * B, H), self.output_weight, self.output_bias, stacks)
+        return logits.view(P, T, B, -1)
 
 
 def parameter_count(model: nn.Module) -> int:

@@ -6,21 +6,26 @@ batches that is a memory-bound pass over every weight per step. Here the time lo
 carry what truly is sequential (the hidden-to-hidden products and the gate math); every
 weight gradient is computed once, after the loop, as one matmul over all T * B rows.
 
-Two functions cover every use:
+Three functions cover every use:
 
+- `project(inputs, weight, bias)`: inputs times a weight for all steps at once (input
+  projections of known inputs, output heads), with its own backward so that it, too, uses
+  the cached low-precision weights.
 - `lstm_layer(input_gates, weight_hh, h0, c0)`: one LSTM layer whose input projections are
-  already known for all steps (the encoder, and decoders fed ground truth). The caller
-  computes `input_gates = x @ W_ih^T + b` for all steps at once with ordinary autograd ops.
+  already known for all steps (the encoder, and decoders fed ground truth).
 - `free_running_decoder(...)`: a stacked LSTM decoder whose input at each step is its own
   previous output frame (a zero frame first), with the gradient flowing through that
   feedback, as in the tutorial's model.
 
-Both run P independent stacks at once (leading dimension P, batched matmuls): the model
-runs its reconstruction and prediction decoders together with P = 2.
+Weights are stored stacked, (S, ...) for S independent LSTMs, and each function takes a
+`stacks` slice choosing which to run (the model runs its reconstruction and prediction
+decoders together as S = 2). Gradients always have the full stacked shape.
 
-Numerics: under `torch.autocast` with bfloat16 the matmuls run in bf16 (AMX on recent
-CPUs, tensor cores on GPUs) while gates, cell states and all gradients stay in float32.
-Gate order is PyTorch's (input, forget, cell, output).
+Numerics: under `torch.autocast` with bfloat16, matmuls run in bf16 (AMX on recent CPUs,
+tensor cores on GPUs) while gates, cell states and all gradients stay in float32. The bf16
+copy of each weight is made once per optimizer step into a persistent buffer (see
+`matmul_copy`): on CPU a fresh weight-sized allocation costs more in page faults than the
+cast itself. Gate order is PyTorch's (input, forget, cell, output).
 """
 
 from __future__ import annotations
@@ -29,6 +34,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+ALL = slice(None)
 
 
 def matmul_dtype_for(reference: Tensor) -> torch.dtype:
@@ -39,10 +46,66 @@ def matmul_dtype_for(reference: Tensor) -> torch.dtype:
     return reference.dtype
 
 
+def matmul_copy(parameter: Tensor, dtype: torch.dtype) -> Tensor:
+    """`parameter` cast to `dtype`, kept between calls until the parameter changes.
+
+    The copy lives on the parameter object and is refreshed (in place, no new allocation)
+    when the parameter's version counter has moved, i.e. after an optimizer step or a
+    state-dict load. In-place updates that bypass the version counter (writes through
+    `.data`) must call `parameter._matmul_copy = None`.
+    """
+    if parameter.dtype == dtype:
+        return parameter
+    cached = getattr(parameter, "_matmul_copy", None)
+    if cached is not None and cached[1].dtype == dtype and cached[1].device == parameter.device:
+        version, copy = cached
+        if version == parameter._version:
+            return copy
+    else:
+        copy = torch.empty_like(parameter, dtype=dtype)
+    with torch.no_grad():
+        copy.copy_(parameter)
+    parameter._matmul_copy = (parameter._version, copy)
+    return copy
+
+
+_SCRATCH: dict[tuple, Tensor] = {}
+
+
 def _bmm(left: Tensor, right: Tensor, dtype: torch.dtype) -> Tensor:
     """Batched matmul in `dtype`, result in float32 (or the inputs' dtype when wider)."""
     product = torch.bmm(left.to(dtype), right.to(dtype))
     return product if dtype in (torch.float32, torch.float64) else product.float()
+
+
+def _weight_gradient(
+    grads: Tensor, inputs: Tensor, dtype: torch.dtype, parameter: Tensor, stacks: slice
+) -> Tensor:
+    """sum over rows of grads^T inputs: (P, N, out), (P, N, in) -> gradient shaped like `parameter`.
+
+    One matmul over all N = T * B rows. Low-precision products go through a reused scratch
+    buffer, so the only new weight-sized tensor is the float32 gradient itself.
+    """
+    left, right = grads.transpose(1, 2).to(dtype), inputs.to(dtype)
+    if dtype in (torch.float32, torch.float64):
+        product = torch.bmm(left, right)
+    else:
+        shape = (left.shape[0], left.shape[1], right.shape[2])
+        key = (shape, dtype, left.device)
+        scratch = _SCRATCH.get(key)
+        if scratch is None:
+            scratch = _SCRATCH[key] = torch.empty(shape, dtype=dtype, device=left.device)
+        product = torch.bmm(left, right, out=scratch).to(parameter.dtype)
+    return _full_stacks(product, parameter, stacks)
+
+
+def _full_stacks(gradient: Tensor, parameter: Tensor, stacks: slice) -> Tensor:
+    """A gradient of the selected stacks placed in a zero gradient of the whole parameter."""
+    if gradient.shape == parameter.shape:
+        return gradient
+    full = torch.zeros_like(parameter)
+    full[stacks] = gradient
+    return full
 
 
 def _cell_forward(pre_gates: Tensor, cell: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -81,30 +144,72 @@ def _rows(sequence: Tensor) -> Tensor:
     return sequence.reshape(sequence.shape[0], -1, sequence.shape[-1])
 
 
+# ------------------------------------------------------------------------------ projection
+
+
+class _Projection(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, stacks, dtype, inputs, weight, bias):
+        # inputs (P, N, in); weight (S, out, in); bias (S, out)
+        weight_m = matmul_copy(weight, dtype)[stacks]
+        outputs = _bmm(inputs, weight_m.transpose(1, 2), dtype)
+        outputs += bias[stacks].unsqueeze(1)
+        ctx.stacks, ctx.dtype = stacks, dtype
+        ctx.save_for_backward(inputs, weight, weight_m, bias)
+        return outputs
+
+    @staticmethod
+    def backward(ctx, grad_outputs):
+        inputs, weight, weight_m, bias = ctx.saved_tensors
+        stacks, dtype = ctx.stacks, ctx.dtype
+        grad_inputs = None
+        if ctx.needs_input_grad[2]:
+            grad_inputs = _bmm(grad_outputs, weight_m, dtype).to(inputs.dtype)
+        grad_weight = _weight_gradient(grad_outputs, inputs, dtype, weight, stacks)
+        grad_bias = _full_stacks(grad_outputs.sum(dim=1), bias, stacks)
+        return None, None, grad_inputs, grad_weight, grad_bias
+
+
+def project(inputs: Tensor, weight: Tensor, bias: Tensor, stacks: slice = ALL) -> Tensor:
+    """`inputs @ weight[stacks]^T + bias[stacks]` for every row, in the matmul dtype.
+
+    Args:
+        inputs: (P, N, in) rows (all time steps of a batch).
+        weight: (S, out, in) stacked weights; bias: (S, out).
+        stacks: which P of the S stacks to use.
+    Returns:
+        (P, N, out) float32.
+    """
+    return _Projection.apply(stacks, matmul_dtype_for(inputs.float()), inputs, weight, bias)
+
+
+# ------------------------------------------------------------------------------ one layer
+
+
 class _LayerRecurrence(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, input_gates, weight_hh, h0, c0, matmul_dtype):
-        # input_gates (P, T, B, 4H); weight_hh (P, 4H, H); h0, c0 (P, B, H)
+    def forward(ctx, stacks, dtype, input_gates, weight_hh, h0, c0):
+        # input_gates (P, T, B, 4H); weight_hh (S, 4H, H); h0, c0 (P, B, H)
         steps = input_gates.shape[1]
-        weight_t = weight_hh.to(matmul_dtype).transpose(1, 2)  # (P, H, 4H)
+        weight_m = matmul_copy(weight_hh, dtype)[stacks]  # (P, 4H, H)
+        weight_t = weight_m.transpose(1, 2)  # (P, H, 4H)
         hidden = input_gates.new_empty(h0.shape[0], steps + 1, *h0.shape[1:])  # h0 at index 0
         cells = torch.empty_like(hidden)
         gates = torch.empty_like(input_gates)
         hidden[:, 0] = h0
         cells[:, 0] = c0
         for t in range(steps):
-            pre_gates = input_gates[:, t] + _bmm(hidden[:, t], weight_t, matmul_dtype)
+            pre_gates = input_gates[:, t] + _bmm(hidden[:, t], weight_t, dtype)
             gates[:, t], cells[:, t + 1], hidden[:, t + 1] = _cell_forward(pre_gates, cells[:, t])
-        ctx.matmul_dtype = matmul_dtype
-        ctx.save_for_backward(weight_hh, hidden, cells, gates)
+        ctx.stacks, ctx.dtype = stacks, dtype
+        ctx.save_for_backward(weight_hh, weight_m, hidden, cells, gates)
         return hidden[:, 1:].clone(), cells[:, steps].clone()
 
     @staticmethod
     def backward(ctx, grad_outputs, grad_last_cell):
-        weight_hh, hidden, cells, gates = ctx.saved_tensors
-        matmul_dtype = ctx.matmul_dtype
+        weight_hh, weight_m, hidden, cells, gates = ctx.saved_tensors
+        dtype = ctx.dtype
         steps = gates.shape[1]
-        weight = weight_hh.to(matmul_dtype)  # (P, 4H, H)
         grad_hidden = torch.zeros_like(hidden[:, 0])
         grad_cell = torch.zeros_like(cells[:, 0]) if grad_last_cell is None else grad_last_cell
         grad_gates = torch.empty_like(gates)
@@ -114,33 +219,38 @@ class _LayerRecurrence(torch.autograd.Function):
             grad_gates[:, t], grad_cell = _cell_backward(
                 gates[:, t], cells[:, t], cells[:, t + 1], grad_hidden, grad_cell
             )
-            grad_hidden = _bmm(grad_gates[:, t], weight, matmul_dtype)
+            grad_hidden = _bmm(grad_gates[:, t], weight_m, dtype)
         # One matmul over all T * B rows: sum_t dG_t^T h_{t-1}.
-        grad_weight = _bmm(
-            _rows(grad_gates).transpose(1, 2), _rows(hidden[:, :steps]), matmul_dtype
-        )  # (P, 4H, H)
-        return grad_gates, grad_weight.to(weight_hh.dtype), grad_hidden, grad_cell, None
+        grad_weight = _weight_gradient(
+            _rows(grad_gates), _rows(hidden[:, :steps]), dtype, weight_hh, ctx.stacks
+        )
+        return None, None, grad_gates, grad_weight, grad_hidden, grad_cell
 
 
-def lstm_layer(input_gates: Tensor, weight_hh: Tensor, h0: Tensor, c0: Tensor) -> tuple[Tensor, Tensor]:
+def lstm_layer(
+    input_gates: Tensor, weight_hh: Tensor, h0: Tensor, c0: Tensor, stacks: slice = ALL
+) -> tuple[Tensor, Tensor]:
     """Run P LSTM layers over T steps given their input projections.
 
     Args:
         input_gates: (P, T, B, 4H) float, `x_t @ W_ih^T + bias` for every step.
-        weight_hh: (P, 4H, H) hidden-to-hidden weights.
+        weight_hh: (S, 4H, H) stacked hidden-to-hidden weights; `stacks` picks P of them.
         h0, c0: (P, B, H) initial states.
     Returns:
         hidden states (P, T, B, H) of every step, and the last cell state (P, B, H).
     """
-    return _LayerRecurrence.apply(input_gates, weight_hh, h0, c0, matmul_dtype_for(input_gates))
+    return _LayerRecurrence.apply(stacks, matmul_dtype_for(input_gates), input_gates, weight_hh, h0, c0)
+
+
+# ------------------------------------------------------------------------------ free-running decoder
 
 
 @dataclass(frozen=True)
 class DecoderWeights:
-    """Weights of P stacked decoders with L layers each (views, no copies).
+    """Stacked weights of S decoders with L layers each (the parameters themselves).
 
-    weight_ih[l]: (P, 4H, input size of layer l); weight_hh[l]: (P, 4H, H); bias[l]: (P, 4H);
-    output_weight: (P, D, H); output_bias: (P, D).
+    weight_ih[l]: (S, 4H, input size of layer l); weight_hh[l]: (S, 4H, H); bias[l]: (S, 4H);
+    output_weight: (S, D, H); output_bias: (S, D).
     """
 
     weight_ih: tuple[Tensor, ...]
@@ -150,31 +260,21 @@ class DecoderWeights:
     output_bias: Tensor
 
     def flat(self) -> list[Tensor]:
-        return [
-            *self.weight_ih,
-            *self.weight_hh,
-            *self.bias,
-            self.output_weight,
-            self.output_bias,
-        ]
+        return [*self.weight_ih, *self.weight_hh, *self.bias, self.output_weight, self.output_bias]
 
 
 class _FreeRunningDecoder(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, steps, logistic, dropout, matmul_dtype, h0, c0, *parameters):
-        # h0, c0: (L, P, B, H); parameters: DecoderWeights.flat()
+    def forward(ctx, steps, logistic, dropout, stacks, dtype, h0, c0, *parameters):
+        # h0, c0: (L, P, B, H); parameters: DecoderWeights.flat() (full stacks)
         num_layers = h0.shape[0]
-        weight_ih = parameters[:num_layers]
-        weight_hh = parameters[num_layers : 2 * num_layers]
-        bias = parameters[2 * num_layers : 3 * num_layers]
-        output_weight, output_bias = parameters[3 * num_layers :]
+        weight_ih = [matmul_copy(w, dtype)[stacks] for w in parameters[:num_layers]]
+        weight_hh = [matmul_copy(w, dtype)[stacks] for w in parameters[num_layers : 2 * num_layers]]
+        bias = [b[stacks] for b in parameters[2 * num_layers : 3 * num_layers]]
+        output_weight = matmul_copy(parameters[3 * num_layers], dtype)[stacks]  # (P, D, H)
+        output_bias = parameters[3 * num_layers + 1][stacks]
         P, B, H = h0.shape[1:]
         D = output_weight.shape[1]
-
-        # Matmul copies of the weights, transposed for x @ W^T, cast once per call.
-        weight_ih_t = [w.to(matmul_dtype).transpose(1, 2) for w in weight_ih]
-        weight_hh_t = [w.to(matmul_dtype).transpose(1, 2) for w in weight_hh]
-        output_weight_t = output_weight.to(matmul_dtype).transpose(1, 2)  # (P, H, D)
 
         hidden = h0.new_empty(num_layers, P, steps + 1, B, H)  # h_{t-1} at index t
         cells = torch.empty_like(hidden)
@@ -190,11 +290,10 @@ class _FreeRunningDecoder(torch.autograd.Function):
         for t in range(steps):
             layer_input = frames[:, t - 1] if t > 0 else None  # a zero frame at t = 0
             for layer in range(num_layers):
-                pre_gates = bias[layer].unsqueeze(1) + _bmm(
-                    hidden[layer, :, t], weight_hh_t[layer], matmul_dtype
-                )
+                pre_gates = _bmm(hidden[layer, :, t], weight_hh[layer].transpose(1, 2), dtype)
+                pre_gates += bias[layer].unsqueeze(1)
                 if layer_input is not None:
-                    pre_gates += _bmm(layer_input, weight_ih_t[layer], matmul_dtype)
+                    pre_gates += _bmm(layer_input, weight_ih[layer].transpose(1, 2), dtype)
                 (
                     gates[layer, :, t],
                     cells[layer, :, t + 1],
@@ -203,23 +302,24 @@ class _FreeRunningDecoder(torch.autograd.Function):
                 layer_input = hidden[layer, :, t + 1]
                 if masks is not None and layer < num_layers - 1:
                     layer_input = layer_input * masks[layer, :, t]
-            logits[:, t] = output_bias.unsqueeze(1) + _bmm(layer_input, output_weight_t, matmul_dtype)
+            logits[:, t] = _bmm(layer_input, output_weight.transpose(1, 2), dtype)
+            logits[:, t] += output_bias.unsqueeze(1)
             frames[:, t] = torch.sigmoid(logits[:, t]) if logistic else logits[:, t]
-        ctx.steps, ctx.logistic, ctx.matmul_dtype = steps, logistic, matmul_dtype
+        ctx.steps, ctx.logistic, ctx.stacks, ctx.dtype = steps, logistic, stacks, dtype
         ctx.num_layers = num_layers
-        ctx.save_for_backward(hidden, cells, gates, frames, masks, *parameters)
+        ctx.save_for_backward(
+            hidden, cells, gates, frames, masks, *weight_ih, *weight_hh, output_weight, *parameters
+        )
         return logits
 
     @staticmethod
     def backward(ctx, grad_logits):
-        hidden, cells, gates, frames, masks, *parameters = ctx.saved_tensors
-        steps, num_layers, dtype = ctx.steps, ctx.num_layers, ctx.matmul_dtype
-        weight_ih = parameters[:num_layers]
-        weight_hh = parameters[num_layers : 2 * num_layers]
-        output_weight = parameters[3 * num_layers]
-        weight_ih_m = [w.to(dtype) for w in weight_ih]  # (P, 4H, in)
-        weight_hh_m = [w.to(dtype) for w in weight_hh]  # (P, 4H, H)
-        output_weight_m = output_weight.to(dtype)  # (P, D, H)
+        steps, num_layers, dtype, stacks = ctx.steps, ctx.num_layers, ctx.dtype, ctx.stacks
+        hidden, cells, gates, frames, masks, *saved = ctx.saved_tensors
+        weight_ih = saved[:num_layers]  # matmul copies of the selected stacks
+        weight_hh = saved[num_layers : 2 * num_layers]
+        output_weight = saved[2 * num_layers]
+        parameters = saved[2 * num_layers + 1 :]
 
         grad_hidden = [torch.zeros_like(hidden[0, :, 0]) for _ in range(num_layers)]
         grad_cell = [torch.zeros_like(cells[0, :, 0]) for _ in range(num_layers)]
@@ -233,8 +333,7 @@ class _FreeRunningDecoder(torch.autograd.Function):
                 derivative = frame * (1 - frame) if ctx.logistic else 1.0
                 grad_step_logits = grad_step_logits + grad_feedback * derivative
             grad_logits_total[:, t] = grad_step_logits
-            grad_top = _bmm(grad_step_logits, output_weight_m, dtype)  # (P, B, H)
-            grad_hidden[-1] = grad_hidden[-1] + grad_top
+            grad_hidden[-1] = grad_hidden[-1] + _bmm(grad_step_logits, output_weight, dtype)
             grad_feedback = None
             for layer in reversed(range(num_layers)):
                 grad_gates[layer, :, t], grad_cell[layer] = _cell_backward(
@@ -245,14 +344,14 @@ class _FreeRunningDecoder(torch.autograd.Function):
                     grad_cell[layer],
                 )
                 step_grad_gates = grad_gates[layer, :, t]
-                grad_hidden[layer] = _bmm(step_grad_gates, weight_hh_m[layer], dtype)
+                grad_hidden[layer] = _bmm(step_grad_gates, weight_hh[layer], dtype)
                 if layer > 0:
-                    grad_below = _bmm(step_grad_gates, weight_ih_m[layer], dtype)
+                    grad_below = _bmm(step_grad_gates, weight_ih[layer], dtype)
                     if masks is not None:
                         grad_below = grad_below * masks[layer - 1, :, t]
                     grad_hidden[layer - 1] = grad_hidden[layer - 1] + grad_below
                 elif t > 0:
-                    grad_feedback = _bmm(step_grad_gates, weight_ih_m[0], dtype)
+                    grad_feedback = _bmm(step_grad_gates, weight_ih[0], dtype)
 
         # Weight gradients: one matmul per weight over all T * B rows.
         grad_weight_ih, grad_weight_hh, grad_bias = [], [], []
@@ -265,34 +364,41 @@ class _FreeRunningDecoder(torch.autograd.Function):
                 if masks is not None:
                     inputs = inputs * masks[layer - 1]
                 grads = layer_grad_gates
-            grad_weight_ih.append(_bmm(_rows(grads).transpose(1, 2), _rows(inputs), dtype))
+            grad_weight_ih.append(
+                _weight_gradient(_rows(grads), _rows(inputs), dtype, parameters[layer], stacks)
+            )
             grad_weight_hh.append(
-                _bmm(
-                    _rows(layer_grad_gates).transpose(1, 2),
+                _weight_gradient(
+                    _rows(layer_grad_gates),
                     _rows(hidden[layer, :, :steps]),
                     dtype,
+                    parameters[num_layers + layer],
+                    stacks,
                 )
             )
-            grad_bias.append(layer_grad_gates.sum(dim=(1, 2)))
+            grad_bias.append(
+                _full_stacks(layer_grad_gates.sum(dim=(1, 2)), parameters[2 * num_layers + layer], stacks)
+            )
         top_hidden = hidden[-1, :, 1:]  # the head sees the top layer without dropout
-        grad_output_weight = _bmm(_rows(grad_logits_total).transpose(1, 2), _rows(top_hidden), dtype)
-        grad_output_bias = grad_logits_total.sum(dim=(1, 2))
-        grad_parameters = [
-            *grad_weight_ih,
-            *grad_weight_hh,
-            *grad_bias,
-            grad_output_weight,
-            grad_output_bias,
-        ]
-        grad_parameters = [g.to(p.dtype) for g, p in zip(grad_parameters, parameters)]
+        grad_output_weight = _weight_gradient(
+            _rows(grad_logits_total), _rows(top_hidden), dtype, parameters[3 * num_layers], stacks
+        )
+        grad_output_bias = _full_stacks(
+            grad_logits_total.sum(dim=(1, 2)), parameters[3 * num_layers + 1], stacks
+        )
         return (
+            None,
             None,
             None,
             None,
             None,
             torch.stack(grad_hidden),
             torch.stack(grad_cell),
-            *grad_parameters,
+            *grad_weight_ih,
+            *grad_weight_hh,
+            *grad_bias,
+            grad_output_weight,
+            grad_output_bias,
         )
 
 
@@ -303,6 +409,7 @@ def free_running_decoder(
     steps: int,
     logistic: bool,
     dropout: float = 0.0,
+    stacks: slice = ALL,
 ) -> Tensor:
     """Run P stacked LSTM decoders that feed their own output back as the next input.
 
@@ -311,7 +418,7 @@ def free_running_decoder(
     and gradients flow through that feedback.
 
     Args:
-        weights: the decoders' weights (see DecoderWeights).
+        weights: the decoders' stacked weights (see DecoderWeights); `stacks` picks P of S.
         h0, c0: (L, P, B, H) initial states of every layer.
         steps: frames to generate.
         logistic: the output head (sigmoid) or a linear one.
@@ -320,5 +427,5 @@ def free_running_decoder(
         logits (P, steps, B, D) of every generated frame.
     """
     return _FreeRunningDecoder.apply(
-        steps, logistic, float(dropout), matmul_dtype_for(h0), h0, c0, *weights.flat()
+        steps, logistic, float(dropout), stacks, matmul_dtype_for(h0), h0, c0, *weights.flat()
     )

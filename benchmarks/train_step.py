@@ -1,0 +1,187 @@
+"""Time full training steps of the project's model against the naive reference.
+
+    python benchmarks/train_step.py --hidden-size 1024 --batch-size 32 --dtype bf16
+
+A training step is forward, backward and optimizer step on one batch of 64x64 Moving MNIST
+sequences (10 past + 10 future frames). The two implementations are run on identical
+weights and data, interleaved (reference, ours, reference, ours, ...) after a warm-up, and
+compared by the median step time. The last line is `speedup=<ratio>`.
+
+FLOPs are counted analytically, from the matmuls the model's maths defines (the same count
+for both implementations, so GFLOP/s compare directly). For a matmul of M rows, K inputs
+and N outputs the forward costs 2*M*K*N; backward costs the same again for the weight
+gradient and again for the input gradient where one is needed:
+
+    per sequence, D = C*H*W, G = 4*hidden, L layers, decoders run for T_d steps:
+    encoder      : T_past * [2*D*G + 2*hidden*G + (L-1) * (2*hidden*G + 2*hidden*G)]
+    each decoder : T_d    * [2*D*G + 2*hidden*G + (L-1) * (2*hidden*G + 2*hidden*G) + 2*hidden*D]
+    step FLOPs   = B * (3 * forward - encoder layer-0 input projection [no input gradient]
+                          - (conditioned only) decoder layer-0 input projections)
+
+The machine's matmul peak is measured in the same run (best of a few large square matmuls
+in the benchmark's dtype), and the achieved rate is reported as a share of it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.reference_model import NaiveCompositeLSTM  # noqa: E402
+from lstm_ae.config import ModelConfig, OptimConfig  # noqa: E402
+from lstm_ae.engine import make_optimizer  # noqa: E402
+from lstm_ae.model import CompositeLSTMAutoencoder  # noqa: E402
+
+
+def step_flops(config: ModelConfig, batch_size: int) -> float:
+    """Matmul FLOPs of one training step (forward + backward), per the module docstring."""
+    frame, hidden, layers = config.frame_size, config.hidden_size, config.num_layers
+    gates = 4 * hidden
+    upper_layers = (layers - 1) * (2 * hidden * gates + 2 * hidden * gates)
+    encoder = config.past_length * (2 * frame * gates + 2 * hidden * gates + upper_layers)
+    decoder_steps = max(config.past_length, config.future_length)
+    decoders = [
+        task
+        for task, weight in (
+            ("reconstruction", config.reconstruction_weight),
+            ("prediction", 1 - config.reconstruction_weight),
+        )
+        if weight > 0
+    ]
+    decoder = decoder_steps * (2 * frame * gates + 2 * hidden * gates + upper_layers + 2 * hidden * frame)
+    forward = encoder + len(decoders) * decoder
+    no_input_gradient = config.past_length * 2 * frame * gates
+    if config.decoder_mode == "conditioned":
+        no_input_gradient += len(decoders) * decoder_steps * 2 * frame * gates
+    return batch_size * (3 * forward - no_input_gradient)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def matmul_peak(dtype: torch.dtype, device: torch.device, repeats: int = 5) -> float:
+    """Best achieved GFLOP/s over a few large square matmuls."""
+    best = 0.0
+    for size in (2048, 4096) if device.type == "cpu" else (4096, 8192):
+        left = torch.randn(size, size, device=device).to(dtype)
+        right = torch.randn(size, size, device=device).to(dtype)
+        torch.mm(left, right)
+        synchronize(device)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            torch.mm(left, right)
+            synchronize(device)
+            times.append(time.perf_counter() - start)
+        best = max(best, 2 * size**3 / min(times) / 1e9)
+    return best
+
+
+def make_step(model, optimizer, past, future, dtype: str, device: torch.device):
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16")
+
+    def step() -> float:
+        start = time.perf_counter()
+        with autocast:
+            output = model(past, future)
+        loss = output.loss if hasattr(output, "loss") else output[0]
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        synchronize(device)
+        return time.perf_counter() - start
+
+    return step
+
+
+def main(argv: list[str] | None = None) -> float:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--hidden-size", type=int, default=1024, help="LSTM units per layer")
+    parser.add_argument("--batch-size", type=int, default=32, help="sequences per step")
+    parser.add_argument("--num-layers", type=int, default=1, help="stacked LSTM layers")
+    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="bf16 = autocast matmuls")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to run")
+    parser.add_argument(
+        "--decoder-mode", choices=("free", "conditioned"), default="free", help="decoder input"
+    )
+    parser.add_argument("--repeats", type=int, default=5, help="timed steps of each implementation")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps of each implementation first")
+    parser.add_argument("--skip-reference", action="store_true", help="time only the project's model")
+    arguments = parser.parse_args(argv)
+
+    device = torch.device(arguments.device)
+    config = ModelConfig(
+        hidden_size=arguments.hidden_size,
+        num_layers=arguments.num_layers,
+        decoder_mode=arguments.decoder_mode,
+    )
+    torch.manual_seed(0)
+    ours = CompositeLSTMAutoencoder(config).to(device)
+    frames = torch.rand(
+        arguments.batch_size, config.sequence_length, 1, config.height, config.width, device=device
+    )
+    past, future = frames[:, : config.past_length], frames[:, config.past_length :]
+    # The suite's optimizer (fused AdamW) for ours; the tutorial's plain Adam for the reference.
+    steps = {
+        "ours": make_step(
+            ours, make_optimizer(ours, OptimConfig(), device), past, future, arguments.dtype, device
+        )
+    }
+    if not arguments.skip_reference:
+        reference = NaiveCompositeLSTM(config).to(device)
+        reference.copy_weights_from(ours)
+        reference_optimizer = torch.optim.Adam(reference.parameters(), lr=1e-3)
+        steps = {
+            "reference": make_step(reference, reference_optimizer, past, future, arguments.dtype, device),
+            **steps,
+        }
+
+    print(
+        f"model: hidden {config.hidden_size}, layers {config.num_layers}, {config.decoder_mode} decoders, "
+        f"batch {arguments.batch_size}, {arguments.dtype} on {device.type}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads"
+    )
+    print("ours = lstm_ae.model.CompositeLSTMAutoencoder (hand-written LSTM backward, fused AdamW)")
+    print("reference = benchmarks/reference_model.py (nn.LSTM + Linear unrolled per step, Adam)")
+    for step in steps.values():
+        for _ in range(arguments.warmup):
+            step()
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for repeat in range(arguments.repeats):
+        for name, step in steps.items():
+            times[name].append(step())
+        print(
+            f"repeat {repeat + 1}: " + ", ".join(f"{name} {times[name][-1]:.3f} s" for name in steps),
+            flush=True,
+        )
+
+    flops = step_flops(config, arguments.batch_size)
+    peak = matmul_peak(torch.bfloat16 if arguments.dtype == "bf16" else torch.float32, device)
+    print(
+        f"step FLOPs (analytic): {flops / 1e9:.1f} GFLOP; measured {arguments.dtype} matmul peak: {peak:.0f} GFLOP/s"
+    )
+    medians = {name: statistics.median(values) for name, values in times.items()}
+    for name, median in medians.items():
+        rate = flops / median / 1e9
+        print(
+            f"{name:>9}: median {median:.3f} s/step, {arguments.batch_size / median:.1f} sequences/s, "
+            f"{rate:.0f} GFLOP/s ({100 * rate / peak:.0f}% of peak)"
+        )
+    if "reference" not in medians:
+        return float("nan")
+    speedup = medians["reference"] / medians["ours"]
+    print(f"speedup={speedup:.2f}")
+    return speedup
+
+
+if __name__ == "__main__":
+    main()
