@@ -7,16 +7,20 @@ sequences (10 past + 10 future frames). The two implementations are run on ident
 weights and data, interleaved (reference, ours, reference, ours, ...) after a warm-up, and
 compared by the median step time. The last line is `speedup=<ratio>`.
 
-FLOPs are counted analytically, from the matmuls the model's maths defines (the same count
-for both implementations, so GFLOP/s compare directly). For a matmul of M rows, K inputs
-and N outputs the forward costs 2*M*K*N; backward costs the same again for the weight
-gradient and again for the input gradient where one is needed:
+FLOPs are counted analytically: the matmuls of the model's maths, the same count for both
+implementations so GFLOP/s compare directly (tests/test_benchmarks.py checks the formula
+against torch's FlopCounterMode on our model). A matmul of M rows, K inputs, N outputs
+costs 2*M*K*N forward, the same again for its weight gradient, and again for its input
+gradient where one is needed. Per sequence, with D = C*H*W, G = 4*hidden, L layers and
+T_d = max(T_past, T_future) decoder steps:
 
-    per sequence, D = C*H*W, G = 4*hidden, L layers, decoders run for T_d steps:
-    encoder      : T_past * [2*D*G + 2*hidden*G + (L-1) * (2*hidden*G + 2*hidden*G)]
-    each decoder : T_d    * [2*D*G + 2*hidden*G + (L-1) * (2*hidden*G + 2*hidden*G) + 2*hidden*D]
-    step FLOPs   = B * (3 * forward - encoder layer-0 input projection [no input gradient]
-                          - (conditioned only) decoder layer-0 input projections)
+    recurrent(T)  = T * [2*hidden*G + (L-1) * (2*hidden*G + 2*hidden*G)]     (x3 fwd+bwd)
+    encoder       = 2 * T_past * 2*D*G                 (input projection: no input gradient)
+                  + 3 * recurrent(T_past)
+    each decoder  = 3 * recurrent(T_d) + 3 * T_d * 2*hidden*D              (output head)
+                  + free:        3 * (T_d - 1) * 2*D*G  (fed back; the first input is zeros)
+                    conditioned: 2 * T_d * 2*D*G        (ground truth: no input gradient)
+    step FLOPs    = B * (encoder + decoders run)
 
 The machine's matmul peak is measured in the same run (best of a few large square matmuls
 in the benchmark's dtype), and the achieved rate is reported as a share of it.
@@ -44,23 +48,19 @@ def step_flops(config: ModelConfig, batch_size: int) -> float:
     """Matmul FLOPs of one training step (forward + backward), per the module docstring."""
     frame, hidden, layers = config.frame_size, config.hidden_size, config.num_layers
     gates = 4 * hidden
-    upper_layers = (layers - 1) * (2 * hidden * gates + 2 * hidden * gates)
-    encoder = config.past_length * (2 * frame * gates + 2 * hidden * gates + upper_layers)
+
+    def recurrent(steps: int) -> int:
+        return steps * (2 * hidden * gates + (layers - 1) * 4 * hidden * gates)
+
+    encoder = 2 * config.past_length * 2 * frame * gates + 3 * recurrent(config.past_length)
     decoder_steps = max(config.past_length, config.future_length)
-    decoders = [
-        task
-        for task, weight in (
-            ("reconstruction", config.reconstruction_weight),
-            ("prediction", 1 - config.reconstruction_weight),
-        )
-        if weight > 0
-    ]
-    decoder = decoder_steps * (2 * frame * gates + 2 * hidden * gates + upper_layers + 2 * hidden * frame)
-    forward = encoder + len(decoders) * decoder
-    no_input_gradient = config.past_length * 2 * frame * gates
-    if config.decoder_mode == "conditioned":
-        no_input_gradient += len(decoders) * decoder_steps * 2 * frame * gates
-    return batch_size * (3 * forward - no_input_gradient)
+    decoder = 3 * recurrent(decoder_steps) + 3 * decoder_steps * 2 * hidden * frame
+    if config.decoder_mode == "free":
+        decoder += 3 * (decoder_steps - 1) * 2 * frame * gates
+    else:
+        decoder += 2 * decoder_steps * 2 * frame * gates
+    decoders = (config.reconstruction_weight > 0) + (config.reconstruction_weight < 1)
+    return batch_size * (encoder + decoders * decoder)
 
 
 def synchronize(device: torch.device) -> None:

@@ -149,3 +149,52 @@ def test_bf16_autocast_stays_close_to_fp32():
         model.encoder.weight_ih_l0.grad.flatten(), reference_grad.flatten(), dim=0
     )
     assert cosine > 0.98
+
+
+def tiny_model() -> CompositeLSTMAutoencoder:
+    return CompositeLSTMAutoencoder(
+        ModelConfig(hidden_size=16, height=8, width=8, past_length=3, future_length=3)
+    )
+
+
+def test_cached_bf16_weights_follow_optimizer_steps_and_loads():
+    model = tiny_model()
+    frames = torch.rand(2, 6, 1, 8, 8)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    for _ in range(2):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            output = model(frames[:, :3], frames[:, 3:])
+        output.loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    fresh = tiny_model()
+    fresh.load_state_dict(model.state_dict())  # no cached copies yet
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(model.predict(frames[:, :3]), fresh.predict(frames[:, :3]))
+        model.load_state_dict(tiny_model().state_dict())  # in-place copy: the cache must follow
+        assert not torch.equal(model.predict(frames[:, :3]), fresh.predict(frames[:, :3]))
+
+
+def test_reused_gradient_buffers_never_alias_live_gradients():
+    model = tiny_model()
+    frames = torch.rand(2, 6, 1, 8, 8)
+    weight = model.decoders.weight_ih_l0
+
+    def backward(scale: float = 1.0) -> None:
+        (scale * model(frames[:, :3], frames[:, 3:]).loss).backward()
+
+    backward()
+    single = weight.grad.clone()
+    backward()  # accumulation into a live .grad
+    assert torch.allclose(weight.grad, 2 * single)
+    model.zero_grad()
+    (model(frames[:, :3], frames[:, 3:]).loss + model(frames[:, :3], frames[:, 3:]).loss).backward()
+    assert torch.allclose(weight.grad, 2 * single, rtol=1e-5, atol=1e-7)  # two pending gradients
+    held = weight.grad
+    model.zero_grad()
+    backward(scale=3.0)
+    assert torch.allclose(held, 2 * single, rtol=1e-5, atol=1e-7)  # a gradient a user kept is untouched
+    assert torch.allclose(weight.grad, 3 * single, rtol=1e-5, atol=1e-7)
+    model.zero_grad()
+    backward()
+    assert weight.grad.data_ptr() == weight._gradient_buffer[0].data_ptr()  # and the buffer is reused
