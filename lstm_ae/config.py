@@ -313,6 +313,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         log_every=2,
         eval_every=3,
         checkpoint_every=3,
+        learning_rate=1e-2,
         warmup_steps=0,
         test_sequences=8,
     ),

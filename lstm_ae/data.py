@@ -311,10 +311,15 @@ class TestSet:
     def __len__(self) -> int:
         return self.array.shape[1]
 
-    def batches(self, batch_size: int) -> Iterator[Tensor]:
-        """Consecutive batches (B, T, 1, H, W) float in [0, 1], in file order."""
-        for start in range(0, len(self), batch_size):
-            yield sequences_to_tensor(self.array, slice(start, start + batch_size))
+    def batches(self, batch_size: int, shard: int = 0, shards: int = 1) -> Iterator[Tensor]:
+        """Consecutive batches (B, T, 1, H, W) float in [0, 1], in file order.
+
+        With `shards` > 1, only the `shard`-th contiguous block of sequences (for evaluating
+        on several workers at once; the blocks cover the set exactly once).
+        """
+        first, last = len(self) * shard // shards, len(self) * (shard + 1) // shards
+        for start in range(first, last, batch_size):
+            yield sequences_to_tensor(self.array, slice(start, min(start + batch_size, last)))
 
 
 def generated_test_path(model: ModelConfig, data: DataConfig) -> Path:

@@ -56,6 +56,19 @@ UNITS = {
     PROBE_ACCURACY: "fraction of digits classified correctly",
 }
 
+# What `lstm_ae.engine.evaluate` measures, in a fixed order (for combining shards).
+EVALUATION_METRICS = (
+    VAL_MSE_FRAME,
+    VAL_MAE_FRAME,
+    VAL_BCE_NATS_FRAME,
+    VAL_SSIM,
+    VAL_PSNR_DB,
+    VAL_RECONSTRUCTION_MSE_FRAME,
+    VAL_RECONSTRUCTION_BCE_NATS_FRAME,
+    BASELINE_COPY_LAST_MSE_FRAME,
+    BASELINE_ZEROS_MSE_FRAME,
+)
+
 # Reference figures (see DESIGN.md) for results tables.
 PAPER_COMPOSITE_CONDITIONAL_BCE_NATS_FRAME = 341.2
 
@@ -81,7 +94,10 @@ def absolute_error_per_frame(prediction: Tensor, target: Tensor) -> Tensor:
 def bce_nats_per_frame(prediction: Tensor, target: Tensor) -> Tensor:
     """Binary cross-entropy in nats, predictions clamped to [eps, 1 - eps]."""
     probability = prediction.float().clamp(BCE_EPSILON, 1 - BCE_EPSILON)
-    return _per_frame_sum(F.binary_cross_entropy(probability, target.float(), reduction="none"))
+    target = target.float()
+    # Written out (not F.binary_cross_entropy) so that a NaN prediction gives NaN, not an error.
+    nats = -(target * torch.log(probability) + (1 - target) * torch.log1p(-probability))
+    return _per_frame_sum(nats)
 
 
 def psnr_per_frame(prediction: Tensor, target: Tensor) -> Tensor:
@@ -133,7 +149,21 @@ class MetricAccumulator:
         self._counts[name] = self._counts.get(name, 0) + per_frame.numel()
 
     def means(self) -> dict[str, float]:
-        return {name: self._sums[name] / self._counts[name] for name in self._sums}
+        return {name: self._sums[name] / self._counts[name] for name in self._sums if self._counts[name]}
+
+    def totals(self, names: tuple[str, ...] = EVALUATION_METRICS) -> Tensor:
+        """(2, len(names)) float64: sums and counts, zero for names never added (to all-reduce)."""
+        return torch.tensor(
+            [[self._sums.get(name, 0.0) for name in names], [self._counts.get(name, 0) for name in names]],
+            dtype=torch.float64,
+        )
+
+    @classmethod
+    def from_totals(cls, totals: Tensor, names: tuple[str, ...] = EVALUATION_METRICS) -> MetricAccumulator:
+        accumulator = cls()
+        for name, total, count in zip(names, totals[0].tolist(), totals[1].tolist()):
+            accumulator._sums[name], accumulator._counts[name] = total, int(count)
+        return accumulator
 
 
 def add_prediction_metrics(accumulator: MetricAccumulator, prediction: Tensor, target: Tensor) -> None:

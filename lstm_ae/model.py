@@ -30,6 +30,7 @@ from lstm_ae.config import ModelConfig
 from lstm_ae.recurrence import DecoderWeights, free_running_decoder, lstm_layer, project
 
 RECONSTRUCTION, PREDICTION = 0, 1  # decoder indices in the stacked weights
+MEAN_PIXEL = 0.047  # mean intensity of generated 64x64 two-digit Moving MNIST frames
 
 
 @dataclass
@@ -98,7 +99,11 @@ class CompositeLSTMAutoencoder(nn.Module):
         self.decoders = StackedLSTMWeights(2, frame_size, hidden_size, config.num_layers)
         bound = 1.0 / math.sqrt(hidden_size)
         self.output_weight = nn.Parameter(torch.empty(2, frame_size, hidden_size).uniform_(-bound, bound))
-        self.output_bias = nn.Parameter(torch.empty(2, frame_size).uniform_(-bound, bound))
+        # Outputs start at the mean pixel of Moving MNIST, not at sigmoid(0) = 0.5: otherwise
+        # Adam (steps of about lr per parameter) spends thousands of steps darkening the
+        # background before anything about digits is learned.
+        initial = math.log(MEAN_PIXEL / (1 - MEAN_PIXEL)) if config.head == "logistic" else MEAN_PIXEL
+        self.output_bias = nn.Parameter(torch.full((2, frame_size), initial))
 
     # ------------------------------------------------------------------ public API
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -151,3 +152,31 @@ def curves_png(path: str | os.PathLike, rows: Sequence[Mapping[str, float]], met
 
 def _finite(value) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+RUN_PICTURES = ("prediction.gif", "reconstruction.gif", "frames.png", "curves.png")
+
+
+@torch.no_grad()
+def render_run(
+    folder, model, sequences: torch.Tensor, config, history: Sequence[Mapping[str, float]]
+) -> None:
+    """The run's pictures in `folder`: GIFs and a frame grid of `model` on `sequences`
+    (B, T, 1, H, W), and the curves of `history` (one row per report)."""
+    from lstm_ae.data import split_sequence
+    from lstm_ae.engine import autocast
+
+    folder = Path(folder)
+    model_config = config.model
+    past, future = split_sequence(sequences, model_config.past_length, model_config.future_length)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    with autocast(config.training.precision, device):
+        prediction = model.predict(past.to(device)).float().cpu()
+        reconstruction = model.reconstruct(past.to(device)).float().cpu()
+    model.train(was_training)
+    prediction_gif(folder / "prediction.gif", past, future, prediction)
+    reconstruction_gif(folder / "reconstruction.gif", past, reconstruction)
+    frames_png(folder / "frames.png", past, future, prediction, reconstruction)
+    curves_png(folder / "curves.png", history, config.training.metric)

@@ -217,3 +217,11 @@ def test_fixed_test_set_is_seeded_cached_and_from_held_out_digits(tmp_path):
         ModelConfig(), DataConfig(test_sequences=6, test_seed=1, cache_dir=str(tmp_path))
     )
     assert not np.array_equal(read_sequence_file(other_seed), first)
+
+
+def test_test_set_shards_cover_every_sequence_once(tmp_path):
+    config = DataConfig(test_sequences=7, cache_dir=str(tmp_path))
+    test_set = load_test_set(ModelConfig(), config)
+    whole = torch.cat(list(test_set.batches(3)))
+    sharded = torch.cat([batch for shard in range(3) for batch in test_set.batches(2, shard, 3)])
+    assert torch.equal(whole, sharded) and len(whole) == 7

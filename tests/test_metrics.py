@@ -68,3 +68,17 @@ def test_metric_names_carry_units():
     for name in metrics.METRIC_MODES:
         assert name in metrics.UNITS
     assert metrics.VAL_MSE_FRAME.endswith("_frame") and metrics.VAL_BCE_NATS_FRAME.endswith("nats_frame")
+
+
+def test_accumulator_totals_round_trip_and_combine_shards():
+    whole, first, second = (
+        metrics.MetricAccumulator(),
+        metrics.MetricAccumulator(),
+        metrics.MetricAccumulator(),
+    )
+    values = torch.tensor([[1.0, 2.0], [3.0, 10.0]])
+    whole.add(metrics.VAL_MSE_FRAME, values)
+    first.add(metrics.VAL_MSE_FRAME, values[:1])
+    second.add(metrics.VAL_MSE_FRAME, values[1:])
+    combined = metrics.MetricAccumulator.from_totals(first.totals() + second.totals())
+    assert combined.means() == whole.means() == {metrics.VAL_MSE_FRAME: 4.0}

@@ -1,0 +1,101 @@
+"""Ray Train end to end on CPU: data parallelism, the run folder, failure recovery, resume."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lstm_ae.checkpoint import load_checkpoint, load_model
+from lstm_ae.config import preset
+from lstm_ae.viz import RUN_PICTURES
+from train.launch import RunSettings, Scaling, run_training
+
+pytestmark = pytest.mark.ray
+
+TWO_WORKERS = Scaling(num_workers=2, cpus_per_worker=1)
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory):
+    data = tmp_path_factory.mktemp("data")
+    return preset("smoke", checkpoint_every=2, eval_every=2, cache_dir=str(data))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(ray_cluster, config, tmp_path_factory):
+    storage = tmp_path_factory.mktemp("runs")
+    return run_training(config, TWO_WORKERS, RunSettings(name="uninterrupted", storage=str(storage)))
+
+
+def final_weights(summary) -> dict[str, torch.Tensor]:
+    return load_checkpoint(summary.result["final_checkpoint"])["model"]
+
+
+def metrics_rows(run_path: str) -> list[dict[str, str]]:
+    with open(Path(run_path) / "metrics.csv") as file:
+        return list(csv.DictReader(file))
+
+
+def test_two_workers_train_in_sync_and_write_the_run_folder(uninterrupted):
+    run_path = Path(uninterrupted.path)
+    result = json.loads((run_path / "result.json").read_text())
+    assert result["status"] == "completed" and result["steps"] == 6 and result["sequences_seen"] == 24
+    first, second = result["replica_checksums"]
+    assert first == second  # DDP all-reduced the gradients: both replicas hold identical weights
+    for name in ("config.json", "metrics.csv", "result.json", *RUN_PICTURES):
+        assert (run_path / name).stat().st_size > 0, name
+    rows = metrics_rows(uninterrupted.path)
+    assert [int(row["step"]) for row in rows] == [2, 4, 6]
+    validation = [float(row["val_bce_nats_frame"]) for row in rows]
+    assert validation[-1] < validation[0]
+    assert result["units"]["val_mse_frame"].startswith("squared error per frame")
+    model, config, _ = load_model(result["best_checkpoint"])
+    assert config.model.hidden_size == 32 and not model.training
+
+
+def test_a_worker_crash_restarts_from_the_latest_checkpoint(config, uninterrupted, tmp_path):
+    hooks = {"fail_once_at_step": 4, "fail_marker": str(tmp_path / "failed-once")}
+    summary = run_training(
+        config, TWO_WORKERS, RunSettings(name="recovered", storage=str(tmp_path), max_failures=1), hooks
+    )
+    assert (tmp_path / "failed-once").exists()
+    assert summary.result["steps"] == 6 and summary.result["resumed_from"] == [4]
+    assert [int(row["step"]) for row in metrics_rows(summary.path)] == [2, 4, 6]
+    recovered, expected = final_weights(summary), final_weights(uninterrupted)
+    assert all(torch.equal(recovered[name], expected[name]) for name in expected)
+
+
+def test_a_stopped_run_resumes_to_the_same_end(config, uninterrupted, tmp_path):
+    hooks = {"fail_once_at_step": 4, "fail_marker": str(tmp_path / "stopped")}
+    settings = RunSettings(name="stopped", storage=str(tmp_path), max_failures=0)
+    with pytest.raises(Exception, match="injected failure at step 4"):
+        run_training(config, TWO_WORKERS, settings, hooks)
+    resumed = run_training(
+        config, TWO_WORKERS, RunSettings(name="stopped", storage=str(tmp_path), resume=True)
+    )
+    assert resumed.result["steps"] == uninterrupted.result["steps"] == 6
+    assert resumed.result["resumed_from"] == [4]
+    weights, expected = final_weights(resumed), final_weights(uninterrupted)
+    assert all(torch.equal(weights[name], expected[name]) for name in expected)
+
+
+def test_the_command_line_joins_a_running_cluster(ray_cluster, config, tmp_path):
+    address = ray_cluster.get_runtime_context().gcs_address
+    command = [
+        sys.executable, "-m", "train", "--preset", "smoke", "--address", address,
+        "--output-dir", str(tmp_path), "--name", "cli", "--cache-dir", config.data.cache_dir,
+        "--max-steps", "2", "--cpus-per-worker", "1",
+    ]  # fmt: skip
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    assert "step 2/2" in completed.stdout and "run folder:" in completed.stdout
+    assert json.loads((tmp_path / "cli" / "result.json").read_text())["steps"] == 2
+    # The same name again without --resume refuses to overwrite the run.
+    again = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 2 and "already exists" in again.stderr

@@ -1,0 +1,103 @@
+"""The training function without Ray (LocalSession): stopping, resuming, accumulation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lstm_ae.checkpoint import load_checkpoint
+from lstm_ae.config import preset
+from lstm_ae.engine import NonFiniteLossError, train_step
+from lstm_ae.model import CompositeLSTMAutoencoder
+from train.session import LocalSession
+from train.worker import InjectedFailure, train_function
+
+
+@pytest.fixture
+def smoke(tmp_path):
+    return preset("smoke", hidden_size=16, cache_dir=str(tmp_path / "data"))
+
+
+def run(config, session=None, **options):
+    session = session or LocalSession()
+    state = train_function({"config": config.to_dict(), "options": options}, session)
+    return state, session
+
+
+def final_weights(session) -> dict:
+    return load_checkpoint(session.checkpoints[-1])["model"]
+
+
+def test_smoke_run_reports_losses_validation_and_checkpoints(smoke):
+    state, session = run(smoke)
+    steps = [report["step"] for report in session.reports]
+    assert steps == [2, 3, 4, 6] and state.step == 6 and state.sequences_seen == 24
+    assert "val_mse_frame" in session.reports[1] and "val_mse_frame" not in session.reports[0]
+    assert session.reports[-1]["done"] is True
+    assert [folder.rsplit("_", 1)[-1] for folder in session.checkpoints] == ["00000003", "00000006"]
+    validations = [
+        report["val_bce_nats_frame"] for report in session.reports if "val_bce_nats_frame" in report
+    ]
+    assert validations[-1] < validations[0]  # on the fixed validation set
+
+
+def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(smoke):
+    # Weights of 1e36 after the first step: the next loss overflows float32.
+    config = smoke.replace(
+        learning_rate=1e36, warmup_steps=0, grad_clip_norm=0.0, checkpoint_every=1, eval_every=1
+    )
+    session = LocalSession()
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss at step 1"):
+        run(config, session)
+    assert session.checkpoints, "the checkpoints before the failure are kept"
+    for folder in session.checkpoints:
+        assert all(torch.isfinite(tensor).all() for tensor in load_checkpoint(folder)["model"].values())
+
+
+def test_early_stopping_after_patience_validations_without_improvement(smoke):
+    config = smoke.replace(
+        learning_rate=1e-30, warmup_steps=0, patience=1, eval_every=2, checkpoint_every=2, max_steps=20
+    )
+    state, session = run(config)
+    assert state.stopped_early and state.step == 4  # best at step 2, no better at step 4
+    assert session.reports[-1]["stopped_early"] is True and session.reports[-1]["done"] is True
+
+
+def test_interrupted_and_resumed_run_matches_an_uninterrupted_one(smoke, tmp_path):
+    config = smoke.replace(checkpoint_every=2, eval_every=2)
+    _, uninterrupted = run(config)
+    session = LocalSession()
+    with pytest.raises(InjectedFailure):
+        run(config, session, fail_once_at_step=4, fail_marker=str(tmp_path / "failed"))
+    state, session = run(config, session, fail_once_at_step=4, fail_marker=str(tmp_path / "failed"))
+    assert state.step == 6 and state.resumed_from == [4]
+    resumed, expected = final_weights(session), final_weights(uninterrupted)
+    assert all(torch.equal(resumed[name], expected[name]) for name in expected)
+
+
+def test_a_finished_run_resumed_again_reports_its_end_without_training(smoke):
+    state, session = run(smoke)
+    again, session = run(smoke, session)
+    assert again.step == state.step == 6 and again.resumed_from == [6]
+    assert session.reports[-1]["done"] is True and session.reports[-1]["step"] == 6
+
+
+def test_gradient_accumulation_matches_the_full_batch():
+    config = preset("smoke", hidden_size=16)
+
+    def one_step(micro_batches):
+        torch.manual_seed(0)
+        model = CompositeLSTMAutoencoder(config.model)
+        before = [parameter.detach().clone() for parameter in model.parameters()]
+        optimizer = torch.optim.SGD(model.parameters(), lr=1.0)  # the update is minus the gradient
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+        result = train_step(model, optimizer, scheduler, micro_batches, config.model, "fp32", 0.0, 0)
+        return result, [old - new.detach() for old, new in zip(before, model.parameters())]
+
+    frames = torch.rand(4, 20, 1, 64, 64)
+    full, full_gradients = one_step([frames])
+    split, split_gradients = one_step(list(frames.chunk(2)))
+    assert split.loss == pytest.approx(full.loss, rel=1e-5)
+    assert split.grad_norm == pytest.approx(full.grad_norm, rel=1e-4)
+    for full_gradient, split_gradient in zip(full_gradients, split_gradients):
+        assert torch.allclose(full_gradient, split_gradient, rtol=1e-3, atol=1e-6)

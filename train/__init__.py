@@ -1,0 +1,1 @@
+"""Ray Train entry points: `python -m train` (training) and `python -m train.predict`."""

@@ -1,0 +1,301 @@
+"""The driver: start (or join) Ray, run the TorchTrainer, and write the run folder.
+
+The run folder is Ray Train's own folder, `<storage>/<name>/`, where Ray keeps the
+checkpoints (`checkpoint_<step>/`, the best `keep_checkpoints` by the validation metric plus
+the latest). After training the driver adds, from the final checkpoint:
+
+    config.json      the experiment config and how it was scaled
+    metrics.csv      one row per report (losses, throughput, validation metrics)
+    result.json      final metrics with units, best checkpoint, wall time, sequences seen
+    prediction.gif, reconstruction.gif, frames.png, curves.png
+
+`storage` is a local folder or any pyarrow filesystem URI (`s3://bucket/prefix`), which a
+multi-node cluster needs so that every node reaches the checkpoints.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from lstm_ae.config import ExperimentConfig
+from lstm_ae.data import STANDARD_FILE, load_test_set
+from lstm_ae.metrics import METRIC_MODES, UNITS
+from lstm_ae.viz import RUN_PICTURES
+from train.worker import HISTORY_FILE
+
+# Quieter Ray: no duplicated worker prints, no harmless per-run ERROR line.
+RAY_ENVIRONMENT = {
+    "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+}
+SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"
+
+
+class RunFolderError(ValueError):
+    """The run folder is in a state the command cannot act on (exists without --resume, ...)."""
+
+
+@dataclass(frozen=True)
+class Scaling:
+    """How a run is spread over Ray workers."""
+
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float | None = None  # default: the cluster's CPUs split evenly (CPU runs)
+
+    def __post_init__(self) -> None:
+        if self.num_workers < 1:
+            raise ValueError(f"num_workers must be at least 1, got {self.num_workers}")
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """Where a run lives and how it survives failures."""
+
+    name: str
+    storage: str = "runs"
+    resume: bool = False
+    max_failures: int = 1
+    address: str | None = None
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    path: str
+    result: dict[str, Any]
+
+
+def default_run_name(preset_name: str) -> str:
+    return f"lstm-ae-{preset_name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+# ------------------------------------------------------------------------------- storage
+
+
+def storage_filesystem(storage: str):
+    """(pyarrow filesystem, path) for a local folder or a URI such as s3://bucket/prefix."""
+    import pyarrow.fs
+
+    if "://" in storage:
+        return pyarrow.fs.FileSystem.from_uri(storage)
+    return pyarrow.fs.LocalFileSystem(), str(Path(storage).expanduser().resolve())
+
+
+def storage_path(storage: str) -> str:
+    """What Ray's RunConfig(storage_path=...) takes: an absolute folder, or the URI itself."""
+    return storage if "://" in storage else str(Path(storage).expanduser().resolve())
+
+
+def _exists(filesystem, path: str) -> bool:
+    import pyarrow.fs
+
+    return filesystem.get_file_info(path).type != pyarrow.fs.FileType.NotFound
+
+
+def _read_text(filesystem, path: str) -> str:
+    with filesystem.open_input_stream(path) as stream:
+        return stream.read().decode()
+
+
+def _write_text(filesystem, path: str, text: str) -> None:
+    with filesystem.open_output_stream(path) as stream:
+        stream.write(text.encode())
+
+
+def check_run_folder(settings: RunSettings) -> None:
+    """A new run must not overwrite an old one; a resume needs something to resume."""
+    filesystem, root = storage_filesystem(settings.storage)
+    run_path = f"{root}/{settings.name}"
+    started = _exists(filesystem, f"{run_path}/{SNAPSHOT_FILE}")
+    if started and not settings.resume:
+        raise RunFolderError(
+            f"run folder {run_path} already exists: pass --resume to continue it, or choose another --name"
+        )
+    if settings.resume and not started:
+        raise RunFolderError(f"nothing to resume: no run named {settings.name!r} under {root}")
+
+
+def saved_config(settings: RunSettings) -> ExperimentConfig | None:
+    """The config a run was started with (from its config.json), if it has one."""
+    filesystem, root = storage_filesystem(settings.storage)
+    path = f"{root}/{settings.name}/config.json"
+    if not _exists(filesystem, path):
+        return None
+    return ExperimentConfig.from_dict(json.loads(_read_text(filesystem, path))["config"])
+
+
+# ------------------------------------------------------------------------------- launching
+
+
+def with_absolute_paths(config: ExperimentConfig) -> ExperimentConfig:
+    """Ray workers run in their own folders: make data paths absolute on the driver."""
+    data = config.data
+    test_file = data.test_file
+    if test_file and test_file != STANDARD_FILE:
+        test_file = str(Path(test_file).expanduser().resolve())
+    return replace(
+        config,
+        data=replace(
+            data,
+            cache_dir=str(Path(data.cache_dir).expanduser().resolve()),
+            mnist_root=str(Path(data.mnist_root).expanduser().resolve()),
+            test_file=test_file,
+        ),
+    )
+
+
+def connect(address: str | None) -> None:
+    """Join the cluster at `address` (or RAY_ADDRESS), or start a local one."""
+    for key, value in RAY_ENVIRONMENT.items():
+        os.environ.setdefault(key, value)
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=address, runtime_env={"env_vars": dict(RAY_ENVIRONMENT)}, log_to_driver=True)
+
+
+def _cpus_per_worker(scaling: Scaling) -> float:
+    import ray
+
+    if scaling.cpus_per_worker is not None:
+        return scaling.cpus_per_worker
+    if scaling.use_gpu:
+        return 2.0
+    return float(max(1, int(ray.cluster_resources().get("CPU", 1)) // scaling.num_workers))
+
+
+def loop_config(
+    config: ExperimentConfig, threads: int, hooks: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The dictionary every worker receives (Ray needs plain data)."""
+    return {"config": config.to_dict(), "options": {"threads": threads, **(hooks or {})}}
+
+
+def run_training(
+    config: ExperimentConfig,
+    scaling: Scaling,
+    settings: RunSettings,
+    hooks: dict[str, Any] | None = None,
+) -> RunSummary:
+    """Train with Ray Train and write the run folder. `hooks` are test-only worker options."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from train.worker import train_loop_per_worker
+
+    check_run_folder(settings)
+    config = with_absolute_paths(config)
+    load_test_set(config.model, config.data)  # check (and build, and cache) the validation set here
+    connect(settings.address)
+    cpus = _cpus_per_worker(scaling)
+    resources = {"CPU": cpus, **({"GPU": 1} if scaling.use_gpu else {})}
+    metric = config.training.metric
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config(config, max(1, int(cpus)), hooks),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=scaling.num_workers, use_gpu=scaling.use_gpu, resources_per_worker=resources
+        ),
+        run_config=ray.train.RunConfig(
+            name=settings.name,
+            storage_path=storage_path(settings.storage),
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=config.training.keep_checkpoints,
+                checkpoint_score_attribute=metric,
+                checkpoint_score_order=METRIC_MODES[metric],
+            ),
+            failure_config=ray.train.FailureConfig(max_failures=settings.max_failures),
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
+        ),
+    )
+    started = time.time()
+    filesystem, root = storage_filesystem(settings.storage)
+    run_path = f"{root}/{settings.name}"
+    filesystem.create_dir(run_path, recursive=True)
+    _write_text(
+        filesystem,
+        f"{run_path}/config.json",
+        json.dumps({"config": config.to_dict(), "scaling": asdict(scaling)}, indent=2),
+    )
+    result = trainer.fit()
+    summary = write_run_folder(result, config, scaling, time.time() - started, settings)
+    return summary
+
+
+# ------------------------------------------------------------------------------- run folder
+
+
+def write_run_folder(
+    result, config: ExperimentConfig, scaling: Scaling, wall_seconds: float, settings: RunSettings
+) -> RunSummary:
+    """metrics.csv, result.json and the pictures, from the run's final checkpoint."""
+    filesystem, root = storage_filesystem(settings.storage)
+    run_path = f"{root}/{settings.name}"
+    checkpoint_path = result.checkpoint.path
+    checkpoint_fs = result.checkpoint.filesystem
+    state = json.loads(_read_text(checkpoint_fs, f"{checkpoint_path}/{HISTORY_FILE}"))
+    history = state["history"]
+    _write_text(filesystem, f"{run_path}/metrics.csv", history_csv(history))
+    for picture in RUN_PICTURES:
+        source = f"{checkpoint_path}/{picture}"
+        if _exists(checkpoint_fs, source):
+            with checkpoint_fs.open_input_stream(source) as reader:
+                data = reader.read()
+            with filesystem.open_output_stream(f"{run_path}/{picture}") as writer:
+                writer.write(data)
+    metric = config.training.metric
+    best = best_checkpoint(result.best_checkpoints, metric)
+    final_validation = next((row for row in reversed(history) if metric in row), {})
+    summary = {
+        "name": settings.name,
+        "status": "stopped_early" if state["stopped_early"] else "completed",
+        "steps": state["step"],
+        "sequences_seen": state["sequences_seen"],
+        "training_seconds": state["elapsed_seconds"],
+        "wall_seconds": wall_seconds,
+        "num_workers": scaling.num_workers,
+        "use_gpu": scaling.use_gpu,
+        "metric": metric,
+        "metric_mode": METRIC_MODES[metric],
+        "best_metric": state["best_metric"],
+        "best_step": state["best_step"],
+        "best_checkpoint": best,
+        "resumed_from": state["resumed_from"],
+        "final_checkpoint": f"{checkpoint_path}",
+        "final_metrics": {
+            key: value for key, value in final_validation.items() if key in UNITS or key.endswith("loss")
+        },
+        "units": {key: UNITS[key] for key in final_validation if key in UNITS},
+        "replica_checksums": history[-1].get("replica_checksums") if history else None,
+        "config": config.to_dict(),
+    }
+    _write_text(filesystem, f"{run_path}/result.json", json.dumps(summary, indent=2))
+    return RunSummary(run_path, summary)
+
+
+def best_checkpoint(best_checkpoints, metric: str) -> str | None:
+    """Path of the best kept checkpoint by `metric` (Ray keeps them with their metrics)."""
+    scored = [(checkpoint, row[metric]) for checkpoint, row in best_checkpoints if metric in row]
+    if not scored:
+        return None
+    choose = min if METRIC_MODES[metric] == "min" else max
+    return choose(scored, key=lambda pair: pair[1])[0].path
+
+
+def history_csv(history: list[dict[str, Any]]) -> str:
+    """One CSV row per report; columns are the union of the rows' keys, in first-seen order."""
+    columns: list[str] = []
+    for row in history:
+        columns += [key for key in row if key not in columns and not isinstance(row[key], (list, dict))]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(history)
+    return buffer.getvalue()

@@ -1,0 +1,113 @@
+"""`python -m train.predict CHECKPOINT INPUT.npy`: predict the future of your own sequences.
+
+    python -m train.predict runs/my-run/checkpoint_00003000 my_sequences.npy --output predictions/
+
+INPUT.npy holds sequences in the standard Moving MNIST layout, (T, N, H, W) uint8 with
+T >= past_length (extra frames are ignored; if present, the true future is shown beside
+the prediction). CHECKPOINT is a checkpoint folder or file, or a run folder (its best
+checkpoint is used). Writes to --output:
+
+    predictions.npy   (steps, N, H, W) uint8, the same layout as the input
+    prediction.gif    the first sequences: input then prediction (beside the truth if known)
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lstm_ae.checkpoint import CheckpointError, load_model
+from lstm_ae.data import DataError, read_sequence_file, sequences_to_tensor, write_sequence_file
+from lstm_ae.engine import autocast
+from lstm_ae.viz import prediction_gif
+from train.cli import OneLineParser, fail
+
+GIF_SEQUENCES = 4
+
+
+def resolve_checkpoint(path: Path) -> Path:
+    """A run folder means its best checkpoint (from result.json)."""
+    result = path / "result.json"
+    if result.is_file():
+        best = (
+            json.loads(result.read_text()).get("best_checkpoint")
+            or json.loads(result.read_text())["final_checkpoint"]
+        )
+        return Path(best)
+    return path
+
+
+def predict_file(
+    checkpoint: Path, input_path: Path, output: Path, steps: int | None, batch_size: int, device: str
+) -> Path:
+    model, config, _ = load_model(resolve_checkpoint(checkpoint), device)
+    array = read_sequence_file(input_path)
+    frames, count, height, width = array.shape
+    shape = config.model
+    if (height, width) != (shape.height, shape.width):
+        raise DataError(
+            f"{input_path} has {height}x{width} frames; the model expects {shape.height}x{shape.width}"
+        )
+    if frames < shape.past_length:
+        raise DataError(
+            f"{input_path} has {frames} frames per sequence; the model reads past_length = {shape.past_length}"
+        )
+    steps = steps or shape.future_length
+    predictions = []
+    with torch.no_grad(), autocast(config.training.precision, torch.device(device)):
+        for start in range(0, count, batch_size):
+            past = sequences_to_tensor(array[: shape.past_length], slice(start, start + batch_size)).to(
+                device
+            )
+            predictions.append(model.predict(past, steps).float().clamp(0, 1).cpu())
+    prediction = torch.cat(predictions)  # (N, steps, 1, H, W)
+    output.mkdir(parents=True, exist_ok=True)
+    write_sequence_file(output / "predictions.npy", (prediction[:, :, 0] * 255).round().to(torch.uint8))
+    shown = slice(0, min(GIF_SEQUENCES, count))
+    past = sequences_to_tensor(array[: shape.past_length], shown)
+    if frames >= shape.past_length + steps:
+        truth = sequences_to_tensor(array[shape.past_length : shape.past_length + steps], shown)
+    else:
+        truth = torch.zeros_like(prediction[shown])
+    prediction_gif(output / "prediction.gif", past, truth, prediction[shown])
+    return output
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = OneLineParser(
+        prog="python -m train.predict", description=__doc__.split("\n")[0].split(": ", 1)[1]
+    )
+    parser.add_argument("checkpoint", type=Path, help="checkpoint folder or file, or a run folder")
+    parser.add_argument("input", type=Path, help="sequences, (T, N, H, W) uint8 .npy")
+    parser.add_argument("--output", type=Path, default=Path("predictions"), help="output folder")
+    parser.add_argument("--steps", type=int, default=None, help="frames to predict (default future_length)")
+    parser.add_argument("--batch-size", type=int, default=64, help="sequences per forward pass")
+    parser.add_argument(
+        "--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda"
+    )
+    arguments = parser.parse_args(argv)
+    if arguments.steps is not None and arguments.steps < 1:
+        fail(f"--steps must be at least 1, got {arguments.steps}")
+    try:
+        output = predict_file(
+            arguments.checkpoint,
+            arguments.input,
+            arguments.output,
+            arguments.steps,
+            arguments.batch_size,
+            arguments.device,
+        )
+    except (CheckpointError, DataError) as error:
+        fail(str(error))
+    count = np.load(output / "predictions.npy", mmap_mode="r").shape
+    print(f"wrote {output / 'predictions.npy'} {count} and {output / 'prediction.gif'}", file=sys.stdout)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,354 @@
+"""The training function: one per worker, the only training loop in the project.
+
+`train_loop_per_worker` is what Ray Train's `TorchTrainer` runs on every worker; Tune trials
+call `train_function` with their own session. Each worker:
+
+1. builds the model from the config (same seed everywhere; DDP also broadcasts rank 0's
+   weights), restores the latest checkpoint if the run is resuming or recovering;
+2. draws its own training sequences: the batch of step s on rank r comes from the seed
+   (seed, r, s), so workers never share sequences and a resumed run sees exactly the
+   batches it would have seen;
+3. trains on `batch_size / world_size` sequences per step (split into
+   `grad_accumulation_steps` micro-batches); DDP all-reduces the gradients;
+4. every `log_every` steps reports losses and throughput, every `eval_every` steps the
+   validation metrics (each worker evaluates a shard, the sums are all-reduced), every
+   `checkpoint_every` steps and at the end a checkpoint (written by rank 0);
+5. stops early after `patience` validations without improvement.
+
+Rank 0 prints one progress line per report. The run's history (one row per report)
+travels inside every checkpoint, so it survives restarts and resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from lstm_ae import metrics as metric_names
+from lstm_ae.checkpoint import load_checkpoint, restore, save_checkpoint
+from lstm_ae.config import ExperimentConfig
+from lstm_ae.data import BouncingDigits, GeneratedSequences, load_test_set
+from lstm_ae.engine import NonFiniteLossError, evaluate, make_optimizer, make_scheduler, train_step, unwrap
+from lstm_ae.metrics import METRIC_MODES, MetricAccumulator
+from lstm_ae.model import CompositeLSTMAutoencoder, parameter_count
+from lstm_ae.viz import render_run
+from train.session import RayTrainSession, Session
+
+HISTORY_FILE = "history.json"
+VISUALISED_SEQUENCES = 4
+
+
+class InjectedFailure(RuntimeError):
+    """Raised by the test-only fault hook (`fail_once_at_step`)."""
+
+
+@dataclass
+class TrainingState:
+    """Progress that must survive a restart; saved beside the weights in every checkpoint."""
+
+    step: int = 0
+    sequences_seen: int = 0
+    elapsed_seconds: float = 0.0
+    best_metric: float | None = None
+    best_step: int | None = None
+    evaluations_since_best: int = 0
+    stopped_early: bool = False
+    resumed_from: list[int] = field(default_factory=list)  # steps the run restarted at
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """Ray Train entry point: `loop_config` is `train.launch.loop_config(...)`."""
+    _quiet_report_logging()
+    train_function(loop_config, RayTrainSession())
+
+
+def _quiet_report_logging() -> None:
+    """Ray Train 2.60 logs every report's full metrics at INFO from a logger named after its
+    source file; our own progress line says the same in one line."""
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
+def train_function(loop_config: dict[str, Any], session: Session) -> TrainingState:
+    """Train one worker's share of a run. Returns the final state (on every rank)."""
+    config = ExperimentConfig.from_dict(loop_config["config"])
+    options = loop_config.get("options", {})
+    model_config, training = config.model, config.training
+    rank, world_size, device = session.world_rank, session.world_size, session.device
+    if options.get("threads"):
+        torch.set_num_threads(int(options["threads"]))
+    if training.batch_size % (world_size * training.grad_accumulation_steps):
+        raise ValueError(
+            f"batch_size {training.batch_size} does not split over {world_size} workers x "
+            f"{training.grad_accumulation_steps} micro-batches"
+        )
+
+    torch.manual_seed(training.seed)
+    model = CompositeLSTMAutoencoder(model_config).to(device)
+    optimizer = make_optimizer(model, config.optim, device)
+    scheduler = make_scheduler(optimizer, config.optim, training.max_steps)
+    state = TrainingState()
+    with session.latest_checkpoint() as folder:
+        if folder is not None:
+            checkpoint = load_checkpoint(folder, map_location=device)
+            restore(checkpoint, model, optimizer, scheduler)
+            state = TrainingState(**json.loads((Path(folder) / HISTORY_FILE).read_text()))
+            state.resumed_from.append(state.step)
+            _log(rank, f"resuming from step {state.step} ({folder})")
+    model = session.prepare_model(model)
+    if training.bf16_allreduce and world_size > 1:
+        from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+        model.register_comm_hook(dist.group.WORLD, default_hooks.bf16_compress_hook)
+
+    per_worker = training.batch_size // world_size
+    generator = BouncingDigits.from_config(model_config, config.data, "train")
+    stream = iter(
+        GeneratedSequences(generator, per_worker, seed=training.seed, rank=rank, start_step=state.step)
+    )
+    test_set = load_test_set(model_config, config.data)
+    if state.step == 0:
+        _log(
+            rank,
+            f"model: {parameter_count(unwrap(model)) / 1e6:.1f}M parameters; global batch "
+            f"{training.batch_size} = {world_size} worker(s) x {per_worker} sequences"
+            + (
+                f" in {training.grad_accumulation_steps} micro-batches"
+                if training.grad_accumulation_steps > 1
+                else ""
+            )
+            + f"; {training.max_steps} steps on {device.type} ({training.precision} precision)",
+        )
+
+    trainables = _Trainables(model, optimizer, scheduler)
+    interval = _Interval(state.step, state.sequences_seen)
+    last_reported_step = None
+    while state.step < training.max_steps and not state.stopped_early:
+        step_start = time.perf_counter()
+        _maybe_inject_failure(options, state.step, rank, world_size)
+        frames = next(stream)
+        micro_batches = list(frames.chunk(training.grad_accumulation_steps))
+        result = train_step(
+            model,
+            optimizer,
+            scheduler,
+            micro_batches,
+            model_config,
+            training.precision,
+            config.optim.grad_clip_norm,
+            state.step,
+        )
+        state.step += 1
+        state.sequences_seen += training.batch_size
+        state.elapsed_seconds += time.perf_counter() - step_start
+        interval.add(result)
+
+        last = state.step == training.max_steps
+        evaluate_now = (
+            last or state.step % training.eval_every == 0 or state.step % training.checkpoint_every == 0
+        )
+        log_now = evaluate_now or state.step % training.log_every == 0
+        if not log_now:
+            continue
+        row = interval.row(state, training.max_steps, _all_reduce_mean(interval.losses(), world_size))
+        if evaluate_now:
+            evaluation_start = time.perf_counter()
+            row.update(_validate(model, test_set, config, rank, world_size))
+            _update_early_stopping(state, row, training.metric, training.patience)
+            state.elapsed_seconds += time.perf_counter() - evaluation_start
+            if state.stopped_early:
+                row["stopped_early"] = True
+        state.history.append(row)
+        checkpoint_now = evaluate_now and (
+            last or state.stopped_early or state.step % training.checkpoint_every == 0
+        )
+        final = last or state.stopped_early
+        if final and world_size > 1:
+            row["replica_checksums"] = _replica_checksums(model, world_size)
+        _report(session, row, state, config, trainables, test_set, checkpoint_now, rank, final)
+        last_reported_step = state.step
+        interval = _Interval(state.step, state.sequences_seen)  # throughput excludes validation
+
+    if last_reported_step is None and state.history:  # resumed a finished run: report its end again
+        _report(session, dict(state.history[-1]), state, config, trainables, test_set, True, rank, True)
+    return state
+
+
+# ----------------------------------------------------------------------------- reporting
+
+
+@dataclass
+class _Interval:
+    """Losses and throughput since the last report."""
+
+    start_step: int
+    start_sequences: int
+    start_time: float = field(default_factory=time.perf_counter)
+    totals: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0, 0.0])
+    steps: int = 0
+    learning_rate: float = 0.0
+
+    def add(self, result) -> None:
+        for index, value in enumerate(
+            (result.loss, result.reconstruction_loss, result.prediction_loss, result.grad_norm)
+        ):
+            self.totals[index] += value
+        self.steps += 1
+        self.learning_rate = result.learning_rate
+
+    def losses(self) -> list[float]:
+        return [total / max(1, self.steps) for total in self.totals]
+
+    def row(self, state: TrainingState, max_steps: int, losses: list[float]) -> dict[str, Any]:
+        seconds = time.perf_counter() - self.start_time
+        sequences_per_second = (state.sequences_seen - self.start_sequences) / max(seconds, 1e-9)
+        seconds_per_step = seconds / max(1, state.step - self.start_step)
+        return {
+            "step": state.step,
+            "sequences_seen": state.sequences_seen,
+            "loss": losses[0],
+            "reconstruction_loss": losses[1],
+            "prediction_loss": losses[2],
+            "grad_norm": losses[3],
+            "learning_rate": self.learning_rate,
+            "sequences_per_second": sequences_per_second,
+            "elapsed_seconds": state.elapsed_seconds,
+            "eta_seconds": seconds_per_step * (max_steps - state.step),
+        }
+
+
+def _all_reduce_mean(values: list[float], world_size: int) -> list[float]:
+    if world_size == 1 or not dist.is_initialized():
+        return values
+    tensor = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(tensor)
+    return (tensor / world_size).tolist()
+
+
+def _validate(model, test_set, config: ExperimentConfig, rank: int, world_size: int) -> dict[str, float]:
+    """All validation metrics; with several workers each evaluates a shard, then sums are combined."""
+    batches = test_set.batches(max(1, config.training.batch_size // world_size), rank, world_size)
+    accumulator = evaluate(model, batches, config.model, config.training.precision)
+    if world_size > 1 and dist.is_initialized():
+        totals = accumulator.totals()
+        dist.all_reduce(totals)
+        accumulator = MetricAccumulator.from_totals(totals)
+    return accumulator.means()
+
+
+def _update_early_stopping(state: TrainingState, row: dict[str, Any], metric: str, patience: int) -> None:
+    value = row.get(metric)
+    if value is None or not math.isfinite(value):
+        return
+    better = state.best_metric is None or (
+        value < state.best_metric if METRIC_MODES[metric] == "min" else value > state.best_metric
+    )
+    if better:
+        state.best_metric, state.best_step, state.evaluations_since_best = value, state.step, 0
+    else:
+        state.evaluations_since_best += 1
+        state.stopped_early = patience > 0 and state.evaluations_since_best >= patience
+
+
+@dataclass(frozen=True)
+class _Trainables:
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+
+
+def _report(
+    session, row, state, config, trainables: _Trainables, test_set, checkpoint_now, rank, final
+) -> None:
+    """Report a row on every rank; with a checkpoint (and, at the end, the run's pictures) from rank 0."""
+    metrics = {key: value for key, value in row.items() if value is not None}
+    metrics["done"] = bool(final)
+    if rank == 0:
+        print(_progress_line(row, config), flush=True)
+    if not checkpoint_now:
+        session.report(metrics, None, state.step)
+        return
+    if not all(torch.isfinite(parameter).all() for parameter in trainables.model.parameters()):
+        raise NonFiniteLossError(f"parameters became non-finite at step {state.step}; not checkpointing them")
+    with tempfile.TemporaryDirectory(prefix="lstm_ae_checkpoint_") as folder:
+        if rank == 0:
+            save_checkpoint(
+                folder,
+                trainables.model,
+                state.step,
+                config,
+                optimizer=trainables.optimizer,
+                scheduler=trainables.scheduler,
+                metrics={key: value for key, value in row.items() if isinstance(value, (int, float))},
+            )
+            (Path(folder) / HISTORY_FILE).write_text(json.dumps(asdict(state)))
+            if final:
+                sample = next(test_set.batches(VISUALISED_SEQUENCES))
+                render_run(folder, unwrap(trainables.model), sample, config, state.history)
+        session.report(metrics, folder if rank == 0 else None, state.step)
+
+
+def _replica_checksums(model: torch.nn.Module, world_size: int) -> list[list[float]]:
+    """Every rank's (sum, sum of squares) of all parameters: equal iff the replicas agree."""
+    parameters = [parameter.detach().double() for parameter in model.parameters()]
+    local = torch.tensor(
+        [sum(float(p.sum()) for p in parameters), sum(float((p * p).sum()) for p in parameters)],
+        dtype=torch.float64,
+    )
+    gathered = [torch.zeros_like(local) for _ in range(world_size)]
+    dist.all_gather(gathered, local)
+    return [values.tolist() for values in gathered]
+
+
+def _progress_line(row: dict[str, Any], config: ExperimentConfig) -> str:
+    max_steps = config.training.max_steps
+    eta = row.get("eta_seconds", 0.0)
+    line = (
+        f"step {row['step']}/{max_steps} | loss {row['loss']:.2f} "
+        f"(reconstruction {row['reconstruction_loss']:.2f}, prediction {row['prediction_loss']:.2f}) "
+        f"| {row['sequences_per_second']:.1f} seq/s | lr {row['learning_rate']:.2e} "
+        f"| ETA {int(eta // 60)}m{int(eta % 60):02d}s"
+    )
+    if metric_names.VAL_MSE_FRAME in row:
+        line += (
+            f"\n  validation: mse/frame {row[metric_names.VAL_MSE_FRAME]:.1f} "
+            f"(all-zeros {row[metric_names.BASELINE_ZEROS_MSE_FRAME]:.1f}, "
+            f"copy-last {row[metric_names.BASELINE_COPY_LAST_MSE_FRAME]:.1f}) "
+            f"| bce {row[metric_names.VAL_BCE_NATS_FRAME]:.1f} nats/frame "
+            f"| ssim {row[metric_names.VAL_SSIM]:.3f} | psnr {row[metric_names.VAL_PSNR_DB]:.2f} dB "
+            f"| reconstruction mse/frame {row[metric_names.VAL_RECONSTRUCTION_MSE_FRAME]:.1f}"
+        )
+        if row.get("stopped_early"):
+            line += f"\n  stopping early: no improvement of {config.training.metric} in {config.training.patience} validations"
+    return line
+
+
+def _log(rank: int, message: str) -> None:
+    if rank == 0:
+        print(message, flush=True)
+
+
+def _maybe_inject_failure(options: dict[str, Any], step: int, rank: int, world_size: int) -> None:
+    """Test-only hook: the last rank raises once at `fail_once_at_step` (a marker file remembers)."""
+    target = options.get("fail_once_at_step")
+    if target is None or step != target or rank != world_size - 1:
+        return
+    marker = Path(options["fail_marker"])
+    if marker.exists():
+        return
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(f"failed at step {step}\n")
+    raise InjectedFailure(f"injected failure at step {step} on rank {rank}")
