@@ -49,7 +49,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         f"preset {arguments.preset}: hidden {config.model.hidden_size}, {config.model.num_layers} layer(s), "
         f"{config.model.decoder_mode} decoders, {parameters / 1e6:.1f}M parameters"
     )
-    print(f"compute: {flops_per_sequence / 1e9:.1f} GFLOP per sequence per training step (forward + backward)")
+    print(
+        f"compute: {flops_per_sequence / 1e9:.1f} GFLOP per sequence per training step (forward + backward)"
+    )
     for precision, width in (("fp32", 4), ("bf16", 2)):
         gradient_bytes = parameters * width
         traffic = 2 * gradient_bytes

@@ -72,7 +72,7 @@ def test_a_worker_crash_restarts_from_the_latest_checkpoint(config, uninterrupte
 
 
 def test_a_stopped_run_resumes_to_the_same_end(config, uninterrupted, tmp_path):
-    hooks = {"fail_once_at_step": 4, "fail_marker": str(tmp_path / "stopped")}
+    hooks = {"fail_once_at_step": 4, "fail_marker": str(tmp_path / "failed-once.marker")}
     settings = RunSettings(name="stopped", storage=str(tmp_path), max_failures=0)
     with pytest.raises(Exception, match="injected failure at step 4"):
         run_training(config, TWO_WORKERS, settings, hooks)

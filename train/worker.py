@@ -120,7 +120,7 @@ def train_function(loop_config: dict[str, Any], session: Session) -> TrainingSta
         GeneratedSequences(generator, per_worker, seed=training.seed, rank=rank, start_step=state.step)
     )
     test_set = load_test_set(model_config, config.data)
-    if state.step == 0:
+    if state.step == 0 and not options.get("quiet"):
         _log(
             rank,
             f"model: {parameter_count(unwrap(model)) / 1e6:.1f}M parameters; global batch "
@@ -134,6 +134,10 @@ def train_function(loop_config: dict[str, Any], session: Session) -> TrainingSta
         )
 
     trainables = _Trainables(model, optimizer, scheduler)
+    # Tune wants its metric in every report: searches report validation rows only, and
+    # show Tune's trial table instead of every trial's progress lines.
+    validation_reports_only = bool(options.get("validation_reports_only"))
+    quiet = bool(options.get("quiet"))
     interval = _Interval(state.step, state.sequences_seen)
     last_reported_step = None
     while state.step < training.max_steps and not state.stopped_early:
@@ -178,7 +182,10 @@ def train_function(loop_config: dict[str, Any], session: Session) -> TrainingSta
         final = last or state.stopped_early
         if final and world_size > 1:
             row["replica_checksums"] = _replica_checksums(model, world_size)
-        _report(session, row, state, config, trainables, test_set, checkpoint_now, rank, final)
+        if rank == 0 and not quiet:
+            print(_progress_line(row, config), flush=True)
+        if evaluate_now or not validation_reports_only:
+            _report(session, row, state, config, trainables, test_set, checkpoint_now, rank, final)
         last_reported_step = state.step
         interval = _Interval(state.step, state.sequences_seen)  # throughput excludes validation
 
@@ -276,8 +283,6 @@ def _report(
     """Report a row on every rank; with a checkpoint (and, at the end, the run's pictures) from rank 0."""
     metrics = {key: value for key, value in row.items() if value is not None}
     metrics["done"] = bool(final)
-    if rank == 0:
-        print(_progress_line(row, config), flush=True)
     if not checkpoint_now:
         session.report(metrics, None, state.step)
         return

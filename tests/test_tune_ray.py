@@ -1,0 +1,122 @@
+"""Ray Tune end to end on CPU: search with ASHA, resume, multi-worker trials, and compare."""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lstm_ae.config import preset
+from train.launch import RunSettings, Scaling, run_training
+from tune.cli import search_and_tabulate
+from tune.results import COMPLETED, STOPPED_BY_SCHEDULER
+from tune.search import SearchSettings
+from tune.space import parse_space
+
+pytestmark = pytest.mark.ray
+
+# 6 steps with a validation every 2: ASHA sees 3 results per trial and may stop after the first.
+SPACE = parse_space({"learning_rate": {"loguniform": [1e-9, 1e-2]}, "hidden_size": {"choice": [16, 32]}})
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    data = tmp_path_factory.mktemp("data")
+    return preset("smoke", eval_every=2, checkpoint_every=2, cache_dir=str(data))
+
+
+def read_rows(folder: Path) -> list[dict[str, str]]:
+    with open(folder / "results.csv") as file:
+        return list(csv.DictReader(file))
+
+
+@pytest.fixture(scope="module")
+def search(ray_cluster, base, tmp_path_factory):
+    storage = tmp_path_factory.mktemp("searches")
+    settings = SearchSettings(
+        name="four", storage=str(storage), num_samples=4, max_concurrent=1, cpus_per_worker=1
+    )
+    # A good first trial, then one that cannot learn: ASHA must stop the second at its first rung.
+    points = [{"learning_rate": 1e-2, "hidden_size": 32}, {"learning_rate": 1e-9, "hidden_size": 32}]
+    summary = search_and_tabulate(base, SPACE, settings, points_to_evaluate=points)
+    return storage / "four", summary
+
+
+def test_a_search_of_four_trials_writes_the_table_and_asha_stops_a_trial(search):
+    folder, summary = search
+    rows = read_rows(folder)
+    assert len(rows) == 4
+    expected = {"best", "trial", "status", "learning_rate", "hidden_size", "best_val_mse_frame",
+                "final_val_mse_frame", "val_bce_nats_frame", "steps", "sequences_seen", "wall_seconds",
+                "best_checkpoint"}  # fmt: skip
+    assert expected <= set(rows[0])
+    values = [float(row["best_val_mse_frame"]) for row in rows]
+    assert values[0] == min(values) and rows[0]["best"] == "*"
+    assert all(row["best"] == "" for row in rows[1:])
+    assert STOPPED_BY_SCHEDULER in {row["status"] for row in rows}
+    assert all(row["status"] in (COMPLETED, STOPPED_BY_SCHEDULER) for row in rows)
+    assert all(Path(row["best_checkpoint"]).is_dir() for row in rows)
+    for picture in ("trials.png", "parameters.png", "importances.png"):
+        assert (folder / picture).stat().st_size > 0
+    assert "results.md" in summary
+
+
+def test_an_interrupted_search_resumes_without_rerunning_finished_trials(ray_cluster, base, tmp_path):
+    log = tmp_path / "trial_starts.txt"
+    settings = SearchSettings(
+        name="interrupted", storage=str(tmp_path), num_samples=3, max_concurrent=1, cpus_per_worker=1
+    )
+    search_and_tabulate(base, SPACE, settings, hooks={"interrupt_after_trials": 1, "trial_log": str(log)})
+    first_run = log.read_text().split()
+    assert len(read_rows(tmp_path / "interrupted")) < 3 or any(
+        row["status"] != COMPLETED for row in read_rows(tmp_path / "interrupted")
+    )
+    resumed = SearchSettings(
+        name="interrupted",
+        storage=str(tmp_path),
+        num_samples=3,
+        max_concurrent=1,
+        cpus_per_worker=1,
+        resume=True,
+    )
+    search_and_tabulate(base, SPACE, resumed, hooks={"trial_log": str(log)})
+    rows = read_rows(tmp_path / "interrupted")
+    assert len(rows) == 3 and all(row["status"] != "errored" for row in rows)
+    starts = log.read_text().split()
+    assert starts.count(first_run[0]) == 1  # the trial that had finished was not run again
+    assert len(set(starts)) == 3
+
+
+def test_a_trial_with_two_workers_runs_a_torch_trainer_and_reports(ray_cluster, base, tmp_path):
+    settings = SearchSettings(
+        name="two-workers", storage=str(tmp_path), num_samples=1, workers_per_trial=2, cpus_per_worker=1
+    )
+    search_and_tabulate(
+        base, SPACE, settings, points_to_evaluate=[{"learning_rate": 1e-2, "hidden_size": 16}]
+    )
+    (row,) = read_rows(tmp_path / "two-workers")
+    assert row["status"] == COMPLETED and int(row["steps"]) == 6 and int(row["sequences_seen"]) == 24
+    assert float(row["best_val_mse_frame"]) > 0
+    assert "train_runs" in row["best_checkpoint"] and Path(row["best_checkpoint"]).is_dir()
+
+
+def test_compare_puts_experiments_and_a_train_run_in_one_table_with_references(
+    ray_cluster, base, search, tmp_path
+):
+    run = run_training(base, Scaling(1, cpus_per_worker=1), RunSettings(name="single", storage=str(tmp_path)))
+    experiment, _ = search
+    command = [sys.executable, "-m", "tune.compare", str(experiment), str(Path(run.path))]
+    table = subprocess.run(command, capture_output=True, text=True, timeout=120, check=True).stdout
+    lines = table.strip().splitlines()
+    assert lines[0].startswith("| best | source | kind | trial | status |")
+    assert sum("| tune trial |" in line for line in lines) == 4
+    assert sum("| train run |" in line for line in lines) == 1
+    assert any("341.2" in line and "| reference |" in line for line in lines)
+    assert sum("all-zeros prediction" in line for line in lines) == 1  # both used the same validation set
+    csv_table = subprocess.run(
+        [*command, "--format", "csv"], capture_output=True, text=True, check=True
+    ).stdout
+    assert len(list(csv.DictReader(csv_table.splitlines()))) == len(lines) - 2

@@ -1,0 +1,138 @@
+"""Search spaces, results tables and `python -m tune` input checks (no Ray)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from lstm_ae.config import preset
+from tune.results import BEST_MARK, parameter_importances, sort_rows, to_csv, to_html, to_markdown
+from tune.space import SpaceError, default_space, load_space, parse_space
+
+
+def test_default_space_covers_the_four_searched_fields_and_is_valid_for_every_preset():
+    for name in ("smoke", "cpu", "paper"):
+        space = default_space(name)
+        assert space.names == ["hidden_size", "num_layers", "learning_rate", "reconstruction_weight"]
+        space.check(preset(name))
+    assert default_space("paper").dimensions[0].values == (128, 256, 512, 1024, 2048, 4096)
+    assert "log-uniform in [0.0001, 0.01]" in default_space("cpu").describe()
+
+
+def test_yaml_space_parses_every_distribution(tmp_path):
+    (tmp_path / "space.yaml").write_text(
+        "hidden_size: {choice: [64, 128]}\n"
+        "num_layers: {int: [1, 2]}\n"
+        "learning_rate: {loguniform: [1.0e-4, 1.0e-2]}\n"
+        "reconstruction_weight: {uniform: [0.0, 1.0]}\n"
+        "decoder_mode: {choice: [free, conditioned]}\n"
+    )
+    space = load_space(tmp_path / "space.yaml")
+    assert [dimension.kind for dimension in space.dimensions] == [
+        "choice",
+        "int",
+        "loguniform",
+        "uniform",
+        "choice",
+    ]
+    ray_space = space.to_ray()
+    assert set(ray_space) == set(space.names)
+    assert space.dimensions[1].to_optuna().high == 2
+
+
+@pytest.mark.parametrize(
+    "entries, message",
+    [
+        ({"hidden": {"choice": [1]}}, "unknown config field 'hidden'"),
+        ({"learning_rate": {"normal": [0, 1]}}, "unknown distribution 'normal'"),
+        ({"learning_rate": {"loguniform": [0.0, 1.0]}}, "positive low bound"),
+        ({"learning_rate": {"uniform": [0.1, 0.01]}}, "low must be below high"),
+        ({"num_layers": {"int": [1.5, 3]}}, "integer bounds"),
+        ({"learning_rate": 0.1}, "expected one of"),
+        ([1, 2], "must be a mapping"),
+    ],
+)
+def test_malformed_spaces_name_the_problem(entries, message):
+    with pytest.raises(SpaceError, match=message):
+        parse_space(entries)
+
+
+@pytest.mark.parametrize(
+    "entries, message",
+    [
+        (
+            {"reconstruction_weight": {"uniform": [0.0, 1.5]}},
+            "reconstruction_weight must be in [0, 1], got 1.5",
+        ),
+        ({"hidden_size": {"choice": [64, 0]}}, "hidden_size must be a positive integer, got 0"),
+        ({"decoder_mode": {"choice": ["free", "teacher"]}}, "decoder_mode must be one of"),
+    ],
+)
+def test_out_of_range_bounds_are_caught_by_the_config_validation(entries, message):
+    with pytest.raises(SpaceError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        parse_space(entries).check(preset("smoke"))
+
+
+def run_tune(*arguments: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "tune", *arguments], capture_output=True, text=True, timeout=120
+    )
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (
+            "reconstruction_weight: {uniform: [0.0, 2.0]}\n",
+            "reconstruction_weight must be in [0, 1], got 2.0",
+        ),
+        ("learning_rate: [1, 2\n", "is not valid YAML"),
+        ("dropouts: {uniform: [0, 0.5]}\n", "unknown config field 'dropouts'"),
+    ],
+)
+def test_bad_space_files_exit_2_with_one_line(tmp_path, content, message):
+    (tmp_path / "space.yaml").write_text(content)
+    completed = run_tune("--preset", "smoke", "--space", str(tmp_path / "space.yaml"))
+    assert completed.returncode == 2 and message in completed.stderr
+    assert completed.stderr.count("\n") == 1 and "Traceback" not in completed.stderr
+
+
+def test_bad_flags_exit_2_with_one_line(tmp_path):
+    for arguments, message in (
+        (["--num-samples", "0"], "--num-samples must be at least 1"),
+        (["--space", str(tmp_path / "missing.yaml")], "search space file not found"),
+        (["--resume"], "--resume needs the --name"),
+        (["--learning-rate", "-1"], "learning_rate must be a positive number"),
+    ):
+        completed = run_tune("--preset", "smoke", *arguments)
+        assert completed.returncode == 2 and message in completed.stderr, completed.stderr
+
+
+def test_rows_sort_best_first_and_render_in_every_format():
+    rows = [
+        {"trial": "a", "best_val_mse_frame": 120.0},
+        {"trial": "b", "best_val_mse_frame": None},
+        {"trial": "c", "best_val_mse_frame": 101.5},
+    ]
+    ordered = sort_rows(rows, "best_val_mse_frame", "min")
+    assert [row["trial"] for row in ordered] == ["c", "a", "b"]
+    assert [row["best"] for row in ordered] == [BEST_MARK, "", ""]
+    assert to_markdown(ordered).splitlines()[2] == "| * | c | 101.5 |"
+    assert to_csv(ordered).splitlines()[0] == "best,trial,best_val_mse_frame"
+    assert "<td>101.5</td>" in to_html(ordered)
+    assert [row["trial"] for row in sort_rows(rows, "best_val_mse_frame", "max")][0] == "a"
+
+
+def test_parameter_importances_from_the_table_rank_the_parameter_that_matters():
+    space = parse_space(
+        {"learning_rate": {"loguniform": [1e-4, 1e-2]}, "reconstruction_weight": {"uniform": [0, 1]}}
+    )
+    rows = [
+        {"learning_rate": lr, "reconstruction_weight": w, "best_val_mse_frame": 100 + 1000 * lr}
+        for lr, w in [(1e-4, 0.9), (5e-4, 0.1), (1e-3, 0.5), (5e-3, 0.3), (1e-2, 0.7), (2e-3, 0.2)]
+    ]
+    importances = parameter_importances(rows, space, "val_mse_frame")
+    assert importances["learning_rate"] > importances["reconstruction_weight"]
+    assert parameter_importances(rows[:2], space, "val_mse_frame") is None

@@ -1,0 +1,168 @@
+"""`python -m tune`: search hidden size, layers, learning rate and the loss weight with Optuna + ASHA.
+
+    python -m tune --preset smoke --num-samples 4            # a quick local search
+    python -m tune --preset paper --num-samples 64 --num-workers-per-trial 1 --use-gpu \\
+        --output-dir s3://bucket/searches --time-budget 36000
+    python -m tune --space my_space.yaml                    # another search space
+    python -m tune --name my-search --resume                # continue an interrupted search
+
+Config flags (`--max-steps`, `--batch-size`, ...) set the base config every trial starts
+from; the search space overrides its fields. At the end the experiment folder holds
+results.csv / results.md (one row per trial, best first) and plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from lstm_ae.config import DEFAULT_PRESET, PRESETS, ConfigError, add_config_arguments, config_from_arguments
+from lstm_ae.data import DataError
+from train.cli import OneLineParser, fail, root_cause
+from tune.space import SpaceError, default_space, load_space
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(
+        prog="python -m tune",
+        description="Hyperparameter search over the composite LSTM autoencoder (Ray Tune, Optuna TPE, ASHA).",
+    )
+    parser.add_argument("--preset", choices=tuple(PRESETS), default=DEFAULT_PRESET, help="base configuration")
+    parser.add_argument("--num-samples", type=int, default=8, help="trials to run")
+    parser.add_argument(
+        "--num-workers-per-trial", type=int, default=1, help="data-parallel workers per trial"
+    )
+    parser.add_argument("--use-gpu", action="store_true", help="one GPU per worker")
+    parser.add_argument(
+        "--cpus-per-worker", type=float, default=None, help="CPUs per worker (default: fair share)"
+    )
+    parser.add_argument(
+        "--max-concurrent",
+        type=int,
+        default=None,
+        help="trials at once (default: GPUs / workers, or 1 on CPU)",
+    )
+    parser.add_argument("--time-budget", type=float, default=None, help="stop starting trials after SECONDS")
+    parser.add_argument("--space", type=Path, default=None, help="search space YAML (see tune/space.py)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the TPE sampler")
+    parser.add_argument(
+        "--grace-period", type=int, default=1, help="validations before ASHA may stop a trial"
+    )
+    parser.add_argument(
+        "--reduction-factor", type=int, default=2, help="ASHA keeps 1/N of the trials at each rung"
+    )
+    parser.add_argument("--output-dir", default="runs", help="local folder or s3:// URI holding experiments")
+    parser.add_argument(
+        "--name", default=None, help="experiment name (default lstm-ae-search-<preset>-<time>)"
+    )
+    parser.add_argument("--resume", action="store_true", help="continue the experiment --name")
+    parser.add_argument(
+        "--address", default=None, help="Ray cluster to join (default RAY_ADDRESS, else local)"
+    )
+    add_config_arguments(parser)
+    return parser
+
+
+def check_positive(arguments: argparse.Namespace) -> None:
+    for flag in ("num_samples", "num_workers_per_trial", "grace_period", "reduction_factor"):
+        value = getattr(arguments, flag)
+        if value < 1:
+            raise ConfigError(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
+    if arguments.max_concurrent is not None and arguments.max_concurrent < 1:
+        raise ConfigError(f"--max-concurrent must be at least 1, got {arguments.max_concurrent}")
+    if arguments.time_budget is not None and arguments.time_budget <= 0:
+        raise ConfigError(f"--time-budget must be positive, got {arguments.time_budget}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    arguments = build_parser().parse_args(argv)
+    from tune.search import ExperimentFolderError, SearchSettings
+
+    name = arguments.name or f"lstm-ae-search-{arguments.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    try:
+        if arguments.resume and arguments.name is None:
+            raise ConfigError("--resume needs the --name of the experiment to continue")
+        check_positive(arguments)
+        base = config_from_arguments(arguments, arguments.preset)
+        if base.training.batch_size % (
+            arguments.num_workers_per_trial * base.training.grad_accumulation_steps
+        ):
+            raise ConfigError(
+                f"batch_size {base.training.batch_size} must split evenly over "
+                f"{arguments.num_workers_per_trial} workers per trial"
+            )
+        space = load_space(arguments.space) if arguments.space else default_space(arguments.preset)
+        space.check(base)
+    except (ConfigError, SpaceError) as error:
+        fail(str(error))
+    settings = SearchSettings(
+        name=name,
+        storage=arguments.output_dir,
+        num_samples=arguments.num_samples,
+        workers_per_trial=arguments.num_workers_per_trial,
+        use_gpu=arguments.use_gpu,
+        cpus_per_worker=arguments.cpus_per_worker,
+        max_concurrent=arguments.max_concurrent,
+        time_budget_seconds=arguments.time_budget,
+        seed=arguments.seed,
+        resume=arguments.resume,
+        address=arguments.address,
+        grace_period=arguments.grace_period,
+        reduction_factor=arguments.reduction_factor,
+    )
+    print(
+        f"experiment {name}: {arguments.num_samples} trials of preset {arguments.preset}, metric {base.training.metric}"
+    )
+    print(f"search space:\n{space.describe()}", flush=True)
+    try:
+        summary = search_and_tabulate(base, space, settings)
+    except (ExperimentFolderError, DataError, ConfigError, SpaceError) as error:
+        fail(str(error))
+    except Exception as error:  # Ray errors: one line, not a traceback
+        fail(f"search failed: {root_cause(error)}", status=1)
+    print(summary)
+    return 0
+
+
+def search_and_tabulate(base, space, settings, hooks=None, points_to_evaluate=None) -> str:
+    """Run the search, write the results table and plots; returns a printable summary."""
+    from tune.results import to_markdown, trial_rows, write_results
+    from tune.search import run_search, scheduler_record_path
+
+    results, path, _ = run_search(base, space, settings, hooks, points_to_evaluate)
+    metric = base.training.metric
+    record = scheduler_record_path(settings)
+    stopped = set(record.read_text().split()) if record.exists() else set()
+    rows, histories = trial_rows(results, space, metric, base.training.max_steps, stopped)
+    folder = local_results_folder(settings)
+    written = write_results(folder, rows, histories, space, metric)
+    publish(folder, written, settings)
+    shown = ["best", "trial", "status", *space.names, f"best_{metric}", "steps", "wall_seconds"]
+    return f"\n{to_markdown(rows, shown)}\nresults: {folder / 'results.md'} (and {', '.join(written[2:])})"
+
+
+def local_results_folder(settings) -> Path:
+    if "://" in settings.storage:
+        return Path("runs") / settings.name
+    from train.launch import storage_path
+
+    return Path(storage_path(settings.storage)) / settings.name
+
+
+def publish(folder: Path, names: list[str], settings) -> None:
+    """Copy the results next to the experiment when it lives in remote storage."""
+    if "://" not in settings.storage:
+        return
+    from tune.search import experiment_path
+
+    filesystem, path = experiment_path(settings)
+    for name in names:
+        with filesystem.open_output_stream(f"{path}/{name}") as stream:
+            stream.write((folder / name).read_bytes())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,224 @@
+"""`python -m tune.compare PATH [PATH ...]`: train runs and tune experiments in one table.
+
+    python -m tune.compare runs/ --format markdown
+    python -m tune.compare runs/search-a runs/search-b runs/my-run --metric val_bce_nats_frame
+
+A PATH is a train run folder (it holds result.json), a tune experiment folder (results.csv),
+or a folder of such folders. Every trial and run becomes a row with its config, metrics,
+steps, wall time, status and checkpoint; reference rows are added and marked as such: the
+paper's composite model (341.2 BCE nats per frame on the standard test file) and the
+trivial baselines (all-zeros, copy-last-frame) as measured on each validation set the runs
+used. Rows are sorted by --metric, best first.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from lstm_ae.metrics import (
+    BASELINE_COPY_LAST_MSE_FRAME,
+    BASELINE_ZEROS_MSE_FRAME,
+    METRIC_MODES,
+    PAPER_COMPOSITE_CONDITIONAL_BCE_NATS_FRAME,
+    VAL_BCE_NATS_FRAME,
+    VAL_MSE_FRAME,
+)
+from train.cli import OneLineParser, fail
+from tune.results import sort_rows, to_csv, to_html, to_markdown
+
+CONFIG_COLUMNS = ("hidden_size", "num_layers", "learning_rate", "reconstruction_weight", "decoder_mode")
+REFERENCE = "reference"
+
+
+def _number(text: Any) -> Any:
+    if not isinstance(text, str):
+        return text
+    if text == "":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        return text
+    return int(value) if value.is_integer() and "." not in text and "e" not in text.lower() else value
+
+
+def train_run_rows(folder: Path, metric: str) -> list[dict[str, Any]]:
+    result = json.loads((folder / "result.json").read_text())
+    config = {name: value for section in result["config"].values() for name, value in section.items()}
+    final = result.get("final_metrics", {})
+    value = result.get("best_metric") if result.get("metric") == metric else final.get(metric)
+    row = {
+        "source": folder.name,
+        "kind": "train run",
+        "trial": "",
+        "status": result.get("status"),
+        **{name: config.get(name) for name in CONFIG_COLUMNS},
+        metric: value,
+        VAL_BCE_NATS_FRAME: final.get(VAL_BCE_NATS_FRAME) if metric != VAL_BCE_NATS_FRAME else value,
+        "steps": result.get("steps"),
+        "sequences_seen": result.get("sequences_seen"),
+        "wall_seconds": round(float(result.get("wall_seconds", 0.0)), 1),
+        "workers": result.get("num_workers"),
+        "checkpoint": result.get("best_checkpoint") or result.get("final_checkpoint"),
+        "_baselines": (final.get(BASELINE_ZEROS_MSE_FRAME), final.get(BASELINE_COPY_LAST_MSE_FRAME)),
+        "_test_set": _test_set_description(result["config"]["data"]),
+    }
+    return [row]
+
+
+def experiment_rows(folder: Path, metric: str) -> list[dict[str, Any]]:
+    search = json.loads((folder / "search.json").read_text()) if (folder / "search.json").exists() else {}
+    base = {name: value for section in search.get("base", {}).values() for name, value in section.items()}
+    workers = search.get("settings", {}).get("workers_per_trial")
+    rows = []
+    with open(folder / "results.csv") as file:
+        for record in csv.DictReader(file):
+            record = {key: _number(value) for key, value in record.items()}
+            value = record.get(f"best_{metric}", record.get(metric))
+            rows.append(
+                {
+                    "source": folder.name,
+                    "kind": "tune trial",
+                    "trial": record.get("trial"),
+                    "status": record.get("status"),
+                    **{name: record.get(name, base.get(name)) for name in CONFIG_COLUMNS},
+                    metric: value,
+                    VAL_BCE_NATS_FRAME: record.get(
+                        VAL_BCE_NATS_FRAME, record.get(f"best_{VAL_BCE_NATS_FRAME}")
+                    ),
+                    "steps": record.get("steps"),
+                    "sequences_seen": record.get("sequences_seen"),
+                    "wall_seconds": record.get("wall_seconds"),
+                    "workers": workers,
+                    "checkpoint": record.get("best_checkpoint"),
+                    "_baselines": (
+                        record.get(BASELINE_ZEROS_MSE_FRAME),
+                        record.get(BASELINE_COPY_LAST_MSE_FRAME),
+                    ),
+                    "_test_set": _test_set_description(search.get("base", {}).get("data", {})),
+                }
+            )
+    return rows
+
+
+def _test_set_description(data: dict[str, Any]) -> str:
+    if data.get("test_file"):
+        return f"file {data['test_file']}"
+    return f"generated: {data.get('digit_source')} digits, {data.get('test_sequences')} sequences, seed {data.get('test_seed')}"
+
+
+def collect(paths: Sequence[Path], metric: str) -> list[dict[str, Any]]:
+    """Rows of every run and trial under `paths` (folders of runs are searched one level down)."""
+    rows: list[dict[str, Any]] = []
+    for path in paths:
+        if not path.is_dir():
+            raise FileNotFoundError(f"not a folder: {path}")
+        candidates = [path] if _kind(path) else sorted(child for child in path.iterdir() if child.is_dir())
+        found = False
+        for folder in candidates:
+            kind = _kind(folder)
+            if kind == "train run":
+                rows += train_run_rows(folder, metric)
+            elif kind == "tune experiment":
+                rows += experiment_rows(folder, metric)
+            found = found or kind is not None
+        if not found:
+            raise FileNotFoundError(
+                f"{path} holds no train run (result.json) or tune experiment (results.csv)"
+            )
+    return rows
+
+
+def _kind(folder: Path) -> str | None:
+    if (folder / "result.json").is_file():
+        return "train run"
+    if (folder / "results.csv").is_file():
+        return "tune experiment"
+    return None
+
+
+def reference_rows(rows: list[dict[str, Any]], metric: str) -> list[dict[str, Any]]:
+    """The paper's figure and, per validation set seen, the trivial baselines measured on it."""
+    references = [
+        {
+            "source": "Srivastava et al. 2015, composite model, conditional future predictor (standard test file)",
+            "kind": REFERENCE,
+            VAL_BCE_NATS_FRAME: PAPER_COMPOSITE_CONDITIONAL_BCE_NATS_FRAME,
+            metric: PAPER_COMPOSITE_CONDITIONAL_BCE_NATS_FRAME if metric == VAL_BCE_NATS_FRAME else None,
+        }
+    ]
+    seen: dict[str, tuple] = {}
+    for row in rows:
+        zeros, copy_last = row.get("_baselines", (None, None))
+        if zeros is not None and row["_test_set"] not in seen:
+            seen[row["_test_set"]] = (zeros, copy_last)
+    for test_set, (zeros, copy_last) in seen.items():
+        for label, value in (("all-zeros prediction", zeros), ("copy-last-frame prediction", copy_last)):
+            references.append(
+                {
+                    "source": f"{label} ({test_set})",
+                    "kind": REFERENCE,
+                    metric: value if metric == VAL_MSE_FRAME else None,
+                    VAL_MSE_FRAME: value,
+                }
+            )
+    return references
+
+
+def comparison_table(paths: Sequence[Path], metric: str) -> list[dict[str, Any]]:
+    rows = collect(paths, metric)
+    rows += reference_rows(rows, metric)
+    for row in rows:
+        row.pop("_baselines", None)
+        row.pop("_test_set", None)
+    ordered = sort_rows(rows, metric, METRIC_MODES[metric])
+    # The best mark is for runs, not references.
+    for row in ordered:
+        row["best"] = ""
+    first_run = next((row for row in ordered if row["kind"] != REFERENCE and _finite(row.get(metric))), None)
+    if first_run is not None:
+        first_run["best"] = "*"
+    return ordered
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = OneLineParser(
+        prog="python -m tune.compare", description=__doc__.split("\n")[0].split(": ", 1)[1]
+    )
+    parser.add_argument(
+        "paths", nargs="+", type=Path, help="train runs, tune experiments, or folders of them"
+    )
+    parser.add_argument(
+        "--format", choices=("markdown", "csv", "html"), default="markdown", help="output format"
+    )
+    parser.add_argument(
+        "--metric", choices=tuple(METRIC_MODES), default=VAL_MSE_FRAME, help="sort by this metric"
+    )
+    arguments = parser.parse_args(argv)
+    try:
+        rows = comparison_table(arguments.paths, arguments.metric)
+    except (FileNotFoundError, KeyError, json.JSONDecodeError) as error:
+        fail(str(error).strip("'\""))
+    columns = ["best", "source", "kind", "trial", "status", *CONFIG_COLUMNS, arguments.metric]
+    if arguments.metric != VAL_BCE_NATS_FRAME:
+        columns.append(VAL_BCE_NATS_FRAME)
+    if arguments.metric != VAL_MSE_FRAME:
+        columns.append(VAL_MSE_FRAME)
+    columns += ["steps", "sequences_seen", "wall_seconds", "workers", "checkpoint"]
+    render = {"markdown": to_markdown, "csv": to_csv, "html": to_html}[arguments.format]
+    sys.stdout.write(render(rows, columns))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,287 @@
+"""The results table of a search, and its plots.
+
+One row per trial: the sampled config, the final and best validation metric, the other
+final metrics, steps and sequences seen, wall time, status, and the best checkpoint. Rows
+are sorted by the best metric; the best row is marked. Written to the experiment folder as
+`results.csv` and `results.md`, with three plots:
+
+    trials.png        the validation metric over steps, every trial on one figure
+    parameters.png    each searched parameter against the trial's best metric
+    importances.png   Optuna's parameter importances (when there are enough trials)
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from lstm_ae.metrics import (
+    BASELINE_COPY_LAST_MSE_FRAME,
+    BASELINE_ZEROS_MSE_FRAME,
+    METRIC_MODES,
+    VAL_BCE_NATS_FRAME,
+    VAL_MSE_FRAME,
+    VAL_PSNR_DB,
+    VAL_RECONSTRUCTION_MSE_FRAME,
+    VAL_SSIM,
+)
+from tune.space import SearchSpace
+
+BEST_MARK = "*"
+COMPLETED, STOPPED_BY_SCHEDULER, STOPPED_BY_PATIENCE, STOPPED, ERRORED = (
+    "completed",
+    "stopped early (ASHA)",
+    "stopped early (patience)",
+    "stopped (time budget or interrupted)",
+    "errored",
+)
+FINAL_METRICS = (
+    VAL_MSE_FRAME,
+    VAL_BCE_NATS_FRAME,
+    VAL_SSIM,
+    VAL_PSNR_DB,
+    VAL_RECONSTRUCTION_MSE_FRAME,
+    BASELINE_ZEROS_MSE_FRAME,
+    BASELINE_COPY_LAST_MSE_FRAME,
+)
+MIN_TRIALS_FOR_IMPORTANCES = 4
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def _best(values: list[float], metric: str) -> float | None:
+    finite = [value for value in values if _finite(value)]
+    if not finite:
+        return None
+    return min(finite) if METRIC_MODES[metric] == "min" else max(finite)
+
+
+def trial_rows(results, space: SearchSpace, metric: str, max_steps: int, stopped_by_scheduler: set[str]):
+    """(rows, histories): one summary row per trial, and each trial's (steps, metric values)."""
+    rows, histories = [], {}
+    for result in results:
+        frame = result.metrics_dataframe
+        records = frame.to_dict("records") if frame is not None else []
+        metrics = result.metrics or {}
+        trial_id = metrics.get("trial_id") or Path(result.path).name
+        reported = [row for row in records if _finite(row.get(metric))]
+        values = [row[metric] for row in reported]
+        histories[trial_id] = ([row["step"] for row in reported], values)
+        last = reported[-1] if reported else {}
+        steps = int(last.get("step", 0)) if last else 0
+        if result.error is not None:
+            status = ERRORED
+        elif steps >= max_steps:
+            status = COMPLETED
+        elif last.get("stopped_early") is True:
+            status = STOPPED_BY_PATIENCE
+        elif trial_id in stopped_by_scheduler:
+            status = STOPPED_BY_SCHEDULER
+        else:
+            status = STOPPED
+        row = {"trial": trial_id, "status": status}
+        row.update({name: (result.config or {}).get(name) for name in space.names})
+        row[f"best_{metric}"] = _best(values, metric)
+        row[f"final_{metric}"] = values[-1] if values else None
+        for name in FINAL_METRICS:
+            if name != metric:
+                row[name] = last.get(name)
+        row["steps"] = steps
+        row["sequences_seen"] = int(last.get("sequences_seen", 0)) if last else 0
+        row["wall_seconds"] = round(float(metrics.get("time_total_s", 0.0)), 1)
+        row["best_checkpoint"] = _best_checkpoint(result, reported, metric)
+        if result.error is not None:
+            row["error"] = str(result.error).strip().splitlines()[-1][:200]
+        rows.append(row)
+    return sort_rows(rows, f"best_{metric}", METRIC_MODES[metric]), histories
+
+
+def _best_checkpoint(result, reported: list[dict[str, Any]], metric: str) -> str | None:
+    """The kept checkpoint with the best metric: Tune's own, or the Train run's (multi-worker trials)."""
+    candidates = [(checkpoint.path, row.get(metric)) for checkpoint, row in (result.best_checkpoints or [])]
+    candidates += [
+        (row["checkpoint_path"], row.get(metric)) for row in reported if row.get("checkpoint_path")
+    ]
+    candidates = [(path, value) for path, value in candidates if _finite(value)]
+    if not candidates:
+        return None
+    choose = min if METRIC_MODES[metric] == "min" else max
+    return str(choose(candidates, key=lambda pair: pair[1])[0])
+
+
+def sort_rows(rows: list[dict[str, Any]], column: str, mode: str) -> list[dict[str, Any]]:
+    """Best first; rows without a value last. Marks the best row."""
+
+    def key(row):
+        value = row.get(column)
+        if not _finite(value):
+            return (1, 0.0)
+        return (0, value if mode == "min" else -value)
+
+    rows = sorted(rows, key=key)
+    for index, row in enumerate(rows):
+        row["best"] = BEST_MARK if index == 0 and _finite(row.get(column)) else ""
+    return [{"best": row.pop("best"), **row} for row in rows]
+
+
+def _format(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return str(value)
+        return (
+            f"{value:.4g}"
+            if abs(value) < 1e-2 or abs(value) >= 1e5
+            else f"{value:.2f}".rstrip("0").rstrip(".")
+        )
+    return str(value)
+
+
+def columns_of(rows: list[dict[str, Any]]) -> list[str]:
+    columns: list[str] = []
+    for row in rows:
+        columns += [key for key in row if key not in columns]
+    return columns
+
+
+def to_markdown(rows: list[dict[str, Any]], columns: list[str] | None = None) -> str:
+    columns = columns or columns_of(rows)
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join(" --- " for _ in columns) + "|"]
+    for row in rows:
+        lines.append("| " + " | ".join(_format(row.get(column)) for column in columns) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def to_csv(rows: list[dict[str, Any]], columns: list[str] | None = None) -> str:
+    import csv
+    import io
+
+    columns = columns or columns_of(rows)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def to_html(rows: list[dict[str, Any]], columns: list[str] | None = None) -> str:
+    import html
+
+    columns = columns or columns_of(rows)
+    head = "".join(f"<th>{html.escape(column)}</th>" for column in columns)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(_format(row.get(column)))}</td>" for column in columns) + "</tr>"
+        for row in rows
+    )
+    return f"<table>\n<thead><tr>{head}</tr></thead>\n<tbody>{body}</tbody>\n</table>\n"
+
+
+# ------------------------------------------------------------------------------ plots
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_trials(path: Path, histories: dict[str, tuple[list[int], list[float]]], metric: str) -> None:
+    plt = _pyplot()
+    figure, axis = plt.subplots(figsize=(8, 5))
+    for trial_id, (steps, values) in histories.items():
+        if steps:
+            axis.plot(steps, values, marker="o", markersize=3, label=trial_id)
+    axis.set_xlabel("step")
+    axis.set_ylabel(metric)
+    axis.set_title("validation metric of every trial")
+    if len(histories) <= 20:
+        axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=90)
+    plt.close(figure)
+
+
+def plot_parameters(path: Path, rows: list[dict[str, Any]], space: SearchSpace, metric: str) -> None:
+    plt = _pyplot()
+    column = f"best_{metric}"
+    count = len(space.dimensions)
+    figure, axes = plt.subplots(1, count, figsize=(4 * count, 3.6), squeeze=False)
+    for axis, dimension in zip(axes[0], space.dimensions):
+        points = [(row[dimension.name], row[column]) for row in rows if _finite(row.get(column))]
+        if dimension.kind == "choice":
+            labels = [str(value) for value in dimension.values]
+            xs = [labels.index(str(value)) for value, _ in points if str(value) in labels]
+            axis.set_xticks(range(len(labels)), labels, rotation=30)
+            ys = [metric_value for value, metric_value in points if str(value) in labels]
+        else:
+            xs = [value for value, _ in points]
+            ys = [metric_value for _, metric_value in points]
+            if dimension.kind == "loguniform":
+                axis.set_xscale("log")
+        axis.scatter(xs, ys)
+        axis.set_xlabel(dimension.name)
+        axis.set_ylabel(column)
+    figure.tight_layout()
+    figure.savefig(path, dpi=90)
+    plt.close(figure)
+
+
+def parameter_importances(
+    rows: list[dict[str, Any]], space: SearchSpace, metric: str
+) -> dict[str, float] | None:
+    """Optuna's fANOVA importances, from the table itself (so it works after a resume too)."""
+    import optuna
+
+    column = f"best_{metric}"
+    usable = [
+        row for row in rows if _finite(row.get(column)) and all(row.get(n) is not None for n in space.names)
+    ]
+    if len(usable) < MIN_TRIALS_FOR_IMPORTANCES:
+        return None
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(direction="minimize" if METRIC_MODES[metric] == "min" else "maximize")
+    distributions = {dimension.name: dimension.to_optuna() for dimension in space.dimensions}
+    for row in usable:
+        params = {name: row[name] for name in space.names}
+        study.add_trial(
+            optuna.trial.create_trial(params=params, distributions=distributions, value=row[column])
+        )
+    try:
+        return optuna.importance.get_param_importances(study)
+    except (RuntimeError, ValueError):
+        return None
+
+
+def plot_importances(path: Path, importances: dict[str, float]) -> None:
+    plt = _pyplot()
+    figure, axis = plt.subplots(figsize=(6, 0.5 + 0.5 * len(importances)))
+    names = list(importances)[::-1]
+    axis.barh(names, [importances[name] for name in names])
+    axis.set_xlabel("importance (Optuna fANOVA)")
+    figure.tight_layout()
+    figure.savefig(path, dpi=90)
+    plt.close(figure)
+
+
+def write_results(folder: Path, rows, histories, space: SearchSpace, metric: str) -> list[str]:
+    """results.csv, results.md and the plots; returns the names written."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "results.csv").write_text(to_csv(rows))
+    (folder / "results.md").write_text(to_markdown(rows))
+    written = ["results.csv", "results.md"]
+    if histories:
+        plot_trials(folder / "trials.png", histories, metric)
+        plot_parameters(folder / "parameters.png", rows, space, metric)
+        written += ["trials.png", "parameters.png"]
+    importances = parameter_importances(rows, space, metric)
+    if importances:
+        plot_importances(folder / "importances.png", importances)
+        written.append("importances.png")
+    return written

@@ -1,0 +1,34 @@
+"""A Tune trial that runs the training function in its own process (one worker per trial)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from train.session import _checkpoint_folder
+
+
+class TuneSession:
+    """Reports through `ray.tune.report`; resumes from `ray.tune.get_checkpoint()`."""
+
+    world_rank = 0
+    world_size = 1
+
+    def __init__(self, use_gpu: bool = False):
+        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+
+    def prepare_model(self, model: nn.Module) -> nn.Module:
+        return model.to(self.device)
+
+    def latest_checkpoint(self):
+        import ray.tune
+
+        return _checkpoint_folder(ray.tune.get_checkpoint())
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None, step: int) -> None:
+        import ray.tune
+
+        checkpoint = ray.tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        ray.tune.report(metrics, checkpoint=checkpoint)
