@@ -69,7 +69,13 @@ def test_an_interrupted_search_resumes_without_rerunning_finished_trials(ray_clu
     settings = SearchSettings(
         name="interrupted", storage=str(tmp_path), num_samples=3, max_concurrent=1, cpus_per_worker=1
     )
-    search_and_tabulate(base, SPACE, settings, hooks={"interrupt_after_trials": 1, "trial_log": str(log)})
+    hooks = {
+        "interrupt_after_trials": 1,
+        "interrupt_marker": str(tmp_path / "interrupted.marker"),
+        "trial_log": str(log),
+    }
+    search_and_tabulate(base, SPACE, settings, hooks=hooks)
+    assert (tmp_path / "interrupted.marker").exists()
     first_run = log.read_text().split()
     assert len(read_rows(tmp_path / "interrupted")) < 3 or any(
         row["status"] != COMPLETED for row in read_rows(tmp_path / "interrupted")

@@ -136,3 +136,10 @@ def test_parameter_importances_from_the_table_rank_the_parameter_that_matters():
     importances = parameter_importances(rows, space, "val_mse_frame")
     assert importances["learning_rate"] > importances["reconstruction_weight"]
     assert parameter_importances(rows[:2], space, "val_mse_frame") is None
+
+
+def test_help_lists_search_and_config_flags():
+    completed = run_tune("--help")
+    assert completed.returncode == 0
+    for flag in ("--num-samples", "--search-seed", "--space", "--hidden-size", "--seed"):
+        assert flag in completed.stdout

@@ -68,13 +68,15 @@ class TrainingState:
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Ray Train entry point: `loop_config` is `train.launch.loop_config(...)`."""
-    _quiet_report_logging()
+    quiet_report_logging()
     train_function(loop_config, RayTrainSession())
 
 
-def _quiet_report_logging() -> None:
-    """Ray Train 2.60 logs every report's full metrics at INFO from a logger named after its
-    source file; our own progress line says the same in one line."""
+def quiet_report_logging() -> None:
+    """Ray 2.60 logs every report's full metrics and every checkpoint's path at INFO (from
+    the worker or trial process); our own progress line and results table say the same."""
+    for name in ("ray.train._internal.storage", "ray.train.v2._internal.execution.storage"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     try:
         from ray.train.v2._internal.execution import context
     except ImportError:

@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--time-budget", type=float, default=None, help="stop starting trials after SECONDS")
     parser.add_argument("--space", type=Path, default=None, help="search space YAML (see tune/space.py)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the TPE sampler")
+    parser.add_argument("--search-seed", type=int, default=0, help="seed of the TPE sampler")
     parser.add_argument(
         "--grace-period", type=int, default=1, help="validations before ASHA may stop a trial"
     )
@@ -107,7 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         cpus_per_worker=arguments.cpus_per_worker,
         max_concurrent=arguments.max_concurrent,
         time_budget_seconds=arguments.time_budget,
-        seed=arguments.seed,
+        seed=arguments.search_seed,
         resume=arguments.resume,
         address=arguments.address,
         grace_period=arguments.grace_period,

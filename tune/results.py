@@ -219,12 +219,15 @@ def plot_parameters(path: Path, rows: list[dict[str, Any]], space: SearchSpace, 
             labels = [str(value) for value in dimension.values]
             xs = [labels.index(str(value)) for value, _ in points if str(value) in labels]
             axis.set_xticks(range(len(labels)), labels, rotation=30)
+            axis.set_xlim(-0.5, len(labels) - 0.5)
             ys = [metric_value for value, metric_value in points if str(value) in labels]
         else:
             xs = [value for value, _ in points]
             ys = [metric_value for _, metric_value in points]
             if dimension.kind == "loguniform":
                 axis.set_xscale("log")
+            elif dimension.kind == "int":
+                axis.set_xticks(range(int(dimension.values[0]), int(dimension.values[1]) + 1))
         axis.scatter(xs, ys)
         axis.set_xlabel(dimension.name)
         axis.set_ylabel(column)

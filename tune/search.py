@@ -69,8 +69,9 @@ def trial(sampled: dict[str, Any], base: dict[str, Any], plan: dict[str, Any]) -
     """One Tune trial: train the base config with the sampled values."""
     import ray.tune
 
-    from train.worker import train_function
+    from train.worker import quiet_report_logging, train_function
 
+    quiet_report_logging()
     config = ExperimentConfig.from_dict(base).replace(**sampled)
     context = ray.tune.get_context()
     options = {
@@ -133,9 +134,13 @@ def _recording_asha(record_path: str, **kwargs):
 
 
 class _InterruptAfter:
-    """Test hook: interrupt the driver (as Ctrl-C would) once `count` trials have completed."""
+    """Test hook: interrupt the driver (as Ctrl-C would) once `count` trials have completed.
 
-    def __new__(cls, count: int):
+    Tune saves callbacks with the experiment, so a marker file keeps a resumed run from
+    being interrupted again.
+    """
+
+    def __new__(cls, count: int, marker: str):
         from ray.tune import Callback
 
         class InterruptAfter(Callback):
@@ -144,7 +149,8 @@ class _InterruptAfter:
 
             def on_trial_complete(self, iteration, trials, trial, **info):
                 self.completed += 1
-                if self.completed >= count:
+                if self.completed >= count and not os.path.exists(marker):
+                    Path(marker).write_text(f"interrupted after {self.completed} trial(s)\n")
                     os.kill(os.getpid(), signal.SIGINT)
 
         return InterruptAfter()
@@ -236,11 +242,9 @@ def run_search(
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     plan = _plan(base, settings, hooks)
     trainable = _trainable(base, plan)
-    callbacks = (
-        [_InterruptAfter(hooks["interrupt_after_trials"])]
-        if hooks and hooks.get("interrupt_after_trials")
-        else []
-    )
+    callbacks = []
+    if hooks and hooks.get("interrupt_after_trials"):
+        callbacks.append(_InterruptAfter(hooks["interrupt_after_trials"], hooks["interrupt_marker"]))
     metric = base.training.metric
     if settings.resume:
         if not tune.Tuner.can_restore(f"{storage_path(settings.storage)}/{settings.name}"):
