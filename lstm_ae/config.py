@@ -197,6 +197,7 @@ class TrainingConfig:
     patience: int = 0
     metric: str = VAL_MSE_FRAME
     grad_accumulation_steps: int = 1
+    probe_sequences: int = 2000
     precision: str = "auto"
     bf16_allreduce: bool = False
     seed: int = 0
@@ -204,7 +205,7 @@ class TrainingConfig:
     def __post_init__(self) -> None:
         _positive_int(self, "batch_size", "max_steps", "log_every", "eval_every", "checkpoint_every")
         _positive_int(self, "keep_checkpoints", "grad_accumulation_steps")
-        _non_negative_int(self, "patience", "seed")
+        _non_negative_int(self, "patience", "seed", "probe_sequences")
         _choice(self, "precision", PRECISIONS)
         _choice(self, "metric", tuple(METRIC_MODES))
         _require(
@@ -316,6 +317,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         learning_rate=1e-2,
         warmup_steps=0,
         test_sequences=8,
+        probe_sequences=200,
     ),
     "cpu": dict(
         hidden_size=1024,
@@ -403,6 +405,7 @@ FIELD_HELP: dict[str, str] = {
     "patience": "stop after this many validations without improvement (0 disables)",
     "metric": "validation metric that selects checkpoints and drives early stopping and search",
     "grad_accumulation_steps": "micro-batches per optimizer step on each worker",
+    "probe_sequences": "sequences for the linear digit probe of the encoder at the end (0 skips it)",
     "precision": "'auto' (bf16 on GPU, fp32 on CPU), 'fp32' or 'bf16' (bf16 matmuls, fp32 "
     "state, loss and optimizer)",
     "bf16_allreduce": "all-reduce gradients in bf16 (halves communication; DDP only)",

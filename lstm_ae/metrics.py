@@ -43,6 +43,9 @@ METRIC_MODES = {
     VAL_RECONSTRUCTION_BCE_NATS_FRAME: "min",
 }
 
+# Every metric a results table can be sorted by: the above, and the probe (end of training).
+TABLE_METRIC_MODES = {**METRIC_MODES, PROBE_ACCURACY: "max"}
+
 UNITS = {
     VAL_MSE_FRAME: "squared error per frame (sum over pixels)",
     VAL_MAE_FRAME: "absolute error per frame (sum over pixels)",
@@ -53,7 +56,9 @@ UNITS = {
     VAL_RECONSTRUCTION_BCE_NATS_FRAME: "nats per frame",
     BASELINE_COPY_LAST_MSE_FRAME: "squared error per frame (sum over pixels)",
     BASELINE_ZEROS_MSE_FRAME: "squared error per frame (sum over pixels)",
-    PROBE_ACCURACY: "fraction of digits classified correctly",
+    PROBE_ACCURACY: "fraction of held-out sequences' digits a linear probe of encode(past) finds",
+    "probe_accuracy_untrained": "the same probe on an untrained encoder (baseline)",
+    "probe_chance": "the probe's score when guessing the most frequent digits",
 }
 
 # What `lstm_ae.engine.evaluate` measures, in a fixed order (for combining shards).

@@ -126,3 +126,22 @@ def test_compare_puts_experiments_and_a_train_run_in_one_table_with_references(
         [*command, "--format", "csv"], capture_output=True, text=True, check=True
     ).stdout
     assert len(list(csv.DictReader(csv_table.splitlines()))) == len(lines) - 2
+
+
+def test_the_ablation_grid_on_smoke_with_two_seeds_fills_every_row(ray_cluster, base, tmp_path):
+    from tune.ablations import VARIANTS
+    from tune.cli import ablations_and_tabulate
+
+    settings = SearchSettings(name="ablations", storage=str(tmp_path), max_concurrent=1, cpus_per_worker=1)
+    summary = ablations_and_tabulate(base, 2, settings)
+    folder = tmp_path / "ablations"
+    with open(folder / "ablations.csv") as file:
+        records = list(csv.DictReader(file))
+    assert len(records) == 2 * len(VARIANTS)
+    assert all(record["error"] == "" and record["step"] == "6" for record in records)
+    table = (folder / "ablations.md").read_text()
+    for variant in VARIANTS.values():
+        row = next(line for line in table.splitlines() if line.startswith(f"| {variant.label} |"))
+        assert "(n=2)" in row and variant.claim in row
+    assert "n/a (not trained)" in table and "| the composite predicts the future" in table
+    assert (folder / "ablations.png").stat().st_size > 0 and "ablations.md" in summary

@@ -252,7 +252,6 @@ def write_run_folder(
                 writer.write(data)
     metric = config.training.metric
     best = best_checkpoint(result.best_checkpoints, metric)
-    final_validation = next((row for row in reversed(history) if metric in row), {})
     summary = {
         "name": settings.name,
         "status": "stopped_early" if state["stopped_early"] else "completed",
@@ -270,9 +269,11 @@ def write_run_folder(
         "resumed_from": state["resumed_from"],
         "final_checkpoint": f"{checkpoint_path}",
         "final_metrics": {
-            key: value for key, value in final_validation.items() if key in UNITS or key.endswith("loss")
-        },
-        "units": {key: UNITS[key] for key in final_validation if key in UNITS},
+            key: value for key, value in history[-1].items() if key in UNITS or key.endswith("loss")
+        }
+        if history
+        else {},
+        "units": {key: UNITS[key] for key in (history[-1] if history else {}) if key in UNITS},
         "replica_checksums": history[-1].get("replica_checksums") if history else None,
         "config": config.to_dict(),
     }

@@ -40,6 +40,7 @@ from lstm_ae.data import BouncingDigits, GeneratedSequences, load_test_set
 from lstm_ae.engine import NonFiniteLossError, evaluate, make_optimizer, make_scheduler, train_step, unwrap
 from lstm_ae.metrics import METRIC_MODES, MetricAccumulator
 from lstm_ae.model import CompositeLSTMAutoencoder, parameter_count
+from lstm_ae.probe import probe_with_baseline
 from lstm_ae.viz import render_run
 from train.session import RayTrainSession, Session
 
@@ -184,6 +185,8 @@ def train_function(loop_config: dict[str, Any], session: Session) -> TrainingSta
         final = last or state.stopped_early
         if final and world_size > 1:
             row["replica_checksums"] = _replica_checksums(model, world_size)
+        if final and rank == 0 and training.probe_sequences > 0:
+            row.update(probe_with_baseline(unwrap(model), config, training.probe_sequences))
         if rank == 0 and not quiet:
             print(_progress_line(row, config), flush=True)
         if evaluate_now or not validation_reports_only:
@@ -338,6 +341,11 @@ def _progress_line(row: dict[str, Any], config: ExperimentConfig) -> str:
             f"| ssim {row[metric_names.VAL_SSIM]:.3f} | psnr {row[metric_names.VAL_PSNR_DB]:.2f} dB "
             f"| reconstruction mse/frame {row[metric_names.VAL_RECONSTRUCTION_MSE_FRAME]:.1f}"
         )
+        if metric_names.PROBE_ACCURACY in row:
+            line += (
+                f"\n  linear digit probe of the encoder: {row[metric_names.PROBE_ACCURACY]:.3f} "
+                f"(untrained encoder {row['probe_accuracy_untrained']:.3f}, chance {row['probe_chance']:.3f})"
+            )
         if row.get("stopped_early"):
             line += f"\n  stopping early: no improvement of {config.training.metric} in {config.training.patience} validations"
     return line

@@ -31,6 +31,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="Hyperparameter search over the composite LSTM autoencoder (Ray Tune, Optuna TPE, ASHA).",
     )
     parser.add_argument("--preset", choices=tuple(PRESETS), default=DEFAULT_PRESET, help="base configuration")
+    parser.add_argument(
+        "--experiment",
+        choices=("search", "ablations"),
+        default="search",
+        help="'search' (Optuna + ASHA over the space) or 'ablations' (the paper's variants x seeds, a grid)",
+    )
+    parser.add_argument("--seeds", type=int, default=3, help="seeds per variant (ablations)")
     parser.add_argument("--num-samples", type=int, default=8, help="trials to run")
     parser.add_argument(
         "--num-workers-per-trial", type=int, default=1, help="data-parallel workers per trial"
@@ -56,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--output-dir", default="runs", help="local folder or s3:// URI holding experiments")
     parser.add_argument(
-        "--name", default=None, help="experiment name (default lstm-ae-search-<preset>-<time>)"
+        "--name", default=None, help="experiment name (default lstm-ae-<experiment>-<preset>-<time>)"
     )
     parser.add_argument("--resume", action="store_true", help="continue the experiment --name")
     parser.add_argument(
@@ -67,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def check_positive(arguments: argparse.Namespace) -> None:
-    for flag in ("num_samples", "num_workers_per_trial", "grace_period", "reduction_factor"):
+    for flag in ("num_samples", "num_workers_per_trial", "grace_period", "reduction_factor", "seeds"):
         value = getattr(arguments, flag)
         if value < 1:
             raise ConfigError(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
@@ -75,13 +82,20 @@ def check_positive(arguments: argparse.Namespace) -> None:
         raise ConfigError(f"--max-concurrent must be at least 1, got {arguments.max_concurrent}")
     if arguments.time_budget is not None and arguments.time_budget <= 0:
         raise ConfigError(f"--time-budget must be positive, got {arguments.time_budget}")
+    if arguments.experiment == "ablations" and arguments.space is not None:
+        raise ConfigError(
+            "--space applies to searches; the ablation grid's variants are fixed (tune/ablations.py)"
+        )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     arguments = build_parser().parse_args(argv)
     from tune.search import ExperimentFolderError, SearchSettings
 
-    name = arguments.name or f"lstm-ae-search-{arguments.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    name = (
+        arguments.name
+        or f"lstm-ae-{arguments.experiment}-{arguments.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    )
     try:
         if arguments.resume and arguments.name is None:
             raise ConfigError("--resume needs the --name of the experiment to continue")
@@ -113,12 +127,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         grace_period=arguments.grace_period,
         reduction_factor=arguments.reduction_factor,
     )
-    print(
-        f"experiment {name}: {arguments.num_samples} trials of preset {arguments.preset}, metric {base.training.metric}"
-    )
-    print(f"search space:\n{space.describe()}", flush=True)
+    if arguments.experiment == "ablations":
+        from tune.ablations import VARIANTS
+
+        print(
+            f"ablations {name}: {len(VARIANTS)} variants x {arguments.seeds} seeds of preset {arguments.preset}"
+        )
+        print("\n".join(f"  {variant.label}" for variant in VARIANTS.values()), flush=True)
+    else:
+        print(
+            f"experiment {name}: {arguments.num_samples} trials of preset {arguments.preset}, metric {base.training.metric}"
+        )
+        print(f"search space:\n{space.describe()}", flush=True)
     try:
-        summary = search_and_tabulate(base, space, settings)
+        if arguments.experiment == "ablations":
+            summary = ablations_and_tabulate(base, arguments.seeds, settings)
+        else:
+            summary = search_and_tabulate(base, space, settings)
     except (ExperimentFolderError, DataError, ConfigError, SpaceError) as error:
         fail(str(error))
     except Exception as error:  # Ray errors: one line, not a traceback
@@ -142,6 +167,17 @@ def search_and_tabulate(base, space, settings, hooks=None, points_to_evaluate=No
     publish(folder, written, settings)
     shown = ["best", "trial", "status", *space.names, f"best_{metric}", "steps", "wall_seconds"]
     return f"\n{to_markdown(rows, shown)}\nresults: {folder / 'results.md'} (and {', '.join(written[2:])})"
+
+
+def ablations_and_tabulate(base, seeds: int, settings, hooks=None) -> str:
+    """Run the ablation grid and write its table and plot; returns a printable summary."""
+    from tune.ablations import final_metrics, run_ablations, write_ablations
+
+    results, _, _ = run_ablations(base, seeds, settings, hooks)
+    folder = local_results_folder(settings)
+    markdown = write_ablations(folder, final_metrics(results), seeds)
+    publish(folder, ["ablations.csv", "ablations.md", "ablations.png"], settings)
+    return f"\n{markdown}\nresults: {folder / 'ablations.md'} (and ablations.csv, ablations.png)"
 
 
 def local_results_folder(settings) -> Path:

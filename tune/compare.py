@@ -24,8 +24,9 @@ from typing import Any
 from lstm_ae.metrics import (
     BASELINE_COPY_LAST_MSE_FRAME,
     BASELINE_ZEROS_MSE_FRAME,
-    METRIC_MODES,
     PAPER_COMPOSITE_CONDITIONAL_BCE_NATS_FRAME,
+    PROBE_ACCURACY,
+    TABLE_METRIC_MODES,
     VAL_BCE_NATS_FRAME,
     VAL_MSE_FRAME,
 )
@@ -61,6 +62,8 @@ def train_run_rows(folder: Path, metric: str) -> list[dict[str, Any]]:
         **{name: config.get(name) for name in CONFIG_COLUMNS},
         metric: value,
         VAL_BCE_NATS_FRAME: final.get(VAL_BCE_NATS_FRAME) if metric != VAL_BCE_NATS_FRAME else value,
+        VAL_MSE_FRAME: final.get(VAL_MSE_FRAME) if metric != VAL_MSE_FRAME else value,
+        PROBE_ACCURACY: final.get(PROBE_ACCURACY),
         "steps": result.get("steps"),
         "sequences_seen": result.get("sequences_seen"),
         "wall_seconds": round(float(result.get("wall_seconds", 0.0)), 1),
@@ -177,7 +180,7 @@ def comparison_table(paths: Sequence[Path], metric: str) -> list[dict[str, Any]]
     for row in rows:
         row.pop("_baselines", None)
         row.pop("_test_set", None)
-    ordered = sort_rows(rows, metric, METRIC_MODES[metric])
+    ordered = sort_rows(rows, metric, TABLE_METRIC_MODES[metric])
     # The best mark is for runs, not references.
     for row in ordered:
         row["best"] = ""
@@ -202,7 +205,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--format", choices=("markdown", "csv", "html"), default="markdown", help="output format"
     )
     parser.add_argument(
-        "--metric", choices=tuple(METRIC_MODES), default=VAL_MSE_FRAME, help="sort by this metric"
+        "--metric", choices=tuple(TABLE_METRIC_MODES), default=VAL_MSE_FRAME, help="sort by this metric"
     )
     arguments = parser.parse_args(argv)
     try:
@@ -214,6 +217,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         columns.append(VAL_BCE_NATS_FRAME)
     if arguments.metric != VAL_MSE_FRAME:
         columns.append(VAL_MSE_FRAME)
+    if arguments.metric != PROBE_ACCURACY:
+        columns.append(PROBE_ACCURACY)
     columns += ["steps", "sequences_seen", "wall_seconds", "workers", "checkpoint"]
     render = {"markdown": to_markdown, "csv": to_csv, "html": to_html}[arguments.format]
     sys.stdout.write(render(rows, columns))

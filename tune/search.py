@@ -65,6 +65,16 @@ def evaluation_count(config: ExperimentConfig) -> int:
     )
 
 
+def expand_variant(sampled: dict[str, Any]) -> dict[str, Any]:
+    """Config overrides of a sample: an ablation grid samples a variant name, a search fields."""
+    sampled = dict(sampled)
+    if "variant" in sampled:
+        from tune.ablations import VARIANTS
+
+        sampled.update(VARIANTS[sampled.pop("variant")].overrides)
+    return sampled
+
+
 def trial(sampled: dict[str, Any], base: dict[str, Any], plan: dict[str, Any]) -> None:
     """One Tune trial: train the base config with the sampled values."""
     import ray.tune
@@ -72,7 +82,7 @@ def trial(sampled: dict[str, Any], base: dict[str, Any], plan: dict[str, Any]) -
     from train.worker import quiet_report_logging, train_function
 
     quiet_report_logging()
-    config = ExperimentConfig.from_dict(base).replace(**sampled)
+    config = ExperimentConfig.from_dict(base).replace(**expand_variant(sampled))
     context = ray.tune.get_context()
     options = {
         "validation_reports_only": True,
@@ -216,18 +226,46 @@ def run_search(
     hooks: dict[str, Any] | None = None,
     points_to_evaluate: list[dict[str, Any]] | None = None,
 ):
-    """Run (or resume) the search; returns (ResultGrid, experiment path, plan)."""
-    from ray import tune
+    """Run (or resume) the Optuna + ASHA search; returns (ResultGrid, experiment path, plan)."""
     from ray.tune.search.optuna import OptunaSearch
+
+    base = with_absolute_paths(base)
+    space.check(base)
+
+    def search_setup(tune):
+        scheduler = _recording_asha(
+            str(scheduler_record_path(settings)),
+            time_attr="training_iteration",
+            max_t=evaluation_count(base),
+            grace_period=settings.grace_period,
+            reduction_factor=settings.reduction_factor,
+        )
+        searcher = OptunaSearch(seed=settings.seed, points_to_evaluate=points_to_evaluate)
+        return space.to_ray(), {
+            "search_alg": searcher,
+            "scheduler": scheduler,
+            "num_samples": settings.num_samples,
+        }
+
+    record = {"space": [asdict(dimension) for dimension in space.dimensions]}
+    return run_experiment(base, settings, search_setup, record, hooks)
+
+
+def run_experiment(
+    base: ExperimentConfig, settings: SearchSettings, setup, record: dict[str, Any], hooks=None
+):
+    """Check, start or restore, and run a Tune experiment of `trial`s over `base`.
+
+    `setup(tune)` returns (param_space, extra TuneConfig arguments) for a new experiment.
+    """
+    from ray import tune
+
+    from lstm_ae.data import load_test_set
+    from train.launch import _exists
 
     filesystem, path = experiment_path(settings)
     base = with_absolute_paths(base)
-    space.check(base)
-    from lstm_ae.data import load_test_set
-
     load_test_set(base.model, base.data)  # fail on bad data before any trial, and build the cache once
-    from train.launch import _exists
-
     exists = _exists(filesystem, f"{path}/{SEARCH_FILE}")
     if exists and not settings.resume:
         raise ExperimentFolderError(
@@ -246,41 +284,31 @@ def run_search(
     if hooks and hooks.get("interrupt_after_trials"):
         callbacks.append(_InterruptAfter(hooks["interrupt_after_trials"], hooks["interrupt_marker"]))
     metric = base.training.metric
+    tune_path = f"{storage_path(settings.storage)}/{settings.name}"
     if settings.resume:
-        if not tune.Tuner.can_restore(f"{storage_path(settings.storage)}/{settings.name}"):
+        if not tune.Tuner.can_restore(tune_path):
             raise ExperimentFolderError(f"experiment {path} cannot be restored (no Tune state)")
-        tuner = tune.Tuner.restore(
-            f"{storage_path(settings.storage)}/{settings.name}", trainable=trainable, resume_errored=True
-        )
+        tuner = tune.Tuner.restore(tune_path, trainable=trainable, resume_errored=True)
     else:
+        param_space, tune_arguments = setup(tune)
         filesystem.create_dir(path, recursive=True)
         with filesystem.open_output_stream(f"{path}/{SEARCH_FILE}") as stream:
-            record = {
+            full_record = {
                 "base": base.to_dict(),
-                "space": [asdict(dimension) for dimension in space.dimensions],
                 "settings": asdict(settings),
                 "evaluations_per_trial": evaluation_count(base),
+                **record,
             }
-            stream.write(json.dumps(record, indent=2).encode())
-        searcher = OptunaSearch(seed=settings.seed, points_to_evaluate=points_to_evaluate)
-        scheduler = _recording_asha(
-            str(scheduler_record_path(settings)),
-            time_attr="training_iteration",
-            max_t=evaluation_count(base),
-            grace_period=settings.grace_period,
-            reduction_factor=settings.reduction_factor,
-        )
+            stream.write(json.dumps(full_record, indent=2).encode())
         tuner = tune.Tuner(
             trainable,
-            param_space=space.to_ray(),
+            param_space=param_space,
             tune_config=tune.TuneConfig(
                 metric=metric,
                 mode=METRIC_MODES[metric],
-                search_alg=searcher,
-                scheduler=scheduler,
-                num_samples=settings.num_samples,
                 max_concurrent_trials=plan["max_concurrent"],
                 time_budget_s=settings.time_budget_seconds,
+                **tune_arguments,
             ),
             run_config=tune.RunConfig(
                 name=settings.name,
