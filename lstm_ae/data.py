@@ -369,20 +369,24 @@ def resolve_test_file(model: ModelConfig, data: DataConfig) -> Path:
     return build_test_set(model, data)
 
 
-def load_test_set(model: ModelConfig, data: DataConfig) -> TestSet:
-    """The validation sequences, checked against the model's frame size and lengths."""
-    path = resolve_test_file(model, data)
-    array = read_sequence_file(path)
+def check_fits_model(
+    path: Path, array: np.ndarray, model: ModelConfig, frames_needed: int, needed_for: str
+) -> None:
+    """A (T, N, H, W) sequence file must have the model's frame size and enough frames."""
     frames, _, height, width = array.shape
     if (height, width) != (model.height, model.width):
         raise DataError(
             f"{path} has {height}x{width} frames but the model expects {model.height}x{model.width}"
         )
-    if frames < model.sequence_length:
-        raise DataError(
-            f"{path} has {frames} frames per sequence, fewer than past_length + future_length "
-            f"= {model.sequence_length}"
-        )
+    if frames < frames_needed:
+        raise DataError(f"{path} has {frames} frames per sequence, fewer than {needed_for} = {frames_needed}")
+
+
+def load_test_set(model: ModelConfig, data: DataConfig) -> TestSet:
+    """The validation sequences, checked against the model's frame size and lengths."""
+    path = resolve_test_file(model, data)
+    array = read_sequence_file(path)
+    check_fits_model(path, array, model, model.sequence_length, "past_length + future_length")
     labels_path = path.with_suffix(".labels.npy")
     labels = np.load(labels_path) if labels_path.is_file() else None
     return TestSet(path, array, labels)

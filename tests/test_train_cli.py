@@ -82,7 +82,7 @@ def test_predict_rejects_bad_files_with_one_line(trained_checkpoint, tmp_path, c
     np.save(tmp_path / "short.npy", np.zeros((4, 2, 64, 64), np.uint8))
     np.save(tmp_path / "small.npy", np.zeros((20, 2, 32, 32), np.uint8))
     for arguments, message in (
-        ([checkpoint, str(tmp_path / "short.npy")], "the model reads past_length = 10"),
+        ([checkpoint, str(tmp_path / "short.npy")], "fewer than past_length = 10"),
         ([checkpoint, str(tmp_path / "small.npy")], "32x32 frames"),
         ([str(tmp_path / "nowhere"), str(tmp_path / "short.npy")], "checkpoint not found"),
     ):

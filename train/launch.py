@@ -93,7 +93,7 @@ def storage_path(storage: str) -> str:
     return storage if "://" in storage else str(Path(storage).expanduser().resolve())
 
 
-def _exists(filesystem, path: str) -> bool:
+def path_exists(filesystem, path: str) -> bool:
     import pyarrow.fs
 
     return filesystem.get_file_info(path).type != pyarrow.fs.FileType.NotFound
@@ -113,7 +113,7 @@ def check_run_folder(settings: RunSettings) -> None:
     """A new run must not overwrite an old one; a resume needs something to resume."""
     filesystem, root = storage_filesystem(settings.storage)
     run_path = f"{root}/{settings.name}"
-    started = _exists(filesystem, f"{run_path}/{SNAPSHOT_FILE}")
+    started = path_exists(filesystem, f"{run_path}/{SNAPSHOT_FILE}")
     if started and not settings.resume:
         raise RunFolderError(
             f"run folder {run_path} already exists: pass --resume to continue it, or choose another --name"
@@ -126,7 +126,7 @@ def saved_config(settings: RunSettings) -> ExperimentConfig | None:
     """The config a run was started with (from its config.json), if it has one."""
     filesystem, root = storage_filesystem(settings.storage)
     path = f"{root}/{settings.name}/config.json"
-    if not _exists(filesystem, path):
+    if not path_exists(filesystem, path):
         return None
     return ExperimentConfig.from_dict(json.loads(_read_text(filesystem, path))["config"])
 
@@ -245,7 +245,7 @@ def write_run_folder(
     _write_text(filesystem, f"{run_path}/metrics.csv", history_csv(history))
     for picture in RUN_PICTURES:
         source = f"{checkpoint_path}/{picture}"
-        if _exists(checkpoint_fs, source):
+        if path_exists(checkpoint_fs, source):
             with checkpoint_fs.open_input_stream(source) as reader:
                 data = reader.read()
             with filesystem.open_output_stream(f"{run_path}/{picture}") as writer:

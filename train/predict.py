@@ -22,7 +22,13 @@ import numpy as np
 import torch
 
 from lstm_ae.checkpoint import CheckpointError, load_model
-from lstm_ae.data import DataError, read_sequence_file, sequences_to_tensor, write_sequence_file
+from lstm_ae.data import (
+    DataError,
+    check_fits_model,
+    read_sequence_file,
+    sequences_to_tensor,
+    write_sequence_file,
+)
 from lstm_ae.engine import autocast
 from lstm_ae.viz import prediction_gif
 from train.cli import OneLineParser, fail
@@ -47,16 +53,9 @@ def predict_file(
 ) -> Path:
     model, config, _ = load_model(resolve_checkpoint(checkpoint), device)
     array = read_sequence_file(input_path)
-    frames, count, height, width = array.shape
+    frames, count = array.shape[:2]
     shape = config.model
-    if (height, width) != (shape.height, shape.width):
-        raise DataError(
-            f"{input_path} has {height}x{width} frames; the model expects {shape.height}x{shape.width}"
-        )
-    if frames < shape.past_length:
-        raise DataError(
-            f"{input_path} has {frames} frames per sequence; the model reads past_length = {shape.past_length}"
-        )
+    check_fits_model(input_path, array, shape, shape.past_length, "past_length")
     steps = steps or shape.future_length
     predictions = []
     with torch.no_grad(), autocast(config.training.precision, torch.device(device)):

@@ -35,7 +35,7 @@ class Session(Protocol):
 
 
 @contextlib.contextmanager
-def _checkpoint_folder(checkpoint) -> Iterator[str | None]:
+def checkpoint_folder(checkpoint) -> Iterator[str | None]:
     if checkpoint is None:
         yield None
         return
@@ -67,7 +67,7 @@ class RayTrainSession:
     def latest_checkpoint(self):
         import ray.train
 
-        return _checkpoint_folder(ray.train.get_checkpoint())
+        return checkpoint_folder(ray.train.get_checkpoint())
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: str | None, step: int) -> None:
         import ray.train

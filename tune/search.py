@@ -24,7 +24,7 @@ from typing import Any
 
 from lstm_ae.config import ExperimentConfig
 from lstm_ae.metrics import METRIC_MODES
-from train.launch import connect, storage_filesystem, storage_path, with_absolute_paths
+from train.launch import connect, loop_config, storage_filesystem, storage_path, with_absolute_paths
 from tune.space import SearchSpace
 
 STOPPED_BY_SCHEDULER_FILE = "stopped_by_scheduler.txt"
@@ -84,20 +84,18 @@ def trial(sampled: dict[str, Any], base: dict[str, Any], plan: dict[str, Any]) -
     quiet_report_logging()
     config = ExperimentConfig.from_dict(base).replace(**expand_variant(sampled))
     context = ray.tune.get_context()
-    options = {
-        "validation_reports_only": True,
-        "quiet": True,
-        "threads": plan["threads"],
-        **plan.get("hooks", {}),
-    }
-    if plan.get("hooks", {}).get("trial_log"):
-        with open(plan["hooks"]["trial_log"], "a") as log:
+    hooks = plan.get("hooks", {})
+    if hooks.get("trial_log"):
+        with open(hooks["trial_log"], "a") as log:
             log.write(f"{context.get_trial_id()}\n")
-    loop_config = {"config": config.to_dict(), "options": options}
+    # Tune wants its metric in every report and shows its own trial table.
+    worker_config = loop_config(
+        config, plan["threads"], {"validation_reports_only": True, "quiet": True, **hooks}
+    )
     if plan["workers_per_trial"] == 1:
         from tune.session import TuneSession
 
-        train_function(loop_config, TuneSession(plan["use_gpu"]))
+        train_function(worker_config, TuneSession(plan["use_gpu"]))
         return
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -109,7 +107,7 @@ def trial(sampled: dict[str, Any], base: dict[str, Any], plan: dict[str, Any]) -
     resources = {"CPU": plan["cpus_per_worker"], **({"GPU": 1} if plan["use_gpu"] else {})}
     TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=loop_config,
+        train_loop_config=worker_config,
         scaling_config=ray.train.ScalingConfig(
             num_workers=plan["workers_per_trial"], use_gpu=plan["use_gpu"], resources_per_worker=resources
         ),
@@ -229,7 +227,6 @@ def run_search(
     """Run (or resume) the Optuna + ASHA search; returns (ResultGrid, experiment path, plan)."""
     from ray.tune.search.optuna import OptunaSearch
 
-    base = with_absolute_paths(base)
     space.check(base)
 
     def search_setup(tune):
@@ -261,12 +258,12 @@ def run_experiment(
     from ray import tune
 
     from lstm_ae.data import load_test_set
-    from train.launch import _exists
+    from train.launch import path_exists
 
     filesystem, path = experiment_path(settings)
     base = with_absolute_paths(base)
     load_test_set(base.model, base.data)  # fail on bad data before any trial, and build the cache once
-    exists = _exists(filesystem, f"{path}/{SEARCH_FILE}")
+    exists = path_exists(filesystem, f"{path}/{SEARCH_FILE}")
     if exists and not settings.resume:
         raise ExperimentFolderError(
             f"experiment folder {path} already exists: pass --resume to continue it, or choose another --name"

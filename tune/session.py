@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from train.session import _checkpoint_folder
+from train.session import checkpoint_folder
 
 
 class TuneSession:
@@ -25,7 +25,7 @@ class TuneSession:
     def latest_checkpoint(self):
         import ray.tune
 
-        return _checkpoint_folder(ray.tune.get_checkpoint())
+        return checkpoint_folder(ray.tune.get_checkpoint())
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: str | None, step: int) -> None:
         import ray.tune
