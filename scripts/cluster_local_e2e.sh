@@ -22,7 +22,9 @@ step() { printf '\n== %s\n' "$*"; }
 
 step "SSH to 127.0.0.1 as root with a dedicated key"
 if ! command -v sshd >/dev/null || ! command -v rsync >/dev/null; then
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -q openssh-server rsync >/dev/null
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get install -y -q openssh-server rsync >/dev/null 2>&1 ||
+    { apt-get update -q >/dev/null && apt-get install -y -q openssh-server rsync >/dev/null; }
 fi
 mkdir -p ~/.ssh /run/sshd && chmod 700 ~/.ssh
 [ -f ~/.ssh/lstm_ae_local ] || ssh-keygen -q -t ed25519 -N "" -f ~/.ssh/lstm_ae_local
