@@ -56,6 +56,7 @@ VARIANTS: dict[str, Variant] = {
         "reconstructing in reverse order is easier: the first targets are the frames just seen",
     ),
 }
+NEGLIGIBLE = 0.005  # relative difference below which a claim's two variants count as equal
 TABLE_METRICS = (VAL_MSE_FRAME, VAL_BCE_NATS_FRAME, VAL_RECONSTRUCTION_MSE_FRAME, PROBE_ACCURACY)
 PREDICTION_METRICS = (VAL_MSE_FRAME, VAL_BCE_NATS_FRAME)
 
@@ -161,12 +162,13 @@ def _cell(summary, name: str, metric: str) -> str:
     if metric not in summary[name]:
         return ""
     mean, spread, count = summary[name][metric]
-    digits = 3 if metric == PROBE_ACCURACY else 1
+    digits = 3 if metric == PROBE_ACCURACY else 2
     return f"{mean:.{digits}f} ± {spread:.{digits}f} (n={count})"
 
 
 def verdicts(summary) -> list[tuple[Claim, str]]:
-    """For each claim: held / not held (beyond the spread over seeds) / within noise / not measured."""
+    """For each claim: held / not held (beyond the spread over seeds) / within noise / no difference
+    (under 0.5%) / not measured."""
     results = []
     for claim in CLAIMS:
         better, worse = summary[claim.better].get(claim.metric), summary[claim.worse].get(claim.metric)
@@ -175,13 +177,15 @@ def verdicts(summary) -> list[tuple[Claim, str]]:
             continue
         difference = (better[0] - worse[0]) * (1 if claim.higher_is_better else -1)
         noise = math.hypot(better[1], worse[1])
-        if difference > noise and difference > 0:
+        if abs(difference) < NEGLIGIBLE * abs(worse[0]):
+            verdict = "no difference at this scale"
+        elif difference > noise and difference > 0:
             verdict = "held"
         elif -difference > noise and difference < 0:
             verdict = "not held"
         else:
             verdict = "within noise"
-        results.append((claim, f"{verdict} ({better[0]:.3g} vs {worse[0]:.3g})"))
+        results.append((claim, f"{verdict} ({better[0]:.5g} vs {worse[0]:.5g})"))
     return results
 
 
