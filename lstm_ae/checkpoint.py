@@ -79,7 +79,12 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         raise CheckpointError(f"checkpoint not found: {file}")
     try:
         state = torch.load(file, map_location=map_location, weights_only=True)
-    except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, OSError) as error:
+    except pickle.UnpicklingError:
+        raise CheckpointError(
+            f"{file} is not a readable checkpoint: not a torch.save file of tensors and plain values "
+            "(checkpoints are loaded with weights_only=True, which refuses arbitrary objects)"
+        ) from None
+    except (zipfile.BadZipFile, RuntimeError, EOFError, OSError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise CheckpointError(f"{file} is not a readable checkpoint: {first_line}") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:

@@ -298,6 +298,12 @@ def _field_sections() -> dict[str, str]:
 FIELD_SECTIONS = _field_sections()
 
 
+def field_type(name: str) -> type:
+    """The Python type of a config field (int, float, str or bool), from its default."""
+    section = getattr(ExperimentConfig(), _section_of(name))
+    return type(getattr(section, name))
+
+
 def _section_of(name: str) -> str:
     try:
         return FIELD_SECTIONS[name]
@@ -430,13 +436,18 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
             default = getattr(getattr(defaults, section), f.name)
             kind = type(default)
             parse = _parse_bool if kind is bool else kind
+            values = {name: overrides.get(f.name, default) for name, overrides in PRESETS.items()}
+            if len(set(map(repr, values.values()))) == 1:
+                defaults_text = f"{default!r} in every preset"
+            else:
+                defaults_text = "per preset: " + ", ".join(f"{n} {v!r}" for n, v in values.items())
             group.add_argument(
                 "--" + f.name.replace("_", "-"),
                 dest=f.name,
                 type=parse,
                 default=None,
                 metavar=kind.__name__.upper(),
-                help=f"{FIELD_HELP.get(f.name, f.name)} (default {default!r}, or the preset's)",
+                help=f"{FIELD_HELP.get(f.name, f.name)} ({defaults_text})",
             )
 
 

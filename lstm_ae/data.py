@@ -1,6 +1,6 @@
 """Moving MNIST: the bouncing-digits generator, digit sources, and sequence files.
 
-Conventions (see DESIGN.md):
+Conventions (also in the README, "The model, the data and the metrics"):
 - At the library boundary sequences are (B, T, C, H, W) float32 in [0, 1]. Frames 0..past-1
   are the past (encoder input), the next `future_length` frames the future.
 - The standard file `mnist_test_seq.npy` is time-major (T, N, H, W) uint8. `read_sequence_file`
@@ -262,6 +262,9 @@ def read_sequence_file(path: str | os.PathLike) -> np.ndarray:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"sequence file not found: {path}")
+    with open(path, "rb") as file:
+        if file.read(6) != b"\x93NUMPY":
+            raise DataError(f"{path} is not a .npy file (no NumPy header; save arrays with numpy.save)")
     try:
         array = np.load(path, mmap_mode="r", allow_pickle=False)
     except (ValueError, OSError, EOFError) as error:
@@ -278,7 +281,7 @@ def read_sequence_file(path: str | os.PathLike) -> np.ndarray:
 
 def sequences_to_tensor(array: np.ndarray, indices: slice | np.ndarray = slice(None)) -> Tensor:
     """Standard-layout (T, N, H, W) uint8 -> (B, T, 1, H, W) float in [0, 1] for the chosen sequences."""
-    selected = np.ascontiguousarray(array[:, indices].swapaxes(0, 1))  # (B, T, H, W)
+    selected = np.array(array[:, indices].swapaxes(0, 1), order="C")  # (B, T, H, W), a writable copy
     return to_unit_float(torch.from_numpy(selected))
 
 

@@ -74,7 +74,7 @@ EVALUATION_METRICS = (
     BASELINE_ZEROS_MSE_FRAME,
 )
 
-# Reference figures (see DESIGN.md) for results tables.
+# Reference figures for results tables (README, "The model, the data and the metrics").
 PAPER_COMPOSITE_CONDITIONAL_BCE_NATS_FRAME = 341.2
 
 BCE_EPSILON = 1e-7

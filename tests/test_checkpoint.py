@@ -96,8 +96,9 @@ def test_corrupt_foreign_and_missing_checkpoints_give_one_line_errors(tmp_path):
     with pytest.raises(CheckpointError, match="not an lstm_ae checkpoint"):
         load_checkpoint(tmp_path / "foreign.pt")
     torch.save({"format": checkpoints.FORMAT, "code": os.system}, tmp_path / "pickled.pt")
-    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
+    with pytest.raises(CheckpointError, match="not a readable checkpoint") as error:
         load_checkpoint(tmp_path / "pickled.pt")  # weights_only refuses arbitrary objects
+    assert "weights_only=True" in str(error.value) and "\n" not in str(error.value)
 
 
 def test_a_checkpoint_of_another_shape_does_not_load_silently(tmp_path):

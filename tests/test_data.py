@@ -188,8 +188,12 @@ def test_missing_unreadable_and_short_files_name_the_problem(tmp_path):
     with pytest.raises(DataError, match="not found"):
         read_sequence_file(tmp_path / "missing.npy")
     (tmp_path / "text.npy").write_text("hello")
-    with pytest.raises(DataError, match="not a readable"):
+    with pytest.raises(DataError, match=r"text.npy is not a .npy file \(no NumPy header"):
         read_sequence_file(tmp_path / "text.npy")
+    np.save(tmp_path / "truncated.npy", np.zeros((20, 2, 64, 64), np.uint8))
+    (tmp_path / "truncated.npy").write_bytes((tmp_path / "truncated.npy").read_bytes()[:200])
+    with pytest.raises(DataError, match="not a readable"):
+        read_sequence_file(tmp_path / "truncated.npy")
     np.save(tmp_path / "short.npy", np.zeros((15, 2, 64, 64), np.uint8))
     with pytest.raises(DataError, match="fewer than past_length"):
         load_test_set(ModelConfig(), DataConfig(test_file=str(tmp_path / "short.npy")))

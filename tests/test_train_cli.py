@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
+from lstm_ae.checkpoint import CheckpointError
 from lstm_ae.config import preset
 from train.predict import main as predict_main
+from train.predict import resolve_checkpoint
 from train.session import LocalSession
 from train.worker import train_function
 
@@ -29,6 +34,8 @@ def run_train(*arguments: str, cwd=None) -> subprocess.CompletedProcess:
         (["--hidden-size", "many"], "argument --hidden-size: invalid int value: 'many'"),
         (["--preset", "smoke", "--num-workers", "3"], "batch_size 4 must split evenly over 3 workers"),
         (["--resume"], "--resume needs the --name"),
+        (["--cpus-per-worker", "0"], "--cpus-per-worker must be positive, got 0.0"),
+        (["--max-failures", "-2"], "--max-failures must be 0 or more"),
     ],
 )
 def test_bad_input_exits_2_with_one_line_naming_it(arguments, message):
@@ -50,6 +57,20 @@ def test_run_folder_conflicts_are_refused_before_ray_starts(tmp_path):
     )
     assert completed.returncode == 2 and "sequence file not found" in completed.stderr
     assert "Ray" not in completed.stdout + completed.stderr
+
+
+def test_resume_keeps_the_model_of_the_saved_run(tmp_path):
+    config = preset("smoke")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text(json.dumps({"config": config.to_dict()}))
+    common = ("--output-dir", str(tmp_path), "--name", "run", "--resume")
+    completed = run_train(*common, "--hidden-size", "64")
+    assert completed.returncode == 2 and completed.stderr.count("\n") == 1
+    assert "--hidden-size 64 differs from the resumed run's hidden_size 32" in completed.stderr
+    (tmp_path / "run" / "config.json").write_text("{not json")
+    completed = run_train(*common)
+    assert completed.returncode == 2 and "config.json is not a readable run config" in completed.stderr
+    assert "Traceback" not in completed.stderr
 
 
 @pytest.fixture(scope="module")
@@ -81,12 +102,34 @@ def test_predict_rejects_bad_files_with_one_line(trained_checkpoint, tmp_path, c
     checkpoint, _ = trained_checkpoint
     np.save(tmp_path / "short.npy", np.zeros((4, 2, 64, 64), np.uint8))
     np.save(tmp_path / "small.npy", np.zeros((20, 2, 32, 32), np.uint8))
+    np.save(tmp_path / "empty.npy", np.zeros((20, 0, 64, 64), np.uint8))
     for arguments, message in (
         ([checkpoint, str(tmp_path / "short.npy")], "fewer than past_length = 10"),
         ([checkpoint, str(tmp_path / "small.npy")], "32x32 frames"),
         ([str(tmp_path / "nowhere"), str(tmp_path / "short.npy")], "checkpoint not found"),
+        ([checkpoint, str(tmp_path / "empty.npy")], "holds no sequences"),
+        ([checkpoint, str(tmp_path / "short.npy"), "--batch-size", "0"], "--batch-size must be at least 1"),
+        ([checkpoint, str(tmp_path / "short.npy"), "--device", "tpu"], "--device must be cpu or cuda"),
     ):
         with pytest.raises(SystemExit) as exit_info:
             predict_main([*arguments, "--output", str(tmp_path / "out")])
         assert exit_info.value.code == 2
         assert message in capsys.readouterr().err
+
+
+def test_a_copied_run_folder_predicts_from_its_own_checkpoint(trained_checkpoint, tmp_path, capsys):
+    """result.json records the original path; a copy (say from `aws s3 sync`) finds its own."""
+    checkpoint, _ = trained_checkpoint
+    copy = tmp_path / "copied-run"
+    shutil.copytree(checkpoint, copy / Path(checkpoint).name)
+    gone = f"/gone/elsewhere/{Path(checkpoint).name}"
+    (copy / "result.json").write_text(json.dumps({"best_checkpoint": gone, "final_checkpoint": gone}))
+    assert resolve_checkpoint(copy) == copy / Path(checkpoint).name
+    np.save(tmp_path / "mine.npy", np.zeros((10, 1, 64, 64), np.uint8))
+    assert predict_main([str(copy), str(tmp_path / "mine.npy"), "--output", str(tmp_path / "out")]) == 0
+    shutil.rmtree(copy / Path(checkpoint).name)
+    with pytest.raises(CheckpointError, match="neither at that path nor inside"):
+        resolve_checkpoint(copy)
+    (copy / "result.json").write_text("[]")
+    with pytest.raises(CheckpointError, match="names no checkpoint"):
+        resolve_checkpoint(copy)

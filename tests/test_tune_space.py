@@ -50,6 +50,8 @@ def test_yaml_space_parses_every_distribution(tmp_path):
         ({"learning_rate": {"loguniform": [0.0, 1.0]}}, "positive low bound"),
         ({"learning_rate": {"uniform": [0.1, 0.01]}}, "low must be below high"),
         ({"num_layers": {"int": [1.5, 3]}}, "integer bounds"),
+        ({"hidden_size": {"uniform": [128, 1024]}}, "hidden_size: takes whole numbers"),
+        ({"batch_size": {"loguniform": [8, 64]}}, r"use \{int: \[low, high\]\}"),
         ({"learning_rate": 0.1}, "expected one of"),
         ([1, 2], "must be a mapping"),
     ],
@@ -89,6 +91,7 @@ def run_tune(*arguments: str) -> subprocess.CompletedProcess:
             "reconstruction_weight must be in [0, 1], got 2.0",
         ),
         ("learning_rate: [1, 2\n", "is not valid YAML"),
+        ("num_layers: {int: [1, 2]}\nlearning_rate: {uniform: [1, 2}\n", "not valid YAML at line 2"),
         ("dropouts: {uniform: [0, 0.5]}\n", "unknown config field 'dropouts'"),
     ],
 )
@@ -100,11 +103,14 @@ def test_bad_space_files_exit_2_with_one_line(tmp_path, content, message):
 
 
 def test_bad_flags_exit_2_with_one_line(tmp_path):
+    (tmp_path / "binary.yaml").write_bytes(b"\xff\xfe\x00binary")
     for arguments, message in (
         (["--num-samples", "0"], "--num-samples must be at least 1"),
         (["--space", str(tmp_path / "missing.yaml")], "search space file not found"),
         (["--resume"], "--resume needs the --name"),
         (["--learning-rate", "-1"], "learning_rate must be a positive number"),
+        (["--cpus-per-worker", "0"], "--cpus-per-worker must be positive"),
+        (["--space", str(tmp_path / "binary.yaml")], "binary.yaml is not a text (UTF-8) file"),
     ):
         completed = run_tune("--preset", "smoke", *arguments)
         assert completed.returncode == 2 and message in completed.stderr, completed.stderr

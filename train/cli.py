@@ -57,7 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--name", default=None, help="run name (default lstm-ae-<preset>-<time>)")
     parser.add_argument("--resume", action="store_true", help="continue the run --name under --output-dir")
     parser.add_argument(
-        "--max-failures", type=int, default=1, help="worker-group restarts from the latest checkpoint"
+        "--max-failures",
+        type=int,
+        default=1,
+        help="worker-group restarts from the latest checkpoint (-1: no limit)",
     )
     add_config_arguments(parser)
     return parser
@@ -77,13 +80,31 @@ def add_scaling_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def check_scaling_arguments(arguments: argparse.Namespace) -> None:
+    """The flags of add_scaling_arguments that argparse's types alone do not check."""
+    if arguments.cpus_per_worker is not None and not arguments.cpus_per_worker > 0:
+        raise ConfigError(f"--cpus-per-worker must be positive, got {arguments.cpus_per_worker}")
+
+
 def resolve_config(arguments: argparse.Namespace, saved: ExperimentConfig | None) -> ExperimentConfig:
-    """The preset with flags applied; a resumed run starts from its saved config instead."""
+    """The preset with flags applied; a resumed run starts from its saved config instead.
+
+    On resume the model's shape is fixed by its checkpoint: a model flag that differs from
+    the saved config is an error. Data, optimizer and training flags (say a larger
+    --max-steps) apply on top of the saved config.
+    """
     if saved is None:
         return config_from_arguments(arguments, arguments.preset)
     overrides = {
         name: getattr(arguments, name) for name in FIELD_SECTIONS if getattr(arguments, name) is not None
     }
+    saved_values = saved.flat()
+    for name, value in overrides.items():
+        if FIELD_SECTIONS[name] == "model" and value != saved_values[name]:
+            raise ConfigError(
+                f"--{name.replace('_', '-')} {value} differs from the resumed run's {name} "
+                f"{saved_values[name]}: a resumed run keeps its model (start a new --name instead)"
+            )
     return saved.replace(**overrides)
 
 
@@ -120,14 +141,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if arguments.resume and arguments.name is None:
             raise ConfigError("--resume needs the --name of the run to continue")
+        if arguments.max_failures < -1:
+            raise ConfigError(
+                f"--max-failures must be 0 or more (-1: retry forever), got {arguments.max_failures}"
+            )
+        check_scaling_arguments(arguments)
         config = resolve_config(arguments, saved_config(settings) if arguments.resume else None)
         check_split(config, arguments.num_workers)
         scaling = Scaling(arguments.num_workers, arguments.use_gpu, arguments.cpus_per_worker)
     except (ConfigError, ValueError) as error:
         fail(str(error))
-    print(
-        f"run {name}: preset {arguments.preset}, {arguments.num_workers} worker(s), output {arguments.output_dir}"
-    )
+    origin = "resumed from its saved config" if arguments.resume else f"preset {arguments.preset}"
+    print(f"run {name}: {origin}, {arguments.num_workers} worker(s), output {arguments.output_dir}")
     try:
         summary = run_training(config, scaling, settings)
     except (RunFolderError, DataError, ConfigError) as error:

@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from lstm_ae.config import ExperimentConfig
+from lstm_ae.config import ConfigError, ExperimentConfig
 from lstm_ae.data import STANDARD_FILE, load_test_set
 from lstm_ae.metrics import METRIC_MODES, UNITS
 from lstm_ae.viz import RUN_PICTURES
@@ -128,7 +128,10 @@ def saved_config(settings: RunSettings) -> ExperimentConfig | None:
     path = f"{root}/{settings.name}/config.json"
     if not path_exists(filesystem, path):
         return None
-    return ExperimentConfig.from_dict(json.loads(_read_text(filesystem, path))["config"])
+    try:
+        return ExperimentConfig.from_dict(json.loads(_read_text(filesystem, path))["config"])
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
+        raise ConfigError(f"{path} is not a readable run config: {error}") from None
 
 
 # ------------------------------------------------------------------------------- launching

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Sequence
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 import torch
@@ -37,15 +37,38 @@ GIF_SEQUENCES = 4
 
 
 def resolve_checkpoint(path: Path) -> Path:
-    """A run folder means its best checkpoint (from result.json)."""
-    result = path / "result.json"
-    if result.is_file():
-        best = (
-            json.loads(result.read_text()).get("best_checkpoint")
-            or json.loads(result.read_text())["final_checkpoint"]
-        )
-        return Path(best)
-    return path
+    """A run folder means its best checkpoint (from result.json).
+
+    result.json records where the checkpoint was written; a run folder copied elsewhere (say
+    with `aws s3 sync`) finds it by its folder name inside the copy instead.
+    """
+    result_file = path / "result.json"
+    if not result_file.is_file():
+        return path
+    try:
+        result = json.loads(result_file.read_text(encoding="utf-8"))
+        recorded = str(result.get("best_checkpoint") or result["final_checkpoint"])
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise CheckpointError(
+            f"{result_file} names no checkpoint (is it a run folder of python -m train?)"
+        ) from None
+    for candidate in (path / PurePosixPath(recorded.rstrip("/")).name, Path(recorded)):
+        if candidate.exists():
+            return candidate
+    raise CheckpointError(f"the run's checkpoint {recorded} is neither at that path nor inside {path}")
+
+
+def check_device(name: str) -> str:
+    """`cpu`, `cuda` or `cuda:N`, and available here; else ValueError naming the problem."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device must be cpu or cuda, got {name!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: no CUDA GPU is available here (use --device cpu)")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be cpu or cuda, got {name!r}")
+    return name
 
 
 def predict_file(
@@ -54,6 +77,8 @@ def predict_file(
     model, config, _ = load_model(resolve_checkpoint(checkpoint), device)
     array = read_sequence_file(input_path)
     frames, count = array.shape[:2]
+    if count == 0:
+        raise DataError(f"{input_path} holds no sequences (shape {array.shape})")
     shape = config.model
     check_fits_model(input_path, array, shape, shape.past_length, "past_length")
     steps = steps or shape.future_length
@@ -92,6 +117,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     arguments = parser.parse_args(argv)
     if arguments.steps is not None and arguments.steps < 1:
         fail(f"--steps must be at least 1, got {arguments.steps}")
+    if arguments.batch_size < 1:
+        fail(f"--batch-size must be at least 1, got {arguments.batch_size}")
+    if arguments.output.exists() and not arguments.output.is_dir():
+        fail(f"--output {arguments.output} is a file; give a folder")
+    try:
+        check_device(arguments.device)
+    except ValueError as error:
+        fail(str(error))
     try:
         output = predict_file(
             arguments.checkpoint,

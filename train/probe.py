@@ -21,7 +21,7 @@ from lstm_ae.checkpoint import CheckpointError, load_model
 from lstm_ae.data import DataError
 from lstm_ae.probe import probe, probe_with_baseline
 from train.cli import OneLineParser, fail
-from train.predict import resolve_checkpoint
+from train.predict import check_device, resolve_checkpoint
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -40,6 +40,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     arguments = parser.parse_args(argv)
     if arguments.sequences < 10:
         fail(f"--sequences must be at least 10, got {arguments.sequences}")
+    try:
+        check_device(arguments.device)
+    except ValueError as error:
+        fail(str(error))
     try:
         model, config, _ = load_model(resolve_checkpoint(arguments.checkpoint), arguments.device)
         if arguments.cache_dir:

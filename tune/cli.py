@@ -21,7 +21,7 @@ from pathlib import Path
 
 from lstm_ae.config import DEFAULT_PRESET, PRESETS, ConfigError, add_config_arguments, config_from_arguments
 from lstm_ae.data import DataError
-from train.cli import OneLineParser, fail, root_cause
+from train.cli import OneLineParser, check_scaling_arguments, fail, root_cause
 from tune.space import SpaceError, default_space, load_space
 
 
@@ -100,6 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if arguments.resume and arguments.name is None:
             raise ConfigError("--resume needs the --name of the experiment to continue")
         check_positive(arguments)
+        check_scaling_arguments(arguments)
         base = config_from_arguments(arguments, arguments.preset)
         if base.training.batch_size % (
             arguments.num_workers_per_trial * base.training.grad_accumulation_steps

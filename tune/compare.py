@@ -4,7 +4,7 @@
     python -m tune.compare runs/search-a runs/search-b runs/my-run --metric val_bce_nats_frame
 
 A PATH is a train run folder (it holds result.json), a tune experiment folder (results.csv),
-or a folder of such folders. Every trial and run becomes a row with its config, metrics,
+an ablation grid (ablations.csv), or a folder of such folders. Every trial and run becomes a row with its config, metrics,
 steps, wall time, status and checkpoint; reference rows are added and marked as such: the
 paper's composite model (341.2 BCE nats per frame on the standard test file) and the
 trivial baselines (all-zeros, copy-last-frame) as measured on each validation set the runs
@@ -37,6 +37,10 @@ CONFIG_COLUMNS = ("hidden_size", "num_layers", "learning_rate", "reconstruction_
 REFERENCE = "reference"
 
 
+class CompareError(ValueError):
+    """A path that holds no readable run or experiment; the message names it."""
+
+
 def _number(text: Any) -> Any:
     if not isinstance(text, str):
         return text
@@ -49,10 +53,25 @@ def _number(text: Any) -> Any:
     return int(value) if value.is_integer() and "." not in text and "e" not in text.lower() else value
 
 
+def _read_json(path: Path) -> dict[str, Any]:
+    value = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(value, dict):
+        raise ValueError(f"expected a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _final(record: dict[str, Any], name: str) -> Any:
+    """A trial's last reported value of a metric (results.csv names the searched one final_*)."""
+    value = record.get(name)
+    return value if value is not None else record.get(f"final_{name}")
+
+
 def train_run_rows(folder: Path, metric: str) -> list[dict[str, Any]]:
-    result = json.loads((folder / "result.json").read_text())
+    result = _read_json(folder / "result.json")
+    if not isinstance(result.get("config"), dict):
+        raise ValueError("no 'config' section")
     config = {name: value for section in result["config"].values() for name, value in section.items()}
-    final = result.get("final_metrics", {})
+    final = result.get("final_metrics") or {}
     value = result.get("best_metric") if result.get("metric") == metric else final.get(metric)
     row = {
         "source": folder.name,
@@ -66,7 +85,7 @@ def train_run_rows(folder: Path, metric: str) -> list[dict[str, Any]]:
         PROBE_ACCURACY: final.get(PROBE_ACCURACY),
         "steps": result.get("steps"),
         "sequences_seen": result.get("sequences_seen"),
-        "wall_seconds": round(float(result.get("wall_seconds", 0.0)), 1),
+        "wall_seconds": _rounded(result.get("wall_seconds")),
         "workers": result.get("num_workers"),
         "checkpoint": result.get("best_checkpoint") or result.get("final_checkpoint"),
         "_baselines": (final.get(BASELINE_ZEROS_MSE_FRAME), final.get(BASELINE_COPY_LAST_MSE_FRAME)),
@@ -76,14 +95,15 @@ def train_run_rows(folder: Path, metric: str) -> list[dict[str, Any]]:
 
 
 def experiment_rows(folder: Path, metric: str) -> list[dict[str, Any]]:
-    search = json.loads((folder / "search.json").read_text()) if (folder / "search.json").exists() else {}
+    search = _read_json(folder / "search.json") if (folder / "search.json").exists() else {}
     base = {name: value for section in search.get("base", {}).values() for name, value in section.items()}
     workers = search.get("settings", {}).get("workers_per_trial")
     rows = []
-    with open(folder / "results.csv") as file:
+    with open(folder / "results.csv", encoding="utf-8") as file:
         for record in csv.DictReader(file):
             record = {key: _number(value) for key, value in record.items()}
-            value = record.get(f"best_{metric}", record.get(metric))
+            best = record.get(f"best_{metric}")
+            value = best if best is not None else _final(record, metric)
             rows.append(
                 {
                     "source": folder.name,
@@ -92,9 +112,11 @@ def experiment_rows(folder: Path, metric: str) -> list[dict[str, Any]]:
                     "status": record.get("status"),
                     **{name: record.get(name, base.get(name)) for name in CONFIG_COLUMNS},
                     metric: value,
-                    VAL_BCE_NATS_FRAME: record.get(
-                        VAL_BCE_NATS_FRAME, record.get(f"best_{VAL_BCE_NATS_FRAME}")
-                    ),
+                    VAL_BCE_NATS_FRAME: value
+                    if metric == VAL_BCE_NATS_FRAME
+                    else _final(record, VAL_BCE_NATS_FRAME),
+                    VAL_MSE_FRAME: value if metric == VAL_MSE_FRAME else _final(record, VAL_MSE_FRAME),
+                    PROBE_ACCURACY: value if metric == PROBE_ACCURACY else _final(record, PROBE_ACCURACY),
                     "steps": record.get("steps"),
                     "sequences_seen": record.get("sequences_seen"),
                     "wall_seconds": record.get("wall_seconds"),
@@ -108,6 +130,53 @@ def experiment_rows(folder: Path, metric: str) -> list[dict[str, Any]]:
                 }
             )
     return rows
+
+
+def ablation_rows(folder: Path, metric: str) -> list[dict[str, Any]]:
+    """One row per trial of an ablation grid (ablations.csv): the variant's config on the base."""
+    from tune.ablations import VARIANTS
+
+    search = _read_json(folder / "search.json") if (folder / "search.json").exists() else {}
+    base = {name: value for section in search.get("base", {}).values() for name, value in section.items()}
+    rows = []
+    with open(folder / "ablations.csv", encoding="utf-8") as file:
+        for record in csv.DictReader(file):
+            record = {key: _number(value) for key, value in record.items()}
+            variant = VARIANTS.get(record.get("variant"))
+            config = {**base, **(variant.overrides if variant else {})}
+
+            def measured(name: str, record=record, variant=variant) -> Any:
+                """Blank for the prediction metrics of a variant that does not train prediction."""
+                untrained = variant is not None and not variant.trains_prediction
+                return None if untrained and name in (VAL_MSE_FRAME, VAL_BCE_NATS_FRAME) else record.get(name)
+
+            rows.append(
+                {
+                    "source": folder.name,
+                    "kind": "ablation trial",
+                    "trial": f"{record.get('variant')} seed {record.get('seed')}",
+                    "status": "errored" if record.get("error") else "completed",
+                    **{name: config.get(name) for name in CONFIG_COLUMNS},
+                    **{
+                        name: measured(name)
+                        for name in (metric, VAL_BCE_NATS_FRAME, VAL_MSE_FRAME, PROBE_ACCURACY)
+                    },
+                    "steps": record.get("step"),
+                    "sequences_seen": _product(record.get("step"), base.get("batch_size")),
+                    "workers": search.get("settings", {}).get("workers_per_trial"),
+                    "_baselines": (None, None),
+                    "_test_set": _test_set_description(search.get("base", {}).get("data", {})),
+                }
+            )
+    return rows
+
+
+def _rounded(seconds: Any) -> float | None:
+    return round(float(seconds), 1) if isinstance(seconds, (int, float)) else None
+
+
+def _product(left: Any, right: Any) -> Any:
+    return left * right if isinstance(left, int) and isinstance(right, int) else None
 
 
 def _test_set_description(data: dict[str, Any]) -> str:
@@ -126,14 +195,22 @@ def collect(paths: Sequence[Path], metric: str) -> list[dict[str, Any]]:
         found = False
         for folder in candidates:
             kind = _kind(folder)
-            if kind == "train run":
-                rows += train_run_rows(folder, metric)
-            elif kind == "tune experiment":
-                rows += experiment_rows(folder, metric)
-            found = found or kind is not None
+            read = {
+                "train run": train_run_rows,
+                "tune experiment": experiment_rows,
+                "ablation grid": ablation_rows,
+            }.get(kind)
+            if read is None:
+                continue
+            try:
+                rows += read(folder, metric)
+            except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+                raise CompareError(f"{folder}: not a readable {kind}: {error}") from None
+            found = True
         if not found:
             raise FileNotFoundError(
-                f"{path} holds no train run (result.json) or tune experiment (results.csv)"
+                f"{path} holds no train run (result.json), tune experiment (results.csv) "
+                "or ablation grid (ablations.csv)"
             )
     return rows
 
@@ -143,6 +220,8 @@ def _kind(folder: Path) -> str | None:
         return "train run"
     if (folder / "results.csv").is_file():
         return "tune experiment"
+    if (folder / "ablations.csv").is_file():
+        return "ablation grid"
     return None
 
 
@@ -210,8 +289,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     arguments = parser.parse_args(argv)
     try:
         rows = comparison_table(arguments.paths, arguments.metric)
-    except (FileNotFoundError, KeyError, json.JSONDecodeError) as error:
-        fail(str(error).strip("'\""))
+    except (FileNotFoundError, CompareError) as error:
+        fail(str(error))
     columns = ["best", "source", "kind", "trial", "status", *CONFIG_COLUMNS, arguments.metric]
     if arguments.metric != VAL_BCE_NATS_FRAME:
         columns.append(VAL_BCE_NATS_FRAME)

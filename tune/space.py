@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lstm_ae.config import FIELD_SECTIONS, ConfigError, ExperimentConfig
+from lstm_ae.config import FIELD_SECTIONS, ConfigError, ExperimentConfig, field_type
 
 KINDS = ("choice", "int", "uniform", "loguniform")
 
@@ -136,6 +136,11 @@ def parse_space(entries: Any, source: str = "search space") -> SearchSpace:
                 raise SpaceError(f"{source} {name}: loguniform needs a positive low bound, got {low}")
             if kind == "int" and not all(float(v).is_integer() for v in values):
                 raise SpaceError(f"{source} {name}: int needs integer bounds, got {values!r}")
+            if kind != "int" and field_type(name) is int:
+                raise SpaceError(
+                    f"{source} {name}: takes whole numbers, so {kind} would sample fractions: "
+                    f"use {{int: [low, high]}} or {{choice: [...]}}"
+                )
         dimensions.append(Dimension(name, kind, tuple(values)))
     return SearchSpace(tuple(dimensions))
 
@@ -147,7 +152,12 @@ def load_space(path: str | Path) -> SearchSpace:
     if not path.is_file():
         raise SpaceError(f"search space file not found: {path}")
     try:
-        entries = yaml.safe_load(path.read_text())
+        entries = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise SpaceError(f"{path} is not a text (UTF-8) file") from None
     except yaml.YAMLError as error:
-        raise SpaceError(f"{path} is not valid YAML: {str(error).splitlines()[0]}") from None
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise SpaceError(f"{path} is not valid YAML{where}: {problem}") from None
     return parse_space(entries, source=str(path))
