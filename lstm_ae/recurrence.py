@@ -34,6 +34,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 ALL = slice(None)
 
@@ -46,26 +47,40 @@ def matmul_dtype_for(reference: Tensor) -> torch.dtype:
     return reference.dtype
 
 
+_optimizer_steps = [0]  # optimizer steps taken in this process, by any optimizer
+
+
+def _count_optimizer_step(optimizer, args, kwargs) -> None:
+    _optimizer_steps[0] += 1
+
+
+# Fused optimizers (the suite's AdamW) update parameters without moving their version
+# counters, so a step is counted here, for every optimizer, as well.
+register_optimizer_step_post_hook(_count_optimizer_step)
+
+
 def matmul_copy(parameter: Tensor, dtype: torch.dtype) -> Tensor:
     """`parameter` cast to `dtype`, kept between calls until the parameter changes.
 
     The copy lives on the parameter object and is refreshed (in place, no new allocation)
-    when the parameter's version counter has moved, i.e. after an optimizer step or a
-    state-dict load. In-place updates that bypass the version counter (writes through
-    `.data`) must call `parameter._matmul_copy = None`.
+    after any optimizer step (counted by a global optimizer hook: fused optimizers leave the
+    version counter alone) and whenever the parameter's version counter has moved (a
+    state-dict load, other in-place writes). Writes that bypass both (through `.data`) must
+    call `parameter._matmul_copy = None`.
     """
     if parameter.dtype == dtype:
         return parameter
+    key = (parameter._version, _optimizer_steps[0])
     cached = getattr(parameter, "_matmul_copy", None)
     if cached is not None and cached[1].dtype == dtype and cached[1].device == parameter.device:
-        version, copy = cached
-        if version == parameter._version:
+        cached_key, copy = cached
+        if cached_key == key:
             return copy
     else:
         copy = torch.empty_like(parameter, dtype=dtype)
     with torch.no_grad():
         copy.copy_(parameter)
-    parameter._matmul_copy = (parameter._version, copy)
+    parameter._matmul_copy = (key, copy)
     return copy
 
 

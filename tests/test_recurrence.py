@@ -9,9 +9,10 @@ import torch
 from torch.autograd import gradcheck
 
 from benchmarks.reference_model import NaiveCompositeLSTM, gradients_like_model
-from lstm_ae.config import ModelConfig
+from lstm_ae.config import ModelConfig, OptimConfig
+from lstm_ae.engine import make_optimizer, make_scheduler, train_step
 from lstm_ae.model import CompositeLSTMAutoencoder
-from lstm_ae.recurrence import DecoderWeights, free_running_decoder, lstm_layer
+from lstm_ae.recurrence import DecoderWeights, free_running_decoder, lstm_layer, matmul_copy
 
 DOUBLE = dict(dtype=torch.float64, requires_grad=True)
 
@@ -173,6 +174,46 @@ def test_cached_bf16_weights_follow_optimizer_steps_and_loads():
         assert torch.equal(model.predict(frames[:, :3]), fresh.predict(frames[:, :3]))
         model.load_state_dict(tiny_model().state_dict())  # in-place copy: the cache must follow
         assert not torch.equal(model.predict(frames[:, :3]), fresh.predict(frames[:, :3]))
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_cached_bf16_weights_are_the_current_weights_after_every_optimizer_step(fused):
+    """Fused AdamW (the suite's optimizer) updates weights without moving their version counters."""
+    model = tiny_model()
+    frames = torch.rand(2, 6, 1, 8, 8)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1, fused=fused)
+    for _ in range(3):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            output = model(frames[:, :3], frames[:, 3:])
+        output.loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        cached = {name: p for name, p in model.named_parameters() if hasattr(p, "_matmul_copy")}
+        assert {"encoder.weight_ih_l0", "decoders.weight_hh_l0"} <= set(cached)
+        for name, parameter in cached.items():
+            assert torch.equal(matmul_copy(parameter, torch.bfloat16), parameter.detach().bfloat16()), name
+
+
+def test_bf16_training_with_the_suites_optimizer_follows_fp32_training():
+    config = ModelConfig(hidden_size=16, height=16, width=16, past_length=4, future_length=4)
+    frames = torch.rand(8, 8, 1, 16, 16).round()
+    losses = {}
+    for precision in ("fp32", "bf16"):
+        torch.manual_seed(0)
+        model = CompositeLSTMAutoencoder(config)
+        optimizer = make_optimizer(model, OptimConfig(learning_rate=1e-2), torch.device("cpu"))
+        scheduler = make_scheduler(optimizer, OptimConfig(learning_rate=1e-2, warmup_steps=0), 60)
+        for step in range(60):
+            result = train_step(model, optimizer, scheduler, [frames], config, precision, 1000.0, step)
+        losses[precision] = result.loss
+    assert losses["fp32"] < 0.8 * first_loss(config, frames)  # it learned
+    assert losses["bf16"] == pytest.approx(losses["fp32"], rel=0.05)
+
+
+def first_loss(config: ModelConfig, frames: torch.Tensor) -> float:
+    torch.manual_seed(0)
+    with torch.no_grad():
+        return CompositeLSTMAutoencoder(config)(frames[:, :4], frames[:, 4:]).loss.item()
 
 
 def test_reused_gradient_buffers_never_alias_live_gradients():

@@ -170,10 +170,10 @@ def train_function(loop_config: dict[str, Any], session: Session) -> TrainingSta
         log_now = evaluate_now or state.step % training.log_every == 0
         if not log_now:
             continue
-        row = interval.row(state, training.max_steps, _all_reduce_mean(interval.losses(), world_size))
+        row = interval.row(state, training.max_steps, _all_reduce_mean(interval.losses(), world_size, device))
         if evaluate_now:
             evaluation_start = time.perf_counter()
-            row.update(_validate(model, test_set, config, rank, world_size))
+            row.update(_validate(model, test_set, config, rank, world_size, device))
             _update_early_stopping(state, row, training.metric, training.patience)
             state.elapsed_seconds += time.perf_counter() - evaluation_start
             if state.stopped_early:
@@ -242,20 +242,25 @@ class _Interval:
         }
 
 
-def _all_reduce_mean(values: list[float], world_size: int) -> list[float]:
+# Collectives run on the workers' device: NCCL (GPU workers) has no CPU tensors.
+
+
+def _all_reduce_mean(values: list[float], world_size: int, device: torch.device) -> list[float]:
     if world_size == 1 or not dist.is_initialized():
         return values
-    tensor = torch.tensor(values, dtype=torch.float64)
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(tensor)
     return (tensor / world_size).tolist()
 
 
-def _validate(model, test_set, config: ExperimentConfig, rank: int, world_size: int) -> dict[str, float]:
+def _validate(
+    model, test_set, config: ExperimentConfig, rank: int, world_size: int, device: torch.device
+) -> dict[str, float]:
     """All validation metrics; with several workers each evaluates a shard, then sums are combined."""
     batches = test_set.batches(max(1, config.training.batch_size // world_size), rank, world_size)
     accumulator = evaluate(model, batches, config.model, config.training.precision)
     if world_size > 1 and dist.is_initialized():
-        totals = accumulator.totals()
+        totals = accumulator.totals().to(device)
         dist.all_reduce(totals)
         accumulator = MetricAccumulator.from_totals(totals)
     return accumulator.means()
@@ -317,6 +322,7 @@ def _replica_checksums(model: torch.nn.Module, world_size: int) -> list[list[flo
     local = torch.tensor(
         [sum(float(p.sum()) for p in parameters), sum(float((p * p).sum()) for p in parameters)],
         dtype=torch.float64,
+        device=parameters[0].device,
     )
     gathered = [torch.zeros_like(local) for _ in range(world_size)]
     dist.all_gather(gathered, local)
