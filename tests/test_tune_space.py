@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -52,6 +53,8 @@ def test_yaml_space_parses_every_distribution(tmp_path):
         ({"num_layers": {"int": [1.5, 3]}}, "integer bounds"),
         ({"hidden_size": {"uniform": [128, 1024]}}, "hidden_size: takes whole numbers"),
         ({"batch_size": {"loguniform": [8, 64]}}, r"use \{int: \[low, high\]\}"),
+        ({"max_steps": {"choice": [10, 20]}}, "max_steps: fixed for the whole experiment"),
+        ({"metric": {"choice": ["val_mse_frame"]}}, "set it with --metric instead"),
         ({"learning_rate": 0.1}, "expected one of"),
         ([1, 2], "must be a mapping"),
     ],
@@ -75,6 +78,13 @@ def test_malformed_spaces_name_the_problem(entries, message):
 def test_out_of_range_bounds_are_caught_by_the_config_validation(entries, message):
     with pytest.raises(SpaceError, match=message.replace("[", r"\[").replace("]", r"\]")):
         parse_space(entries).check(preset("smoke"))
+
+
+def test_every_searched_batch_size_must_split_over_the_workers_of_a_trial():
+    space = parse_space({"batch_size": {"choice": [8, 6]}})
+    space.check(preset("smoke"), workers_per_trial=2)
+    with pytest.raises(SpaceError, match="batch_size 6 that does not split over 4 workers"):
+        space.check(preset("smoke"), workers_per_trial=4)
 
 
 def run_tune(*arguments: str) -> subprocess.CompletedProcess:
@@ -149,3 +159,36 @@ def test_help_lists_search_and_config_flags():
     assert completed.returncode == 0
     for flag in ("--num-samples", "--search-seed", "--space", "--hidden-size", "--seed"):
         assert flag in completed.stdout
+
+
+def write_experiment_record(folder, base, space):
+    from dataclasses import asdict
+
+    folder.mkdir(parents=True)
+    record = {"base": base.to_dict(), "space": [asdict(dimension) for dimension in space.dimensions]}
+    (folder / "search.json").write_text(json.dumps(record))
+
+
+def test_a_resumed_search_keeps_its_saved_config_and_space_and_refuses_new_ones(tmp_path):
+    from tune.cli import build_parser, resumed_experiment
+    from tune.search import SearchSettings, saved_experiment
+
+    base = preset("smoke", hidden_size=16, max_steps=9)
+    space = parse_space({"learning_rate": {"loguniform": [1e-3, 1e-2]}})
+    write_experiment_record(tmp_path / "exp", base, space)
+    record = saved_experiment(SearchSettings(name="exp", storage=str(tmp_path)))
+    arguments = build_parser().parse_args(["--name", "exp", "--resume"])  # default preset: cpu
+    resumed_base, resumed_space, _ = resumed_experiment(arguments, record)
+    assert resumed_base == base and resumed_space == space
+    common = ("--output-dir", str(tmp_path), "--name", "exp", "--resume")
+    for arguments, message in (
+        (["--hidden-size", "64"], "continues the experiment with its saved config; drop --hidden-size"),
+        (["--experiment", "ablations"], "experiment 'exp' is search: resume it with --experiment search"),
+        (["--space", str(tmp_path / "other.yaml")], "keeps the experiment's saved search space"),
+    ):
+        completed = run_tune(*common, *arguments)
+        assert completed.returncode == 2 and message in completed.stderr, completed.stderr
+        assert completed.stderr.count("\n") == 1
+    (tmp_path / "exp" / "search.json").write_text("{}")
+    completed = run_tune(*common)
+    assert completed.returncode == 2 and "not a readable experiment record" in completed.stderr

@@ -117,16 +117,24 @@ def run_ablations(base, seeds: int, settings, hooks=None):
     return run_experiment(base, settings, grid_setup, {"experiment": "ablations", "seeds": seeds}, hooks)
 
 
-def final_metrics(results) -> list[dict[str, Any]]:
-    """One record per trial: variant, seed, status and its last reported metrics."""
+def final_metrics(results, max_steps: int) -> list[dict[str, Any]]:
+    """One record per trial: variant, seed, whether it finished, and its last reported metrics.
+
+    A trial finished when it reached max_steps or stopped on its patience; one cut short (time
+    budget, interruption) or errored is listed but left out of the means.
+    """
     records = []
     for result in results:
         metrics = result.metrics or {}
         config = result.config or {}
+        finished = result.error is None and (
+            (metrics.get("step") or 0) >= max_steps or metrics.get("stopped_early") is True
+        )
         records.append(
             {
                 "variant": config.get("variant"),
                 "seed": config.get("seed"),
+                "finished": finished,
                 "error": None if result.error is None else str(result.error).strip().splitlines()[-1][:200],
                 **{name: metrics.get(name) for name in (*TABLE_METRICS, "step", "probe_accuracy_untrained")},
             }
@@ -145,7 +153,9 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, dict[str, tuple[float,
         summary[name] = {}
         for metric in (*TABLE_METRICS, "probe_accuracy_untrained"):
             values = [
-                r[metric] for r in records if r["variant"] == name and not r["error"] and _finite(r[metric])
+                r[metric]
+                for r in records
+                if r["variant"] == name and r.get("finished", True) and not r["error"] and _finite(r[metric])
             ]
             if values:
                 spread = statistics.stdev(values) if len(values) > 1 else 0.0
@@ -168,7 +178,7 @@ def _cell(summary, name: str, metric: str) -> str:
 
 def verdicts(summary) -> list[tuple[Claim, str]]:
     """For each claim: held / not held (beyond the spread over seeds) / within noise / no difference
-    (under 0.5%) / not measured."""
+    (under 0.5%) / one seed (no spread to judge by) / not measured."""
     results = []
     for claim in CLAIMS:
         better, worse = summary[claim.better].get(claim.metric), summary[claim.worse].get(claim.metric)
@@ -179,6 +189,8 @@ def verdicts(summary) -> list[tuple[Claim, str]]:
         noise = math.hypot(better[1], worse[1])
         if abs(difference) < NEGLIGIBLE * abs(worse[0]):
             verdict = "no difference at this scale"
+        elif min(better[2], worse[2]) < 2:
+            verdict = "one seed: no spread to judge by"
         elif difference > noise and difference > 0:
             verdict = "held"
         elif -difference > noise and difference < 0:

@@ -19,7 +19,14 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from lstm_ae.config import DEFAULT_PRESET, PRESETS, ConfigError, add_config_arguments, config_from_arguments
+from lstm_ae.config import (
+    DEFAULT_PRESET,
+    FIELD_SECTIONS,
+    PRESETS,
+    ConfigError,
+    add_config_arguments,
+    config_from_arguments,
+)
 from lstm_ae.data import DataError
 from train.cli import OneLineParser, check_scaling_arguments, fail, root_cause
 from tune.space import SpaceError, default_space, load_space
@@ -52,7 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="trials at once (default: GPUs / workers, or 1 on CPU)",
     )
-    parser.add_argument("--time-budget", type=float, default=None, help="stop starting trials after SECONDS")
+    parser.add_argument(
+        "--time-budget",
+        type=float,
+        default=None,
+        help="stop the experiment after SECONDS, running trials too (their checkpoints stay; --resume starts a new budget)",
+    )
     parser.add_argument("--space", type=Path, default=None, help="search space YAML (see tune/space.py)")
     parser.add_argument("--search-seed", type=int, default=0, help="seed of the TPE sampler")
     parser.add_argument(
@@ -88,20 +100,47 @@ def check_positive(arguments: argparse.Namespace) -> None:
         )
 
 
+def resumed_experiment(arguments: argparse.Namespace, record: dict) -> tuple:
+    """(base, space, seeds) of the experiment being resumed, from its search.json.
+
+    A resumed experiment keeps what it was started with: config flags, --space, a different
+    --experiment or --seeds are refused rather than silently mixed in.
+    """
+    given = [name for name in FIELD_SECTIONS if getattr(arguments, name, None) is not None]
+    if given:
+        flags = ", ".join("--" + name.replace("_", "-") for name in given)
+        raise ConfigError(f"--resume continues the experiment with its saved config; drop {flags}")
+    kind = "search" if "space" in record else "ablations"
+    if arguments.experiment != kind:
+        raise ConfigError(f"experiment {arguments.name!r} is {kind}: resume it with --experiment {kind}")
+    if arguments.space is not None:
+        raise ConfigError("--resume keeps the experiment's saved search space; drop --space")
+    seeds = record.get("seeds", arguments.seeds)
+    return record["base"], record.get("space"), seeds
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     arguments = build_parser().parse_args(argv)
-    from tune.search import ExperimentFolderError, SearchSettings
+    from tune.search import ExperimentFolderError, SearchSettings, saved_experiment
 
     name = (
         arguments.name
         or f"lstm-ae-{arguments.experiment}-{arguments.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
     )
+    record = None
     try:
         if arguments.resume and arguments.name is None:
             raise ConfigError("--resume needs the --name of the experiment to continue")
         check_positive(arguments)
         check_scaling_arguments(arguments)
-        base = config_from_arguments(arguments, arguments.preset)
+        if arguments.resume:
+            locator = SearchSettings(name=name, storage=arguments.output_dir)
+            record = saved_experiment(locator)
+        if record is not None:
+            base, space, arguments.seeds = resumed_experiment(arguments, record)
+        else:
+            base = config_from_arguments(arguments, arguments.preset)
+            space = load_space(arguments.space) if arguments.space else default_space(arguments.preset)
         if base.training.batch_size % (
             arguments.num_workers_per_trial * base.training.grad_accumulation_steps
         ):
@@ -109,9 +148,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"batch_size {base.training.batch_size} must split evenly over "
                 f"{arguments.num_workers_per_trial} workers per trial"
             )
-        space = load_space(arguments.space) if arguments.space else default_space(arguments.preset)
-        space.check(base)
-    except (ConfigError, SpaceError) as error:
+        if space is not None:
+            space.check(base, arguments.num_workers_per_trial)
+    except (ConfigError, SpaceError, ExperimentFolderError) as error:
         fail(str(error))
     settings = SearchSettings(
         name=name,
@@ -176,7 +215,7 @@ def ablations_and_tabulate(base, seeds: int, settings, hooks=None) -> str:
 
     results, _, _ = run_ablations(base, seeds, settings, hooks)
     folder = local_results_folder(settings)
-    markdown = write_ablations(folder, final_metrics(results), seeds)
+    markdown = write_ablations(folder, final_metrics(results, base.training.max_steps), seeds)
     publish(folder, ["ablations.csv", "ablations.md", "ablations.png"], settings)
     return f"\n{markdown}\nresults: {folder / 'ablations.md'} (and ablations.csv, ablations.png)"
 

@@ -25,7 +25,7 @@ from typing import Any
 from lstm_ae.config import ExperimentConfig
 from lstm_ae.metrics import METRIC_MODES
 from train.launch import connect, loop_config, storage_filesystem, storage_path, with_absolute_paths
-from tune.space import SearchSpace
+from tune.space import Dimension, SearchSpace
 
 STOPPED_BY_SCHEDULER_FILE = "stopped_by_scheduler.txt"
 SEARCH_FILE = "search.json"
@@ -215,6 +215,27 @@ def _trainable(base: ExperimentConfig, plan: dict[str, Any]):
     else:
         resources = {"CPU": TRIAL_DRIVER_CPUS}
     return tune.with_resources(tune.with_parameters(trial, base=base.to_dict(), plan=plan), resources)
+
+
+def saved_experiment(settings: SearchSettings) -> dict[str, Any] | None:
+    """The record (search.json) an experiment was started with, or None where there is none."""
+    from train.launch import _read_text, path_exists
+
+    filesystem, path = experiment_path(settings)
+    if not path_exists(filesystem, f"{path}/{SEARCH_FILE}"):
+        return None
+    try:
+        record = json.loads(_read_text(filesystem, f"{path}/{SEARCH_FILE}"))
+        record["base"] = ExperimentConfig.from_dict(record["base"])
+        if "space" in record:
+            record["space"] = SearchSpace(
+                tuple(Dimension(d["name"], d["kind"], tuple(d["values"])) for d in record["space"])
+            )
+    except (ValueError, KeyError, TypeError) as error:
+        raise ExperimentFolderError(
+            f"{path}/{SEARCH_FILE} is not a readable experiment record: {error}"
+        ) from None
+    return record
 
 
 def run_search(

@@ -24,6 +24,9 @@ from typing import Any
 from lstm_ae.config import FIELD_SECTIONS, ConfigError, ExperimentConfig, field_type
 
 KINDS = ("choice", "int", "uniform", "loguniform")
+# Fields the experiment itself is built on (ASHA's budget, the metric, the reporting grid):
+# they stay the same for every trial.
+FIXED_FIELDS = ("max_steps", "eval_every", "checkpoint_every", "log_every", "keep_checkpoints", "metric")
 
 
 class SpaceError(ValueError):
@@ -84,14 +87,22 @@ class SearchSpace:
     def to_ray(self) -> dict[str, Any]:
         return {dimension.name: dimension.to_ray() for dimension in self.dimensions}
 
-    def check(self, base: ExperimentConfig) -> None:
-        """Every choice and bound must make a valid config on top of `base`."""
+    def check(self, base: ExperimentConfig, workers_per_trial: int = 1) -> None:
+        """Every choice and bound must make a valid config on top of `base`, and every batch
+        size must split over the workers of a trial."""
         for dimension in self.dimensions:
             for value in dimension.extremes():
                 try:
-                    base.replace(**{dimension.name: value})
+                    config = base.replace(**{dimension.name: value})
                 except ConfigError as error:
                     raise SpaceError(f"search space {dimension.name}: {error}") from None
+                training = config.training
+                if training.batch_size % (workers_per_trial * training.grad_accumulation_steps):
+                    raise SpaceError(
+                        f"search space {dimension.name}: {value!r} makes batch_size "
+                        f"{training.batch_size} that does not split over {workers_per_trial} "
+                        f"workers x {training.grad_accumulation_steps} micro-batches"
+                    )
 
 
 def default_space(preset_name: str) -> SearchSpace:
@@ -117,6 +128,11 @@ def parse_space(entries: Any, source: str = "search space") -> SearchSpace:
     for name, spec in entries.items():
         if name not in FIELD_SECTIONS:
             raise SpaceError(f"{source}: unknown config field {name!r}")
+        if name in FIXED_FIELDS:
+            raise SpaceError(
+                f"{source} {name}: fixed for the whole experiment (the scheduler's budget and "
+                f"reporting depend on it); set it with --{name.replace('_', '-')} instead"
+            )
         if not isinstance(spec, dict) or len(spec) != 1:
             raise SpaceError(f"{source} {name}: expected one of {{{', '.join(KINDS)}: ...}}, got {spec!r}")
         ((kind, values),) = spec.items()
