@@ -57,6 +57,9 @@ def test_two_workers_train_in_sync_and_write_the_run_folder(uninterrupted):
     assert result["units"]["val_mse_frame"].startswith("squared error per frame")
     model, config, _ = load_model(result["best_checkpoint"])
     assert config.model.hidden_size == 32 and not model.training
+    best_row = next(row for row in rows if int(row["step"]) == result["best_checkpoint_step"])
+    assert float(best_row["val_mse_frame"]) == pytest.approx(result["best_checkpoint_metric"])
+    assert result["best_checkpoint"].endswith(f"{result['best_checkpoint_step']:08d}")
 
 
 def test_a_worker_crash_restarts_from_the_latest_checkpoint(config, uninterrupted, tmp_path):

@@ -10,7 +10,7 @@ from lstm_ae.config import preset
 from lstm_ae.engine import NonFiniteLossError, train_step
 from lstm_ae.model import CompositeLSTMAutoencoder
 from train.session import LocalSession
-from train.worker import InjectedFailure, train_function
+from train.worker import InjectedFailure, step_seed, train_function
 
 
 @pytest.fixture
@@ -63,8 +63,9 @@ def test_early_stopping_after_patience_validations_without_improvement(smoke):
     assert session.reports[-1]["stopped_early"] is True and session.reports[-1]["done"] is True
 
 
-def test_interrupted_and_resumed_run_matches_an_uninterrupted_one(smoke, tmp_path):
-    config = smoke.replace(checkpoint_every=2, eval_every=2)
+@pytest.mark.parametrize("dropout", [0.0, 0.5])
+def test_interrupted_and_resumed_run_matches_an_uninterrupted_one(smoke, tmp_path, dropout):
+    config = smoke.replace(checkpoint_every=2, eval_every=2, num_layers=2, dropout=dropout)
     _, uninterrupted = run(config)
     session = LocalSession()
     with pytest.raises(InjectedFailure):
@@ -73,6 +74,11 @@ def test_interrupted_and_resumed_run_matches_an_uninterrupted_one(smoke, tmp_pat
     assert state.step == 6 and state.resumed_from == [4]
     resumed, expected = final_weights(session), final_weights(uninterrupted)
     assert all(torch.equal(resumed[name], expected[name]) for name in expected)
+
+
+def test_workers_draw_different_dropout_masks_and_a_replayed_step_the_same():
+    seeds = {step_seed(0, rank, step) for rank in range(4) for step in range(100)}
+    assert len(seeds) == 400 and step_seed(0, 1, 7) == step_seed(0, 1, 7) != step_seed(1, 1, 7)
 
 
 def test_a_finished_run_resumed_again_reports_its_end_without_training(smoke):

@@ -254,7 +254,7 @@ def write_run_folder(
             with filesystem.open_output_stream(f"{run_path}/{picture}") as writer:
                 writer.write(data)
     metric = config.training.metric
-    best = best_checkpoint(result.best_checkpoints, metric)
+    best, best_row = best_checkpoint(result.best_checkpoints, metric)
     summary = {
         "name": settings.name,
         "status": "stopped_early" if state["stopped_early"] else "completed",
@@ -266,9 +266,13 @@ def write_run_folder(
         "use_gpu": scaling.use_gpu,
         "metric": metric,
         "metric_mode": METRIC_MODES[metric],
+        # The best validation seen (best_step may fall between checkpoints when eval_every is
+        # finer than checkpoint_every), and the best checkpoint kept, with its own step and value.
         "best_metric": state["best_metric"],
         "best_step": state["best_step"],
         "best_checkpoint": best,
+        "best_checkpoint_step": best_row.get("step"),
+        "best_checkpoint_metric": best_row.get(metric),
         "resumed_from": state["resumed_from"],
         "final_checkpoint": f"{checkpoint_path}",
         "final_metrics": {
@@ -284,13 +288,14 @@ def write_run_folder(
     return RunSummary(run_path, summary)
 
 
-def best_checkpoint(best_checkpoints, metric: str) -> str | None:
-    """Path of the best kept checkpoint by `metric` (Ray keeps them with their metrics)."""
-    scored = [(checkpoint, row[metric]) for checkpoint, row in best_checkpoints if metric in row]
+def best_checkpoint(best_checkpoints, metric: str) -> tuple[str | None, dict[str, Any]]:
+    """(path, reported row) of the best kept checkpoint by `metric` (Ray keeps their metrics)."""
+    scored = [(checkpoint, row) for checkpoint, row in best_checkpoints if metric in row]
     if not scored:
-        return None
+        return None, {}
     choose = min if METRIC_MODES[metric] == "min" else max
-    return choose(scored, key=lambda pair: pair[1])[0].path
+    checkpoint, row = choose(scored, key=lambda pair: pair[1][metric])
+    return checkpoint.path, row
 
 
 def history_csv(history: list[dict[str, Any]]) -> str:

@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -147,6 +148,7 @@ def train_function(loop_config: dict[str, Any], session: Session) -> TrainingSta
         step_start = time.perf_counter()
         _maybe_inject_failure(options, state.step, rank, world_size)
         frames = next(stream)
+        torch.manual_seed(step_seed(training.seed, rank, state.step))  # dropout masks
         micro_batches = list(frames.chunk(training.grad_accumulation_steps))
         result = train_step(
             model,
@@ -240,6 +242,12 @@ class _Interval:
             "elapsed_seconds": state.elapsed_seconds,
             "eta_seconds": seconds_per_step * (max_steps - state.step),
         }
+
+
+def step_seed(seed: int, rank: int, step: int) -> int:
+    """torch's seed for one training step: different on every worker, and the same when a
+    resumed run replays the step (its dropout masks then match an uninterrupted run's)."""
+    return int(np.random.SeedSequence([seed, rank, step, 1]).generate_state(1, np.uint64)[0] >> 1)
 
 
 # Collectives run on the workers' device: NCCL (GPU workers) has no CPU tensors.
