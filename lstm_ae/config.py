@@ -453,11 +453,15 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
             )
 
 
-def config_from_arguments(arguments: argparse.Namespace, preset_name: str) -> ExperimentConfig:
-    """The preset, overridden by every config flag that was given."""
-    overrides = {
+def config_overrides(arguments: argparse.Namespace) -> dict[str, Any]:
+    """The config flags that were given (add_config_arguments defaults them all to None)."""
+    return {
         name: getattr(arguments, name)
         for name in FIELD_SECTIONS
         if getattr(arguments, name, None) is not None
     }
-    return preset(preset_name, **overrides)
+
+
+def config_from_arguments(arguments: argparse.Namespace, preset_name: str) -> ExperimentConfig:
+    """The preset, overridden by every config flag that was given."""
+    return preset(preset_name, **config_overrides(arguments))

@@ -192,9 +192,13 @@ class BouncingDigits:
         return self.render(top, left, digit_indices), self.digits.labels[digit_indices]
 
 
-def stream_seed(seed: int, rank: int, step: int) -> int:
-    """The seed of one batch of the training stream: distinct for every (seed, rank, step)."""
-    return int(np.random.SeedSequence([seed, rank, step]).generate_state(1, np.uint64)[0] >> 1)
+def stream_seed(seed: int, rank: int, step: int, *purpose: int) -> int:
+    """The seed of one batch of the training stream: distinct for every (seed, rank, step).
+
+    Other per-step randomness (`purpose`, e.g. 1 for dropout) gets its own distinct seeds.
+    """
+    entropy = [seed, rank, step, *purpose]
+    return int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0] >> 1)
 
 
 def to_unit_float(frames: Tensor) -> Tensor:

@@ -24,6 +24,7 @@ from lstm_ae.config import (
     ExperimentConfig,
     add_config_arguments,
     config_from_arguments,
+    config_overrides,
 )
 from lstm_ae.data import DataError
 from lstm_ae.metrics import BASELINE_COPY_LAST_MSE_FRAME, BASELINE_ZEROS_MSE_FRAME, VAL_MSE_FRAME
@@ -95,9 +96,7 @@ def resolve_config(arguments: argparse.Namespace, saved: ExperimentConfig | None
     """
     if saved is None:
         return config_from_arguments(arguments, arguments.preset)
-    overrides = {
-        name: getattr(arguments, name) for name in FIELD_SECTIONS if getattr(arguments, name) is not None
-    }
+    overrides = config_overrides(arguments)
     saved_values = saved.flat()
     for name, value in overrides.items():
         if FIELD_SECTIONS[name] == "model" and value != saved_values[name]:

@@ -99,7 +99,7 @@ def path_exists(filesystem, path: str) -> bool:
     return filesystem.get_file_info(path).type != pyarrow.fs.FileType.NotFound
 
 
-def _read_text(filesystem, path: str) -> str:
+def read_text(filesystem, path: str) -> str:
     with filesystem.open_input_stream(path) as stream:
         return stream.read().decode()
 
@@ -129,7 +129,7 @@ def saved_config(settings: RunSettings) -> ExperimentConfig | None:
     if not path_exists(filesystem, path):
         return None
     try:
-        return ExperimentConfig.from_dict(json.loads(_read_text(filesystem, path))["config"])
+        return ExperimentConfig.from_dict(json.loads(read_text(filesystem, path))["config"])
     except (ValueError, KeyError, TypeError, AttributeError) as error:
         raise ConfigError(f"{path} is not a readable run config: {error}") from None
 
@@ -243,7 +243,7 @@ def write_run_folder(
     run_path = f"{root}/{settings.name}"
     checkpoint_path = result.checkpoint.path
     checkpoint_fs = result.checkpoint.filesystem
-    state = json.loads(_read_text(checkpoint_fs, f"{checkpoint_path}/{HISTORY_FILE}"))
+    state = json.loads(read_text(checkpoint_fs, f"{checkpoint_path}/{HISTORY_FILE}"))
     history = state["history"]
     _write_text(filesystem, f"{run_path}/metrics.csv", history_csv(history))
     for picture in RUN_PICTURES:

@@ -13,6 +13,7 @@ checkpoint is used). Writes to --output:
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from collections.abc import Sequence
@@ -58,16 +59,22 @@ def resolve_checkpoint(path: Path) -> Path:
     raise CheckpointError(f"the run's checkpoint {recorded} is neither at that path nor inside {path}")
 
 
+def add_device_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda"
+    )
+
+
 def check_device(name: str) -> str:
-    """`cpu`, `cuda` or `cuda:N`, and available here; else ValueError naming the problem."""
+    """`cpu`, `cuda` or `cuda:N`, and available here; else exit 2 with one line naming the problem."""
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise ValueError(f"--device must be cpu or cuda, got {name!r}") from None
+        fail(f"--device must be cpu or cuda, got {name!r}")
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: no CUDA GPU is available here (use --device cpu)")
+        fail(f"--device {name}: no CUDA GPU is available here (use --device cpu)")
     if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"--device must be cpu or cuda, got {name!r}")
+        fail(f"--device must be cpu or cuda, got {name!r}")
     return name
 
 
@@ -111,9 +118,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, default=Path("predictions"), help="output folder")
     parser.add_argument("--steps", type=int, default=None, help="frames to predict (default future_length)")
     parser.add_argument("--batch-size", type=int, default=64, help="sequences per forward pass")
-    parser.add_argument(
-        "--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda"
-    )
+    add_device_argument(parser)
     arguments = parser.parse_args(argv)
     if arguments.steps is not None and arguments.steps < 1:
         fail(f"--steps must be at least 1, got {arguments.steps}")
@@ -121,10 +126,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         fail(f"--batch-size must be at least 1, got {arguments.batch_size}")
     if arguments.output.exists() and not arguments.output.is_dir():
         fail(f"--output {arguments.output} is a file; give a folder")
-    try:
-        check_device(arguments.device)
-    except ValueError as error:
-        fail(str(error))
+    check_device(arguments.device)
     try:
         output = predict_file(
             arguments.checkpoint,

@@ -15,13 +15,11 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
-
 from lstm_ae.checkpoint import CheckpointError, load_model
 from lstm_ae.data import DataError
 from lstm_ae.probe import probe, probe_with_baseline
 from train.cli import OneLineParser, fail
-from train.predict import check_device, resolve_checkpoint
+from train.predict import add_device_argument, check_device, resolve_checkpoint
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -34,16 +32,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--cache-dir", default=None, help="where the digit data are cached (default: the run's)"
     )
-    parser.add_argument(
-        "--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda"
-    )
+    add_device_argument(parser)
     arguments = parser.parse_args(argv)
     if arguments.sequences < 10:
         fail(f"--sequences must be at least 10, got {arguments.sequences}")
-    try:
-        check_device(arguments.device)
-    except ValueError as error:
-        fail(str(error))
+    check_device(arguments.device)
     try:
         model, config, _ = load_model(resolve_checkpoint(arguments.checkpoint), arguments.device)
         if arguments.cache_dir:

@@ -30,14 +30,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
 from lstm_ae import metrics as metric_names
 from lstm_ae.checkpoint import load_checkpoint, restore, save_checkpoint
 from lstm_ae.config import ExperimentConfig
-from lstm_ae.data import BouncingDigits, GeneratedSequences, load_test_set
+from lstm_ae.data import BouncingDigits, GeneratedSequences, load_test_set, stream_seed
 from lstm_ae.engine import NonFiniteLossError, evaluate, make_optimizer, make_scheduler, train_step, unwrap
 from lstm_ae.metrics import METRIC_MODES, MetricAccumulator
 from lstm_ae.model import CompositeLSTMAutoencoder, parameter_count
@@ -244,10 +243,13 @@ class _Interval:
         }
 
 
+DROPOUT_SEEDS = 1  # stream_seed's purpose tag for torch's per-step seed
+
+
 def step_seed(seed: int, rank: int, step: int) -> int:
     """torch's seed for one training step: different on every worker, and the same when a
     resumed run replays the step (its dropout masks then match an uninterrupted run's)."""
-    return int(np.random.SeedSequence([seed, rank, step, 1]).generate_state(1, np.uint64)[0] >> 1)
+    return stream_seed(seed, rank, step, DROPOUT_SEEDS)
 
 
 # Collectives run on the workers' device: NCCL (GPU workers) has no CPU tensors.

@@ -21,14 +21,14 @@ from pathlib import Path
 
 from lstm_ae.config import (
     DEFAULT_PRESET,
-    FIELD_SECTIONS,
     PRESETS,
     ConfigError,
     add_config_arguments,
     config_from_arguments,
+    config_overrides,
 )
 from lstm_ae.data import DataError
-from train.cli import OneLineParser, check_scaling_arguments, fail, root_cause
+from train.cli import OneLineParser, check_scaling_arguments, check_split, fail, root_cause
 from tune.space import SpaceError, default_space, load_space
 
 
@@ -106,7 +106,7 @@ def resumed_experiment(arguments: argparse.Namespace, record: dict) -> tuple:
     A resumed experiment keeps what it was started with: config flags, --space, a different
     --experiment or --seeds are refused rather than silently mixed in.
     """
-    given = [name for name in FIELD_SECTIONS if getattr(arguments, name, None) is not None]
+    given = config_overrides(arguments)
     if given:
         flags = ", ".join("--" + name.replace("_", "-") for name in given)
         raise ConfigError(f"--resume continues the experiment with its saved config; drop {flags}")
@@ -141,13 +141,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             base = config_from_arguments(arguments, arguments.preset)
             space = load_space(arguments.space) if arguments.space else default_space(arguments.preset)
-        if base.training.batch_size % (
-            arguments.num_workers_per_trial * base.training.grad_accumulation_steps
-        ):
-            raise ConfigError(
-                f"batch_size {base.training.batch_size} must split evenly over "
-                f"{arguments.num_workers_per_trial} workers per trial"
-            )
+        check_split(base, arguments.num_workers_per_trial)
         if space is not None:
             space.check(base, arguments.num_workers_per_trial)
     except (ConfigError, SpaceError, ExperimentFolderError) as error:

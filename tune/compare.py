@@ -60,6 +60,13 @@ def _read_json(path: Path) -> dict[str, Any]:
     return value
 
 
+def _experiment_record(folder: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """An experiment's search.json ({} if absent) and its base config as flat fields."""
+    search = _read_json(folder / "search.json") if (folder / "search.json").exists() else {}
+    base = {name: value for section in search.get("base", {}).values() for name, value in section.items()}
+    return search, base
+
+
 def _final(record: dict[str, Any], name: str) -> Any:
     """A trial's last reported value of a metric (results.csv names the searched one final_*)."""
     value = record.get(name)
@@ -95,8 +102,7 @@ def train_run_rows(folder: Path, metric: str) -> list[dict[str, Any]]:
 
 
 def experiment_rows(folder: Path, metric: str) -> list[dict[str, Any]]:
-    search = _read_json(folder / "search.json") if (folder / "search.json").exists() else {}
-    base = {name: value for section in search.get("base", {}).values() for name, value in section.items()}
+    search, base = _experiment_record(folder)
     workers = search.get("settings", {}).get("workers_per_trial")
     rows = []
     with open(folder / "results.csv", encoding="utf-8") as file:
@@ -136,8 +142,7 @@ def ablation_rows(folder: Path, metric: str) -> list[dict[str, Any]]:
     """One row per trial of an ablation grid (ablations.csv): the variant's config on the base."""
     from tune.ablations import VARIANTS
 
-    search = _read_json(folder / "search.json") if (folder / "search.json").exists() else {}
-    base = {name: value for section in search.get("base", {}).values() for name, value in section.items()}
+    search, base = _experiment_record(folder)
     rows = []
     with open(folder / "ablations.csv", encoding="utf-8") as file:
         for record in csv.DictReader(file):

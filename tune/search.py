@@ -219,13 +219,13 @@ def _trainable(base: ExperimentConfig, plan: dict[str, Any]):
 
 def saved_experiment(settings: SearchSettings) -> dict[str, Any] | None:
     """The record (search.json) an experiment was started with, or None where there is none."""
-    from train.launch import _read_text, path_exists
+    from train.launch import path_exists, read_text
 
     filesystem, path = experiment_path(settings)
     if not path_exists(filesystem, f"{path}/{SEARCH_FILE}"):
         return None
     try:
-        record = json.loads(_read_text(filesystem, f"{path}/{SEARCH_FILE}"))
+        record = json.loads(read_text(filesystem, f"{path}/{SEARCH_FILE}"))
         record["base"] = ExperimentConfig.from_dict(record["base"])
         if "space" in record:
             record["space"] = SearchSpace(
