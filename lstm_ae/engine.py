@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -70,8 +70,27 @@ def make_optimizer(model: nn.Module, config: OptimConfig, device: torch.device) 
     )
 
 
-def learning_rate_factor(step: int, config: OptimConfig, max_steps: int) -> float:
-    """Multiplier of the peak learning rate at `step`: linear warm-up, then constant or cosine."""
+def learning_rate_factor(
+    step: int, config: OptimConfig, max_steps: int, extensions: Sequence[tuple[int, int]] = ()
+) -> float:
+    """Multiplier of the peak learning rate at `step`: linear warm-up, then constant or cosine.
+
+    `extensions` are `(from_step, new_max_steps)` pairs of a run whose `max_steps` was raised
+    when it resumed: from `from_step` on, the cosine continues from the factor it had reached
+    down to `min_lr_fraction` at the new end, so the learning rate never jumps.
+    """
+    if extensions:
+        start, end = extensions[-1]
+        if start <= config.warmup_steps:  # the decay has not begun: a new end is no jump
+            return learning_rate_factor(step, config, end)
+        if step < start:
+            return learning_rate_factor(step, config, max_steps, extensions[:-1])
+        reached = learning_rate_factor(start, config, max_steps, extensions[:-1])
+        if config.lr_schedule == "constant":
+            return reached
+        floor = min(config.min_lr_fraction, reached)
+        progress = (step - start) / max(1, end - start)
+        return floor + (reached - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
     if step < config.warmup_steps:
         return (step + 1) / config.warmup_steps
     if config.lr_schedule == "constant":
@@ -82,10 +101,15 @@ def learning_rate_factor(step: int, config: OptimConfig, max_steps: int) -> floa
 
 
 def make_scheduler(
-    optimizer: torch.optim.Optimizer, config: OptimConfig, max_steps: int
+    optimizer: torch.optim.Optimizer,
+    config: OptimConfig,
+    max_steps: int,
+    extensions: Sequence[tuple[int, int]] = (),
 ) -> torch.optim.lr_scheduler.LambdaLR:
+    """The learning-rate schedule of `learning_rate_factor` (see there for `extensions`)."""
+    extensions = tuple(tuple(extension) for extension in extensions)
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: learning_rate_factor(step, config, max_steps)
+        optimizer, lambda step: learning_rate_factor(step, config, max_steps, extensions)
     )
 
 

@@ -107,3 +107,22 @@ def test_a_checkpoint_of_another_shape_does_not_load_silently(tmp_path):
     state = load_checkpoint(tmp_path)
     with pytest.raises(CheckpointError, match="does not fit this model"):
         restore(state, CompositeLSTMAutoencoder(CONFIG.replace(hidden_size=8).model))
+
+
+def test_an_extended_schedule_continues_the_cosine_from_where_it_was():
+    from lstm_ae.config import OptimConfig
+    from lstm_ae.engine import learning_rate_factor
+
+    optim = OptimConfig(warmup_steps=50, min_lr_fraction=0.1)
+    # Interrupted at step 300 of 900, resumed with max_steps 1800.
+    extended = [learning_rate_factor(step, optim, 900, [(300, 1800)]) for step in range(1800)]
+    original = [learning_rate_factor(step, optim, 900) for step in range(900)]
+    assert extended[:300] == original[:300]
+    assert extended[300] == pytest.approx(original[300])  # no jump at the resume point
+    decay = extended[300:]
+    assert all(later <= earlier + 1e-12 for earlier, later in zip(decay, decay[1:]))
+    assert extended[-1] == pytest.approx(0.1, abs=1e-4)
+    assert extended[1000] > original[899]  # the rest of the decay is stretched, not cut short
+    # Extended again later: still continuous.
+    twice = [learning_rate_factor(step, optim, 900, [(300, 1800), (1000, 2400)]) for step in range(2400)]
+    assert twice[:1000] == extended[:1000] and twice[1000] == pytest.approx(extended[1000])

@@ -13,8 +13,8 @@ import pytest
 
 from lstm_ae.checkpoint import CheckpointError
 from lstm_ae.config import preset
+from train.commandline import resolve_checkpoint
 from train.predict import main as predict_main
-from train.predict import resolve_checkpoint
 from train.session import LocalSession
 from train.worker import train_function
 

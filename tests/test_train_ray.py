@@ -8,8 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import faults
 import pytest
 import torch
+from faults import FaultyTrainLoop
 
 from lstm_ae.checkpoint import load_checkpoint, load_model
 from lstm_ae.config import preset
@@ -19,6 +21,13 @@ from train.launch import RunSettings, Scaling, run_training
 pytestmark = pytest.mark.ray
 
 TWO_WORKERS = Scaling(num_workers=2, cpus_per_worker=1)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _faults_travel_to_ray_workers():
+    import ray.cloudpickle
+
+    ray.cloudpickle.register_pickle_by_value(faults)
 
 
 @pytest.fixture(scope="module")
@@ -62,28 +71,33 @@ def test_two_workers_train_in_sync_and_write_the_run_folder(uninterrupted):
     assert result["best_checkpoint"].endswith(f"{result['best_checkpoint_step']:08d}")
 
 
-def test_a_worker_crash_restarts_from_the_latest_checkpoint(config, uninterrupted, tmp_path):
-    hooks = {"fail_once_at_step": 4, "fail_marker": str(tmp_path / "failed-once")}
+def test_a_worker_crash_between_checkpoints_restarts_from_the_latest_one(config, uninterrupted, tmp_path):
+    # Step 3 is trained and logged (log_every 1), then the last rank dies before step 4's checkpoint.
+    crashing = FaultyTrainLoop(at_step=3, marker=tmp_path / "failed-once")
     summary = run_training(
-        config, TWO_WORKERS, RunSettings(name="recovered", storage=str(tmp_path), max_failures=1), hooks
+        config.replace(log_every=1),
+        TWO_WORKERS,
+        RunSettings(name="recovered", storage=str(tmp_path), max_failures=1),
+        train_loop=crashing,
     )
     assert (tmp_path / "failed-once").exists()
-    assert summary.result["steps"] == 6 and summary.result["resumed_from"] == [4]
-    assert [int(row["step"]) for row in metrics_rows(summary.path)] == [2, 4, 6]
+    assert summary.result["steps"] == 6 and summary.result["sequences_seen"] == 24
+    assert summary.result["resumed_from"] == [2]
+    assert [int(row["step"]) for row in metrics_rows(summary.path)] == [1, 2, 3, 4, 5, 6]
     recovered, expected = final_weights(summary), final_weights(uninterrupted)
     assert all(torch.equal(recovered[name], expected[name]) for name in expected)
 
 
 def test_a_stopped_run_resumes_to_the_same_end(config, uninterrupted, tmp_path):
-    hooks = {"fail_once_at_step": 4, "fail_marker": str(tmp_path / "failed-once.marker")}
+    crashing = FaultyTrainLoop(at_step=4, marker=tmp_path / "failed-once.marker")
     settings = RunSettings(name="stopped", storage=str(tmp_path), max_failures=0)
     with pytest.raises(Exception, match="injected failure at step 4"):
-        run_training(config, TWO_WORKERS, settings, hooks)
+        run_training(config, TWO_WORKERS, settings, train_loop=crashing)
     resumed = run_training(
         config, TWO_WORKERS, RunSettings(name="stopped", storage=str(tmp_path), resume=True)
     )
     assert resumed.result["steps"] == uninterrupted.result["steps"] == 6
-    assert resumed.result["resumed_from"] == [4]
+    assert resumed.result["resumed_from"] == [2]  # the crash came before step 4's checkpoint
     weights, expected = final_weights(resumed), final_weights(uninterrupted)
     assert all(torch.equal(weights[name], expected[name]) for name in expected)
 
@@ -102,3 +116,82 @@ def test_the_command_line_joins_a_running_cluster(ray_cluster, config, tmp_path)
     # The same name again without --resume refuses to overwrite the run.
     again = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert again.returncode == 2 and "already exists" in again.stderr
+
+
+@pytest.fixture(scope="module")
+def finished_run(ray_cluster, config, tmp_path_factory):
+    """A finished one-worker run that keeps a single checkpoint (the setting that lost it)."""
+    storage = tmp_path_factory.mktemp("finished")
+    settings = RunSettings(name="x", storage=str(storage))
+    run_training(config.replace(keep_checkpoints=1), Scaling(1, cpus_per_worker=1), settings)
+    return storage
+
+
+def train_command(storage: Path, *flags: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "train",
+        "--preset",
+        "smoke",
+        "--output-dir",
+        str(storage),
+        "--name",
+        "x",
+        *flags,
+    ]
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {
+        str(path.relative_to(folder)): path.read_bytes()
+        for path in sorted(folder.rglob("*"))
+        if path.is_file()
+    }
+
+
+def test_resuming_a_finished_run_says_so_and_changes_nothing(finished_run):
+    before = snapshot(finished_run)
+    assert any(name.startswith("x/checkpoint_00000006/") for name in before)
+    completed = subprocess.run(
+        train_command(finished_run, "--resume"), capture_output=True, text=True, timeout=120
+    )
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    assert "already complete" in completed.stdout and "6 steps" in completed.stdout
+    assert snapshot(finished_run) == before
+
+
+@pytest.mark.parametrize(
+    "flags, field",
+    [
+        (["--seed", "1"], "seed"),
+        (["--batch-size", "8"], "batch_size"),
+        (["--step-fraction", "0.2"], "step_fraction"),
+        (["--learning-rate", "0.5"], "learning_rate"),
+        (["--hidden-size", "64"], "hidden_size"),
+        (["--num-workers", "2"], "num_workers"),
+        (["--max-steps", "4"], "max_steps"),
+    ],
+)
+def test_resume_refuses_changes_that_break_reproducibility(finished_run, flags, field):
+    before = snapshot(finished_run)
+    command = train_command(finished_run, "--resume", *flags)
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert completed.returncode == 2
+    lines = completed.stderr.strip().splitlines()
+    assert len(lines) == 1 and field in lines[0], completed.stderr
+    assert snapshot(finished_run) == before
+
+
+def test_a_finished_run_extended_keeps_its_checkpoint_and_continues_its_schedule(ray_cluster, finished_run):
+    address = ray_cluster.get_runtime_context().gcs_address
+    command = train_command(
+        finished_run, "--resume", "--max-steps", "8", "--address", address, "--cpus-per-worker", "1"
+    )
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    result = json.loads((finished_run / "x" / "result.json").read_text())
+    assert result["steps"] == 8 and result["resumed_from"] == [6]
+    assert Path(result["final_checkpoint"]).is_dir() and Path(result["best_checkpoint"]).is_dir()
+    rates = [float(row["learning_rate"]) for row in metrics_rows(str(finished_run / "x"))]
+    assert rates[-1] <= rates[-2] * (1 + 1e-9)  # no jump back up after the resume

@@ -3,23 +3,51 @@
 from __future__ import annotations
 
 import csv
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from ray.tune import Callback
 
 from lstm_ae.config import preset
 from train.launch import RunSettings, Scaling, run_training
 from tune.cli import search_and_tabulate
+from tune.experiment import SearchSettings
 from tune.results import COMPLETED, STOPPED_BY_SCHEDULER
-from tune.search import SearchSettings
 from tune.space import parse_space
 
 pytestmark = pytest.mark.ray
 
 # 6 steps with a validation every 2: ASHA sees 3 results per trial and may stop after the first.
 SPACE = parse_space({"learning_rate": {"loguniform": [1e-9, 1e-2]}, "hidden_size": {"choice": [16, 32]}})
+
+
+class TrialStarts(Callback):
+    """Writes each trial's id to a file when Tune starts (or restarts) it."""
+
+    def __init__(self, log: Path):
+        self.log = log
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        with open(self.log, "a") as log:
+            log.write(f"{trial.trial_id}\n")
+
+
+class InterruptAfter(Callback):
+    """Interrupts the driver (as Ctrl-C would) once `count` trials completed. Tune saves
+    callbacks with the experiment, so a marker file keeps a resumed run going."""
+
+    def __init__(self, count: int, marker: Path):
+        self.count, self.marker, self.completed = count, marker, 0
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.completed += 1
+        if self.completed >= self.count and not self.marker.exists():
+            self.marker.write_text(f"interrupted after {self.completed} trial(s)\n")
+            os.kill(os.getpid(), signal.SIGINT)
 
 
 @pytest.fixture(scope="module")
@@ -69,12 +97,8 @@ def test_an_interrupted_search_resumes_without_rerunning_finished_trials(ray_clu
     settings = SearchSettings(
         name="interrupted", storage=str(tmp_path), num_samples=3, max_concurrent=1, cpus_per_worker=1
     )
-    hooks = {
-        "interrupt_after_trials": 1,
-        "interrupt_marker": str(tmp_path / "interrupted.marker"),
-        "trial_log": str(log),
-    }
-    search_and_tabulate(base, SPACE, settings, hooks=hooks)
+    callbacks = [InterruptAfter(1, tmp_path / "interrupted.marker"), TrialStarts(log)]
+    search_and_tabulate(base, SPACE, settings, callbacks=callbacks)
     assert (tmp_path / "interrupted.marker").exists()
     first_run = log.read_text().split()
     assert len(read_rows(tmp_path / "interrupted")) < 3 or any(
@@ -88,7 +112,7 @@ def test_an_interrupted_search_resumes_without_rerunning_finished_trials(ray_clu
         cpus_per_worker=1,
         resume=True,
     )
-    search_and_tabulate(base, SPACE, resumed, hooks={"trial_log": str(log)})
+    search_and_tabulate(base, SPACE, resumed)  # restores the saved callbacks too
     rows = read_rows(tmp_path / "interrupted")
     assert len(rows) == 3 and all(row["status"] != "errored" for row in rows)
     starts = log.read_text().split()

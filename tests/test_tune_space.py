@@ -171,7 +171,7 @@ def write_experiment_record(folder, base, space):
 
 def test_a_resumed_search_keeps_its_saved_config_and_space_and_refuses_new_ones(tmp_path):
     from tune.cli import build_parser, resumed_experiment
-    from tune.search import SearchSettings, saved_experiment
+    from tune.experiment import SearchSettings, saved_experiment
 
     base = preset("smoke", hidden_size=16, max_steps=9)
     space = parse_space({"learning_rate": {"loguniform": [1e-3, 1e-2]}})

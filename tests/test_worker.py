@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from faults import FailOnceSession, InjectedFailure
 
 from lstm_ae.checkpoint import load_checkpoint
 from lstm_ae.config import preset
 from lstm_ae.engine import NonFiniteLossError, train_step
 from lstm_ae.model import CompositeLSTMAutoencoder
 from train.session import LocalSession
-from train.worker import InjectedFailure, step_seed, train_function
+from train.worker import WorkerSettings, loop_config, step_seed, train_function
 
 
 @pytest.fixture
@@ -18,10 +19,10 @@ def smoke(tmp_path):
     return preset("smoke", hidden_size=16, cache_dir=str(tmp_path / "data"))
 
 
-def run(config, session=None, **options):
+def run(config, session=None):
     session = session or LocalSession()
-    state = train_function({"config": config.to_dict(), "options": options}, session)
-    return state, session
+    state = train_function(loop_config(config, WorkerSettings()), session)
+    return state, getattr(session, "session", session)
 
 
 def final_weights(session) -> dict:
@@ -33,7 +34,7 @@ def test_smoke_run_reports_losses_validation_and_checkpoints(smoke):
     steps = [report["step"] for report in session.reports]
     assert steps == [2, 3, 4, 6] and state.step == 6 and state.sequences_seen == 24
     assert "val_mse_frame" in session.reports[1] and "val_mse_frame" not in session.reports[0]
-    assert session.reports[-1]["done"] is True
+    assert session.reports[-1]["final"] is True
     assert [folder.rsplit("_", 1)[-1] for folder in session.checkpoints] == ["00000003", "00000006"]
     validations = [
         report["val_bce_nats_frame"] for report in session.reports if "val_bce_nats_frame" in report
@@ -60,17 +61,18 @@ def test_early_stopping_after_patience_validations_without_improvement(smoke):
     )
     state, session = run(config)
     assert state.stopped_early and state.step == 4  # best at step 2, no better at step 4
-    assert session.reports[-1]["stopped_early"] is True and session.reports[-1]["done"] is True
+    assert session.reports[-1]["stopped_early"] is True and session.reports[-1]["final"] is True
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.5])
 def test_interrupted_and_resumed_run_matches_an_uninterrupted_one(smoke, tmp_path, dropout):
-    config = smoke.replace(checkpoint_every=2, eval_every=2, num_layers=2, dropout=dropout)
+    # Checkpoints at steps 4 and 6; the crash comes at step 5, between them.
+    config = smoke.replace(checkpoint_every=4, eval_every=2, log_every=1, num_layers=2, dropout=dropout)
     _, uninterrupted = run(config)
     session = LocalSession()
-    with pytest.raises(InjectedFailure):
-        run(config, session, fail_once_at_step=4, fail_marker=str(tmp_path / "failed"))
-    state, session = run(config, session, fail_once_at_step=4, fail_marker=str(tmp_path / "failed"))
+    with pytest.raises(InjectedFailure, match="step 5"):
+        run(config, FailOnceSession(session, 5, tmp_path / "failed"))
+    state, session = run(config, session)
     assert state.step == 6 and state.resumed_from == [4]
     resumed, expected = final_weights(session), final_weights(uninterrupted)
     assert all(torch.equal(resumed[name], expected[name]) for name in expected)
@@ -83,9 +85,25 @@ def test_workers_draw_different_dropout_masks_and_a_replayed_step_the_same():
 
 def test_a_finished_run_resumed_again_reports_its_end_without_training(smoke):
     state, session = run(smoke)
+    checkpoints = list(session.checkpoints)
     again, session = run(smoke, session)
     assert again.step == state.step == 6 and again.resumed_from == [6]
-    assert session.reports[-1]["done"] is True and session.reports[-1]["step"] == 6
+    assert session.checkpoints == checkpoints  # no second checkpoint under the same name
+    assert session.reports[-1]["final"] is True and session.reports[-1]["step"] == 6
+
+
+def test_a_resumed_run_with_more_steps_continues_its_learning_rate_without_a_jump(smoke):
+    config = smoke.replace(log_every=1, warmup_steps=2, learning_rate=1e-2)
+    _, session = run(config)
+    longer, session = run(config.replace(max_steps=12), session)
+    assert longer.step == 12 and longer.schedule == [[0, 6], [6, 12]]
+    rates = [report["learning_rate"] for report in session.reports]
+    assert len(rates) == 12
+    steps = [later - earlier for earlier, later in zip(rates, rates[1:])]
+    assert all(step <= 1e-12 for step in steps[2:])  # after warm-up: never rises
+    jump_at_resume = rates[6] - rates[5]
+    assert abs(jump_at_resume) <= max(abs(step) for step in steps[2:5]) + 1e-12
+    assert rates[-1] == pytest.approx(config.optim.min_lr_fraction * 1e-2, rel=0.05)
 
 
 def test_gradient_accumulation_matches_the_full_batch():

@@ -12,13 +12,10 @@ is validated before Ray starts, and a bad value exits with status 2 and one line
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Sequence
-from typing import NoReturn
 
 from lstm_ae.config import (
     DEFAULT_PRESET,
-    FIELD_SECTIONS,
     PRESETS,
     ConfigError,
     ExperimentConfig,
@@ -28,18 +25,15 @@ from lstm_ae.config import (
 )
 from lstm_ae.data import DataError
 from lstm_ae.metrics import BASELINE_COPY_LAST_MSE_FRAME, BASELINE_ZEROS_MSE_FRAME, VAL_MSE_FRAME
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line on stderr and exit status 2."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-def fail(message: str, status: int = 2) -> NoReturn:
-    print(f"error: {message}", file=sys.stderr, flush=True)
-    raise SystemExit(status)
+from train.commandline import (
+    OneLineParser,
+    add_scaling_arguments,
+    check_scaling_arguments,
+    check_split,
+    fail,
+    root_cause,
+)
+from train.launch import RESUMABLE_FIELDS, RunFolderError, SavedRun
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,67 +61,42 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def add_scaling_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--num-workers", type=int, default=1, help="data-parallel workers (one per GPU)")
-    parser.add_argument("--use-gpu", action="store_true", help="one GPU per worker")
-    parser.add_argument(
-        "--cpus-per-worker",
-        type=float,
-        default=None,
-        help="CPUs reserved per worker (default: all CPUs split over the workers; 2 with --use-gpu)",
-    )
-    parser.add_argument(
-        "--address", default=None, help="Ray cluster to join (default RAY_ADDRESS, else local)"
-    )
-
-
-def check_scaling_arguments(arguments: argparse.Namespace) -> None:
-    """The flags of add_scaling_arguments that argparse's types alone do not check."""
-    if arguments.cpus_per_worker is not None and not arguments.cpus_per_worker > 0:
-        raise ConfigError(f"--cpus-per-worker must be positive, got {arguments.cpus_per_worker}")
-
-
-def resolve_config(arguments: argparse.Namespace, saved: ExperimentConfig | None) -> ExperimentConfig:
+def resolve_config(arguments: argparse.Namespace, saved: SavedRun | None) -> ExperimentConfig:
     """The preset with flags applied; a resumed run starts from its saved config instead.
 
-    On resume the model's shape is fixed by its checkpoint: a model flag that differs from
-    the saved config is an error. Data, optimizer and training flags (say a larger
-    --max-steps) apply on top of the saved config.
+    A resumed run must reproduce what an uninterrupted run computes, so every flag that
+    would change it is refused, naming the field: the model, the data, the optimizer, the
+    seed, the batch and its split, the precision and --num-workers (each worker's data
+    stream). Flags that only change when it validates, logs or checkpoints may change, and
+    --max-steps may grow (the learning-rate schedule continues from where it was).
     """
     if saved is None:
         return config_from_arguments(arguments, arguments.preset)
     overrides = config_overrides(arguments)
-    saved_values = saved.flat()
+    saved_values = saved.config.flat()
     for name, value in overrides.items():
-        if FIELD_SECTIONS[name] == "model" and value != saved_values[name]:
-            raise ConfigError(
-                f"--{name.replace('_', '-')} {value} differs from the resumed run's {name} "
-                f"{saved_values[name]}: a resumed run keeps its model (start a new --name instead)"
-            )
-    return saved.replace(**overrides)
-
-
-def check_split(config: ExperimentConfig, num_workers: int) -> None:
-    training = config.training
-    if num_workers < 1:
-        raise ConfigError(f"num_workers must be at least 1, got {num_workers}")
-    if training.batch_size % (num_workers * training.grad_accumulation_steps):
+        if value == saved_values[name] or name in RESUMABLE_FIELDS:
+            continue
         raise ConfigError(
-            f"batch_size {training.batch_size} must split evenly over {num_workers} workers x "
-            f"{training.grad_accumulation_steps} micro-batches"
+            f"--{name.replace('_', '-')} {value} differs from the resumed run's {name} "
+            f"{saved_values[name]}: a resumed run keeps it (start a new --name instead)"
         )
+    if overrides.get("max_steps", saved.config.training.max_steps) < saved.config.training.max_steps:
+        raise ConfigError(
+            f"--max-steps {overrides['max_steps']} is below the resumed run's max_steps "
+            f"{saved.config.training.max_steps}: a resumed run may only train longer"
+        )
+    if arguments.num_workers != saved.num_workers:
+        raise ConfigError(
+            f"--num-workers {arguments.num_workers} differs from the resumed run's num_workers "
+            f"{saved.num_workers}: each worker draws its own data stream (start a new --name instead)"
+        )
+    return saved.config.replace(**overrides)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     arguments = build_parser().parse_args(argv)
-    from train.launch import (
-        RunFolderError,
-        RunSettings,
-        Scaling,
-        default_run_name,
-        run_training,
-        saved_config,
-    )
+    from train.launch import RunSettings, Scaling, default_run_name, run_training, saved_run
 
     name = arguments.name or default_run_name(arguments.preset)
     settings = RunSettings(
@@ -145,11 +114,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"--max-failures must be 0 or more (-1: retry forever), got {arguments.max_failures}"
             )
         check_scaling_arguments(arguments)
-        config = resolve_config(arguments, saved_config(settings) if arguments.resume else None)
+        saved = saved_run(settings) if arguments.resume else None
+        config = resolve_config(arguments, saved)
         check_split(config, arguments.num_workers)
         scaling = Scaling(arguments.num_workers, arguments.use_gpu, arguments.cpus_per_worker)
-    except (ConfigError, ValueError) as error:
+    except (ConfigError, RunFolderError, ValueError) as error:
         fail(str(error))
+    if saved is not None and saved.is_complete(config):
+        print(
+            f"run {name} is already complete ({saved.result['status']} after {saved.result['steps']} steps); "
+            "nothing to do (raise --max-steps to train longer)"
+        )
+        return 0
     origin = "resumed from its saved config" if arguments.resume else f"preset {arguments.preset}"
     print(f"run {name}: {origin}, {arguments.num_workers} worker(s), output {arguments.output_dir}")
     try:
@@ -160,18 +136,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         fail(f"training failed: {root_cause(error)}", status=1)
     print_summary(summary)
     return 0
-
-
-def root_cause(error: BaseException) -> str:
-    """The first line of the innermost worker error Ray wrapped."""
-    failures = getattr(error, "worker_failures", None)
-    if failures:
-        error = next(iter(failures.values()))
-    while getattr(error, "cause", None) is not None:
-        error = error.cause
-    text = str(error).strip()
-    lines = [line for line in text.splitlines() if line.strip()]
-    return lines[-1] if lines else type(error).__name__
 
 
 def print_summary(summary) -> None:

@@ -20,6 +20,7 @@ import io
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from lstm_ae.config import ConfigError, ExperimentConfig
 from lstm_ae.data import STANDARD_FILE, load_test_set
 from lstm_ae.metrics import METRIC_MODES, UNITS
 from lstm_ae.viz import RUN_PICTURES
+from train.cluster import ClusterCapacity, check_can_hold, cluster_capacity
 from train.worker import HISTORY_FILE
 
 # Quieter Ray: no duplicated worker prints, no harmless per-run ERROR line.
@@ -122,16 +124,61 @@ def check_run_folder(settings: RunSettings) -> None:
         raise RunFolderError(f"nothing to resume: no run named {settings.name!r} under {root}")
 
 
-def saved_config(settings: RunSettings) -> ExperimentConfig | None:
-    """The config a run was started with (from its config.json), if it has one."""
+# Config fields a resumed run may change: they decide when it logs, validates, checkpoints
+# or stops, and where it finds its data, not what it computes (max_steps may only grow).
+RESUMABLE_FIELDS = frozenset(
+    {
+        "max_steps",
+        "log_every",
+        "eval_every",
+        "checkpoint_every",
+        "keep_checkpoints",
+        "probe_sequences",
+        "patience",
+        "cache_dir",
+        "mnist_root",
+        "download",
+    }
+)
+
+
+@dataclass(frozen=True)
+class SavedRun:
+    """What a run folder says about the run: its config and scaling (config.json) and, once
+    it has ended, its result (result.json)."""
+
+    config: ExperimentConfig
+    num_workers: int
+    result: dict[str, Any] | None
+
+    def is_complete(self, config: ExperimentConfig) -> bool:
+        """Ended, and `config` asks for no more steps (a run that stopped early stays ended)."""
+        if self.result is None:
+            return False
+        return self.result.get("status") == "stopped_early" or (
+            int(self.result.get("steps", 0)) >= config.training.max_steps
+        )
+
+
+def saved_run(settings: RunSettings) -> SavedRun | None:
+    """The run folder's record of the run, or None where it has no config.json yet."""
     filesystem, root = storage_filesystem(settings.storage)
-    path = f"{root}/{settings.name}/config.json"
-    if not path_exists(filesystem, path):
+    path = f"{root}/{settings.name}"
+    if not path_exists(filesystem, f"{path}/config.json"):
         return None
     try:
-        return ExperimentConfig.from_dict(json.loads(read_text(filesystem, path))["config"])
+        record = json.loads(read_text(filesystem, f"{path}/config.json"))
+        config = ExperimentConfig.from_dict(record["config"])
+        num_workers = int(record.get("scaling", {}).get("num_workers", 1))
     except (ValueError, KeyError, TypeError, AttributeError) as error:
-        raise ConfigError(f"{path} is not a readable run config: {error}") from None
+        raise ConfigError(f"{path}/config.json is not a readable run config: {error}") from None
+    result = None
+    if path_exists(filesystem, f"{path}/result.json"):
+        try:
+            result = json.loads(read_text(filesystem, f"{path}/result.json"))
+        except ValueError as error:
+            raise ConfigError(f"{path}/result.json is not readable: {error}") from None
+    return SavedRun(config, num_workers, result)
 
 
 # ------------------------------------------------------------------------------- launching
@@ -164,45 +211,47 @@ def connect(address: str | None) -> None:
         ray.init(address=address, runtime_env={"env_vars": dict(RAY_ENVIRONMENT)}, log_to_driver=True)
 
 
-def _cpus_per_worker(scaling: Scaling) -> float:
+def _cpus_per_worker(scaling: Scaling, capacity: ClusterCapacity) -> float:
+    """CPUs per worker: as given; 2 beside each GPU; else the CPUs split over the workers
+    (never more than one node has)."""
     import ray
 
     if scaling.cpus_per_worker is not None:
         return scaling.cpus_per_worker
+    largest = capacity.largest("CPU")
     if scaling.use_gpu:
-        return 2.0
-    return float(max(1, int(ray.cluster_resources().get("CPU", 1)) // scaling.num_workers))
-
-
-def loop_config(
-    config: ExperimentConfig, threads: int, hooks: dict[str, Any] | None = None
-) -> dict[str, Any]:
-    """The dictionary every worker receives (Ray needs plain data)."""
-    return {"config": config.to_dict(), "options": {"threads": threads, **(hooks or {})}}
+        return min(2.0, largest or 2.0)
+    total = int(ray.cluster_resources().get("CPU", 1))
+    return float(max(1, min(int(largest), total // scaling.num_workers)))
 
 
 def run_training(
     config: ExperimentConfig,
     scaling: Scaling,
     settings: RunSettings,
-    hooks: dict[str, Any] | None = None,
+    train_loop: Callable[[dict[str, Any]], None] | None = None,
 ) -> RunSummary:
-    """Train with Ray Train and write the run folder. `hooks` are test-only worker options."""
+    """Train with Ray Train and write the run folder.
+
+    `train_loop` replaces `train.worker.train_loop_per_worker` (tests wrap it to inject faults).
+    """
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from train.worker import train_loop_per_worker
+    from train.worker import WorkerSettings, loop_config, train_loop_per_worker
 
     check_run_folder(settings)
     config = with_absolute_paths(config)
     load_test_set(config.model, config.data)  # check (and build, and cache) the validation set here
     connect(settings.address)
-    cpus = _cpus_per_worker(scaling)
+    capacity = cluster_capacity()
+    cpus = _cpus_per_worker(scaling, capacity)
     resources = {"CPU": cpus, **({"GPU": 1} if scaling.use_gpu else {})}
+    check_can_hold(capacity, resources, scaling.num_workers, f"{scaling.num_workers} worker(s)")
     metric = config.training.metric
     trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config=loop_config(config, max(1, int(cpus)), hooks),
+        train_loop or train_loop_per_worker,
+        train_loop_config=loop_config(config, WorkerSettings(threads=max(1, int(cpus)))),
         scaling_config=ray.train.ScalingConfig(
             num_workers=scaling.num_workers, use_gpu=scaling.use_gpu, resources_per_worker=resources
         ),

@@ -13,11 +13,9 @@ checkpoint is used). Writes to --output:
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 from collections.abc import Sequence
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -32,50 +30,9 @@ from lstm_ae.data import (
 )
 from lstm_ae.engine import autocast
 from lstm_ae.viz import prediction_gif
-from train.cli import OneLineParser, fail
+from train.commandline import OneLineParser, add_device_argument, check_device, fail, resolve_checkpoint
 
 GIF_SEQUENCES = 4
-
-
-def resolve_checkpoint(path: Path) -> Path:
-    """A run folder means its best checkpoint (from result.json).
-
-    result.json records where the checkpoint was written; a run folder copied elsewhere (say
-    with `aws s3 sync`) finds it by its folder name inside the copy instead.
-    """
-    result_file = path / "result.json"
-    if not result_file.is_file():
-        return path
-    try:
-        result = json.loads(result_file.read_text(encoding="utf-8"))
-        recorded = str(result.get("best_checkpoint") or result["final_checkpoint"])
-    except (ValueError, KeyError, TypeError, AttributeError):
-        raise CheckpointError(
-            f"{result_file} names no checkpoint (is it a run folder of python -m train?)"
-        ) from None
-    for candidate in (path / PurePosixPath(recorded.rstrip("/")).name, Path(recorded)):
-        if candidate.exists():
-            return candidate
-    raise CheckpointError(f"the run's checkpoint {recorded} is neither at that path nor inside {path}")
-
-
-def add_device_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda"
-    )
-
-
-def check_device(name: str) -> str:
-    """`cpu`, `cuda` or `cuda:N`, and available here; else exit 2 with one line naming the problem."""
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        fail(f"--device must be cpu or cuda, got {name!r}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        fail(f"--device {name}: no CUDA GPU is available here (use --device cpu)")
-    if device.type not in ("cpu", "cuda"):
-        fail(f"--device must be cpu or cuda, got {name!r}")
-    return name
 
 
 def predict_file(

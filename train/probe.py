@@ -18,8 +18,7 @@ from pathlib import Path
 from lstm_ae.checkpoint import CheckpointError, load_model
 from lstm_ae.data import DataError
 from lstm_ae.probe import probe, probe_with_baseline
-from train.cli import OneLineParser, fail
-from train.predict import add_device_argument, check_device, resolve_checkpoint
+from train.commandline import OneLineParser, add_device_argument, check_device, fail, resolve_checkpoint
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -48,8 +48,13 @@ HISTORY_FILE = "history.json"
 VISUALISED_SEQUENCES = 4
 
 
-class InjectedFailure(RuntimeError):
-    """Raised by the test-only fault hook (`fail_once_at_step`)."""
+@dataclass(frozen=True)
+class WorkerSettings:
+    """How a worker runs, apart from the experiment config (which says what it trains)."""
+
+    threads: int = 0  # torch threads (0: torch's default)
+    validation_reports_only: bool = False  # Tune wants its metric in every report
+    quiet: bool = False  # no progress lines (Tune shows its own trial table)
 
 
 @dataclass
@@ -64,11 +69,32 @@ class TrainingState:
     evaluations_since_best: int = 0
     stopped_early: bool = False
     resumed_from: list[int] = field(default_factory=list)  # steps the run restarted at
+    # The learning-rate schedule's ends: [[0, max_steps]], then [step, new max_steps] for each
+    # resume that raised max_steps (engine.learning_rate_factor keeps the rate continuous).
+    schedule: list[list[int]] = field(default_factory=list)
     history: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def finished(self) -> bool:
+        return self.stopped_early or (bool(self.schedule) and self.step >= self.schedule[-1][1])
+
+
+@dataclass
+class Trainables:
+    """What one training step changes."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+
+
+def loop_config(config: ExperimentConfig, settings: WorkerSettings) -> dict[str, Any]:
+    """The dictionary every worker receives (Ray passes plain data)."""
+    return {"config": config.to_dict(), "settings": asdict(settings)}
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
-    """Ray Train entry point: `loop_config` is `train.launch.loop_config(...)`."""
+    """Ray Train entry point: `loop_config` is `loop_config(config, settings)`."""
     quiet_report_logging()
     train_function(loop_config, RayTrainSession())
 
@@ -88,73 +114,32 @@ def quiet_report_logging() -> None:
 def train_function(loop_config: dict[str, Any], session: Session) -> TrainingState:
     """Train one worker's share of a run. Returns the final state (on every rank)."""
     config = ExperimentConfig.from_dict(loop_config["config"])
-    options = loop_config.get("options", {})
-    model_config, training = config.model, config.training
-    rank, world_size, device = session.world_rank, session.world_size, session.device
-    if options.get("threads"):
-        torch.set_num_threads(int(options["threads"]))
-    if training.batch_size % (world_size * training.grad_accumulation_steps):
-        raise ValueError(
-            f"batch_size {training.batch_size} does not split over {world_size} workers x "
-            f"{training.grad_accumulation_steps} micro-batches"
-        )
+    settings = WorkerSettings(**loop_config.get("settings", {}))
+    training = config.training
+    rank, world_size = session.world_rank, session.world_size
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    check_batch_split(training.batch_size, world_size, training.grad_accumulation_steps)
 
-    torch.manual_seed(training.seed)
-    model = CompositeLSTMAutoencoder(model_config).to(device)
-    optimizer = make_optimizer(model, config.optim, device)
-    scheduler = make_scheduler(optimizer, config.optim, training.max_steps)
-    state = TrainingState()
-    with session.latest_checkpoint() as folder:
-        if folder is not None:
-            checkpoint = load_checkpoint(folder, map_location=device)
-            restore(checkpoint, model, optimizer, scheduler)
-            state = TrainingState(**json.loads((Path(folder) / HISTORY_FILE).read_text()))
-            state.resumed_from.append(state.step)
-            _log(rank, f"resuming from step {state.step} ({folder})")
-    model = session.prepare_model(model)
-    if training.bf16_allreduce and world_size > 1:
-        from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+    # 1. Setup: model, optimizer and schedule, restored from the latest checkpoint if any.
+    trainables, state = _build_or_restore(config, session)
+    stream = _training_stream(config, rank, world_size, state.step)
+    test_set = load_test_set(config.model, config.data)
+    if state.step == 0 and not settings.quiet:
+        _log(rank, _describe_run(config, trainables.model, world_size, session.device))
 
-        model.register_comm_hook(dist.group.WORLD, default_hooks.bf16_compress_hook)
-
-    per_worker = training.batch_size // world_size
-    generator = BouncingDigits.from_config(model_config, config.data, "train")
-    stream = iter(
-        GeneratedSequences(generator, per_worker, seed=training.seed, rank=rank, start_step=state.step)
-    )
-    test_set = load_test_set(model_config, config.data)
-    if state.step == 0 and not options.get("quiet"):
-        _log(
-            rank,
-            f"model: {parameter_count(unwrap(model)) / 1e6:.1f}M parameters; global batch "
-            f"{training.batch_size} = {world_size} worker(s) x {per_worker} sequences"
-            + (
-                f" in {training.grad_accumulation_steps} micro-batches"
-                if training.grad_accumulation_steps > 1
-                else ""
-            )
-            + f"; {training.max_steps} steps on {device.type} ({training.precision} precision)",
-        )
-
-    trainables = _Trainables(model, optimizer, scheduler)
-    # Tune wants its metric in every report: searches report validation rows only, and
-    # show Tune's trial table instead of every trial's progress lines.
-    validation_reports_only = bool(options.get("validation_reports_only"))
-    quiet = bool(options.get("quiet"))
-    interval = _Interval(state.step, state.sequences_seen)
-    last_reported_step = None
-    while state.step < training.max_steps and not state.stopped_early:
+    interval = _SinceLastReport(state.step, state.sequences_seen)
+    while not state.finished:
+        # 2. One optimizer step on this worker's share of the global batch.
         step_start = time.perf_counter()
-        _maybe_inject_failure(options, state.step, rank, world_size)
         frames = next(stream)
         torch.manual_seed(step_seed(training.seed, rank, state.step))  # dropout masks
-        micro_batches = list(frames.chunk(training.grad_accumulation_steps))
         result = train_step(
-            model,
-            optimizer,
-            scheduler,
-            micro_batches,
-            model_config,
+            trainables.model,
+            trainables.optimizer,
+            trainables.scheduler,
+            list(frames.chunk(training.grad_accumulation_steps)),
+            config.model,
             training.precision,
             config.optim.grad_clip_norm,
             state.step,
@@ -164,47 +149,165 @@ def train_function(loop_config: dict[str, Any], session: Session) -> TrainingSta
         state.elapsed_seconds += time.perf_counter() - step_start
         interval.add(result)
 
-        last = state.step == training.max_steps
-        evaluate_now = (
+        last = state.step >= state.schedule[-1][1]
+        validate_now = (
             last or state.step % training.eval_every == 0 or state.step % training.checkpoint_every == 0
         )
-        log_now = evaluate_now or state.step % training.log_every == 0
-        if not log_now:
+        if not (validate_now or state.step % training.log_every == 0):
             continue
-        row = interval.row(state, training.max_steps, _all_reduce_mean(interval.losses(), world_size, device))
-        if evaluate_now:
+        row = interval.row(state, _all_reduce_mean(interval.losses(), world_size, session.device))
+
+        # 3. Validation (every worker a shard) and early stopping.
+        if validate_now:
             evaluation_start = time.perf_counter()
-            row.update(_validate(model, test_set, config, rank, world_size, device))
+            row.update(_validate(trainables.model, test_set, config, rank, world_size, session.device))
             _update_early_stopping(state, row, training.metric, training.patience)
             state.elapsed_seconds += time.perf_counter() - evaluation_start
             if state.stopped_early:
                 row["stopped_early"] = True
+        final = state.finished
+        if final:
+            row.update(_final_checks(trainables.model, config, rank, world_size))
         state.history.append(row)
-        checkpoint_now = evaluate_now and (
-            last or state.stopped_early or state.step % training.checkpoint_every == 0
-        )
-        final = last or state.stopped_early
-        if final and world_size > 1:
-            row["replica_checksums"] = _replica_checksums(model, world_size)
-        if final and rank == 0 and training.probe_sequences > 0:
-            row.update(probe_with_baseline(unwrap(model), config, training.probe_sequences))
-        if rank == 0 and not quiet:
+        if rank == 0 and not settings.quiet:
             print(_progress_line(row, config), flush=True)
-        if evaluate_now or not validation_reports_only:
-            _report(session, row, state, config, trainables, test_set, checkpoint_now, rank, final)
-        last_reported_step = state.step
-        interval = _Interval(state.step, state.sequences_seen)  # throughput excludes validation
 
-    if last_reported_step is None and state.history:  # resumed a finished run: report its end again
-        _report(session, dict(state.history[-1]), state, config, trainables, test_set, True, rank, True)
+        # 4. Report, with a checkpoint every checkpoint_every steps and at the end.
+        checkpoint_now = validate_now and (final or state.step % training.checkpoint_every == 0)
+        if checkpoint_now:
+            report_with_checkpoint(session, row, state, config, trainables, test_set if final else None)
+        elif validate_now or not settings.validation_reports_only:
+            session.report(_reported(row, final), None, state.step)
+        interval = _SinceLastReport(state.step, state.sequences_seen)  # throughput excludes validation
+
+    if state.resumed_from and state.resumed_from[-1] == state.step and state.history:
+        # Restored a finished run (a restart after its last checkpoint): its checkpoint is
+        # already reported; report the last row again without one (Ray needs unique names).
+        session.report(_reported(dict(state.history[-1]), True), None, state.step)
     return state
+
+
+def check_batch_split(batch_size: int, num_workers: int, micro_batches: int) -> None:
+    """The global batch must split evenly over workers and micro-batches (ValueError if not)."""
+    if num_workers < 1:
+        raise ValueError(f"num_workers must be at least 1, got {num_workers}")
+    if batch_size % (num_workers * micro_batches):
+        raise ValueError(
+            f"batch_size {batch_size} must split evenly over {num_workers} workers x "
+            f"{micro_batches} micro-batches"
+        )
+
+
+def _build_or_restore(config: ExperimentConfig, session: Session) -> tuple[Trainables, TrainingState]:
+    """The model (same seed on every rank), AdamW and the schedule; restored from the latest
+    checkpoint when the run is resuming or recovering. DDP wraps the model last."""
+    device, training = session.device, config.training
+    torch.manual_seed(training.seed)
+    model = CompositeLSTMAutoencoder(config.model).to(device)
+    optimizer = make_optimizer(model, config.optim, device)
+    state = TrainingState(schedule=[[0, training.max_steps]])
+    checkpoint = None
+    with session.latest_checkpoint() as folder:
+        if folder is not None:
+            checkpoint = load_checkpoint(folder, map_location=device)
+            state = TrainingState(**json.loads((Path(folder) / HISTORY_FILE).read_text()))
+            _log(session.world_rank, f"resuming from step {state.step} ({folder})")
+    if checkpoint is not None:
+        state.resumed_from.append(state.step)
+        state.schedule = state.schedule or [[0, training.max_steps]]  # checkpoints before schedules
+        end = state.schedule[-1][1]
+        if training.max_steps > end and not state.stopped_early:
+            state.schedule.append([state.step, training.max_steps])
+        elif training.max_steps < end:
+            raise ValueError(f"max_steps {training.max_steps} is below the resumed run's {end}")
+    scheduler = make_scheduler(optimizer, config.optim, state.schedule[0][1], state.schedule[1:])
+    if checkpoint is not None:
+        restore(checkpoint, model, optimizer, scheduler)
+    model = session.prepare_model(model)
+    if training.bf16_allreduce and session.world_size > 1:
+        from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+        model.register_comm_hook(dist.group.WORLD, default_hooks.bf16_compress_hook)
+    return Trainables(model, optimizer, scheduler), state
+
+
+def _training_stream(config: ExperimentConfig, rank: int, world_size: int, start_step: int):
+    """This worker's endless stream of batches: the batch of step s on rank r is drawn from
+    the seed (seed, r, s), so workers never share sequences and a resumed run replays them."""
+    per_worker = config.training.batch_size // world_size
+    generator = BouncingDigits.from_config(config.model, config.data, "train")
+    return iter(
+        GeneratedSequences(generator, per_worker, seed=config.training.seed, rank=rank, start_step=start_step)
+    )
+
+
+def _describe_run(config: ExperimentConfig, model, world_size: int, device: torch.device) -> str:
+    training = config.training
+    per_worker = training.batch_size // world_size
+    micro = training.grad_accumulation_steps
+    return (
+        f"model: {parameter_count(unwrap(model)) / 1e6:.1f}M parameters; global batch "
+        f"{training.batch_size} = {world_size} worker(s) x {per_worker} sequences"
+        + (f" in {micro} micro-batches" if micro > 1 else "")
+        + f"; {training.max_steps} steps on {device.type} ({training.precision} precision)"
+    )
+
+
+def _final_checks(model, config: ExperimentConfig, rank: int, world_size: int) -> dict[str, Any]:
+    """At the end: every replica's weight checksum (equal iff DDP kept them in sync) and the
+    linear digit probe of the encoder (rank 0)."""
+    extra: dict[str, Any] = {}
+    if world_size > 1:
+        extra["replica_checksums"] = _replica_checksums(model, world_size)
+    if rank == 0 and config.training.probe_sequences > 0:
+        extra.update(probe_with_baseline(unwrap(model), config, config.training.probe_sequences))
+    return extra
+
+
+def report_with_checkpoint(
+    session: Session,
+    row: dict[str, Any],
+    state: TrainingState,
+    config: ExperimentConfig,
+    trainables: Trainables,
+    pictures_from=None,
+) -> None:
+    """Report a row on every rank with a checkpoint from rank 0 (weights, optimizer, schedule,
+    config and the run's state); `pictures_from` (the validation set) adds the run's pictures."""
+    if not all(torch.isfinite(parameter).all() for parameter in trainables.model.parameters()):
+        raise NonFiniteLossError(f"parameters became non-finite at step {state.step}; not checkpointing them")
+    with tempfile.TemporaryDirectory(prefix="lstm_ae_checkpoint_") as folder:
+        if session.world_rank == 0:
+            save_checkpoint(
+                folder,
+                trainables.model,
+                state.step,
+                config,
+                optimizer=trainables.optimizer,
+                scheduler=trainables.scheduler,
+                metrics={key: value for key, value in row.items() if isinstance(value, (int, float))},
+            )
+            (Path(folder) / HISTORY_FILE).write_text(json.dumps(asdict(state)))
+            if pictures_from is not None:
+                sample = next(pictures_from.batches(VISUALISED_SEQUENCES))
+                render_run(folder, unwrap(trainables.model), sample, config, state.history)
+        metrics = _reported(row, final=pictures_from is not None or state.finished)
+        session.report(metrics, folder if session.world_rank == 0 else None, state.step)
+
+
+def _reported(row: dict[str, Any], final: bool) -> dict[str, Any]:
+    """The metrics a report carries: the row without empty values, and `final` at the end
+    (not Tune's reserved `done`, which would stop a trial before its trainer finished)."""
+    metrics = {key: value for key, value in row.items() if value is not None}
+    metrics["final"] = bool(final)
+    return metrics
 
 
 # ----------------------------------------------------------------------------- reporting
 
 
 @dataclass
-class _Interval:
+class _SinceLastReport:
     """Losses and throughput since the last report."""
 
     start_step: int
@@ -225,7 +328,8 @@ class _Interval:
     def losses(self) -> list[float]:
         return [total / max(1, self.steps) for total in self.totals]
 
-    def row(self, state: TrainingState, max_steps: int, losses: list[float]) -> dict[str, Any]:
+    def row(self, state: TrainingState, losses: list[float]) -> dict[str, Any]:
+        max_steps = state.schedule[-1][1]
         seconds = time.perf_counter() - self.start_time
         sequences_per_second = (state.sequences_seen - self.start_sequences) / max(seconds, 1e-9)
         seconds_per_step = seconds / max(1, state.step - self.start_step)
@@ -290,42 +394,6 @@ def _update_early_stopping(state: TrainingState, row: dict[str, Any], metric: st
         state.stopped_early = patience > 0 and state.evaluations_since_best >= patience
 
 
-@dataclass(frozen=True)
-class _Trainables:
-    model: torch.nn.Module
-    optimizer: torch.optim.Optimizer
-    scheduler: Any
-
-
-def _report(
-    session, row, state, config, trainables: _Trainables, test_set, checkpoint_now, rank, final
-) -> None:
-    """Report a row on every rank; with a checkpoint (and, at the end, the run's pictures) from rank 0."""
-    metrics = {key: value for key, value in row.items() if value is not None}
-    metrics["done"] = bool(final)
-    if not checkpoint_now:
-        session.report(metrics, None, state.step)
-        return
-    if not all(torch.isfinite(parameter).all() for parameter in trainables.model.parameters()):
-        raise NonFiniteLossError(f"parameters became non-finite at step {state.step}; not checkpointing them")
-    with tempfile.TemporaryDirectory(prefix="lstm_ae_checkpoint_") as folder:
-        if rank == 0:
-            save_checkpoint(
-                folder,
-                trainables.model,
-                state.step,
-                config,
-                optimizer=trainables.optimizer,
-                scheduler=trainables.scheduler,
-                metrics={key: value for key, value in row.items() if isinstance(value, (int, float))},
-            )
-            (Path(folder) / HISTORY_FILE).write_text(json.dumps(asdict(state)))
-            if final:
-                sample = next(test_set.batches(VISUALISED_SEQUENCES))
-                render_run(folder, unwrap(trainables.model), sample, config, state.history)
-        session.report(metrics, folder if rank == 0 else None, state.step)
-
-
 def _replica_checksums(model: torch.nn.Module, world_size: int) -> list[list[float]]:
     """Every rank's (sum, sum of squares) of all parameters: equal iff the replicas agree."""
     parameters = [parameter.detach().double() for parameter in model.parameters()]
@@ -370,16 +438,3 @@ def _progress_line(row: dict[str, Any], config: ExperimentConfig) -> str:
 def _log(rank: int, message: str) -> None:
     if rank == 0:
         print(message, flush=True)
-
-
-def _maybe_inject_failure(options: dict[str, Any], step: int, rank: int, world_size: int) -> None:
-    """Test-only hook: the last rank raises once at `fail_once_at_step` (a marker file remembers)."""
-    target = options.get("fail_once_at_step")
-    if target is None or step != target or rank != world_size - 1:
-        return
-    marker = Path(options["fail_marker"])
-    if marker.exists():
-        return
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    marker.write_text(f"failed at step {step}\n")
-    raise InjectedFailure(f"injected failure at step {step} on rank {rank}")

@@ -16,46 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from lstm_ae.metrics import PROBE_ACCURACY, VAL_BCE_NATS_FRAME, VAL_MSE_FRAME, VAL_RECONSTRUCTION_MSE_FRAME
+from tune.variants import VARIANTS, Variant  # noqa: F401  (Variant: part of this module's interface)
 
-
-@dataclass(frozen=True)
-class Variant:
-    label: str
-    overrides: dict[str, Any]
-    claim: str
-    trains_prediction: bool = True
-    trains_reconstruction: bool = True
-
-
-VARIANTS: dict[str, Variant] = {
-    "reconstruction_only": Variant(
-        "reconstruction only (w = 1)",
-        {"reconstruction_weight": 1.0, "decoder_mode": "free", "reconstruction_order": "reverse"},
-        "an autoencoder alone learns a representation, but a weaker one than the composite model's",
-        trains_prediction=False,
-    ),
-    "prediction_only": Variant(
-        "prediction only (w = 0)",
-        {"reconstruction_weight": 0.0, "decoder_mode": "free", "reconstruction_order": "reverse"},
-        "a future predictor alone predicts worse than the composite model",
-        trains_reconstruction=False,
-    ),
-    "composite": Variant(
-        "composite (w = 0.5)",
-        {"reconstruction_weight": 0.5, "decoder_mode": "free", "reconstruction_order": "reverse"},
-        "reconstructing and predicting together beats either task alone",
-    ),
-    "composite_conditioned": Variant(
-        "composite, conditioned decoders",
-        {"reconstruction_weight": 0.5, "decoder_mode": "conditioned", "reconstruction_order": "reverse"},
-        "conditioning the decoders on the previous frame helps (the paper's best model, 341.2 nats/frame)",
-    ),
-    "composite_forward_order": Variant(
-        "composite, reconstruction in forward order",
-        {"reconstruction_weight": 0.5, "decoder_mode": "free", "reconstruction_order": "forward"},
-        "reconstructing in reverse order is easier: the first targets are the frames just seen",
-    ),
-}
 NEGLIGIBLE = 0.005  # relative difference below which a claim's two variants count as equal
 TABLE_METRICS = (VAL_MSE_FRAME, VAL_BCE_NATS_FRAME, VAL_RECONSTRUCTION_MSE_FRAME, PROBE_ACCURACY)
 PREDICTION_METRICS = (VAL_MSE_FRAME, VAL_BCE_NATS_FRAME)
@@ -106,15 +68,16 @@ CLAIMS = (
 )
 
 
-def run_ablations(base, seeds: int, settings, hooks=None):
+def run_ablations(base, seeds: int, settings, callbacks=()):
     """Run (or resume) the grid; returns (ResultGrid, experiment path, plan)."""
-    from tune.search import run_experiment
+    from tune.experiment import run_experiment
 
     def grid_setup(tune):
         space = {"variant": tune.grid_search(list(VARIANTS)), "seed": tune.grid_search(list(range(seeds)))}
         return space, {"num_samples": 1}
 
-    return run_experiment(base, settings, grid_setup, {"experiment": "ablations", "seeds": seeds}, hooks)
+    record = {"experiment": "ablations", "seeds": seeds}
+    return run_experiment(base, settings, grid_setup, record, callbacks, len(VARIANTS) * seeds)
 
 
 def final_metrics(results, max_steps: int) -> list[dict[str, Any]]:

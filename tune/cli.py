@@ -28,7 +28,14 @@ from lstm_ae.config import (
     config_overrides,
 )
 from lstm_ae.data import DataError
-from train.cli import OneLineParser, check_scaling_arguments, check_split, fail, root_cause
+from train.commandline import (
+    OneLineParser,
+    add_address_argument,
+    check_scaling_arguments,
+    check_split,
+    fail,
+    root_cause,
+)
 from tune.space import SpaceError, default_space, load_space
 
 
@@ -57,7 +64,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-concurrent",
         type=int,
         default=None,
-        help="trials at once (default: GPUs / workers, or 1 on CPU)",
+        help="trials at once (default: as many as the cluster holds at its largest, autoscaled nodes included)",
+    )
+    parser.add_argument(
+        "--max-failures",
+        type=int,
+        default=2,
+        help="retries of a failed trial (a lost node) from its latest checkpoint (-1: no limit)",
     )
     parser.add_argument(
         "--time-budget",
@@ -78,9 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--name", default=None, help="experiment name (default lstm-ae-<experiment>-<preset>-<time>)"
     )
     parser.add_argument("--resume", action="store_true", help="continue the experiment --name")
-    parser.add_argument(
-        "--address", default=None, help="Ray cluster to join (default RAY_ADDRESS, else local)"
-    )
+    add_address_argument(parser)
     add_config_arguments(parser)
     return parser
 
@@ -92,6 +103,8 @@ def check_positive(arguments: argparse.Namespace) -> None:
             raise ConfigError(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
     if arguments.max_concurrent is not None and arguments.max_concurrent < 1:
         raise ConfigError(f"--max-concurrent must be at least 1, got {arguments.max_concurrent}")
+    if arguments.max_failures < -1:
+        raise ConfigError(f"--max-failures must be 0 or more (-1: no limit), got {arguments.max_failures}")
     if arguments.time_budget is not None and arguments.time_budget <= 0:
         raise ConfigError(f"--time-budget must be positive, got {arguments.time_budget}")
     if arguments.experiment == "ablations" and arguments.space is not None:
@@ -121,7 +134,7 @@ def resumed_experiment(arguments: argparse.Namespace, record: dict) -> tuple:
 
 def main(argv: Sequence[str] | None = None) -> int:
     arguments = build_parser().parse_args(argv)
-    from tune.search import ExperimentFolderError, SearchSettings, saved_experiment
+    from tune.experiment import ExperimentFolderError, SearchSettings, saved_experiment
 
     name = (
         arguments.name
@@ -134,8 +147,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         check_positive(arguments)
         check_scaling_arguments(arguments)
         if arguments.resume:
-            locator = SearchSettings(name=name, storage=arguments.output_dir)
-            record = saved_experiment(locator)
+            record = saved_experiment(SearchSettings(name=name, storage=arguments.output_dir))
         if record is not None:
             base, space, arguments.seeds = resumed_experiment(arguments, record)
         else:
@@ -160,6 +172,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         address=arguments.address,
         grace_period=arguments.grace_period,
         reduction_factor=arguments.reduction_factor,
+        max_failures=arguments.max_failures,
     )
     if arguments.experiment == "ablations":
         from tune.ablations import VARIANTS
@@ -186,15 +199,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def search_and_tabulate(base, space, settings, hooks=None, points_to_evaluate=None) -> str:
+def search_and_tabulate(base, space, settings, callbacks=(), points_to_evaluate=None) -> str:
     """Run the search, write the results table and plots; returns a printable summary."""
     from tune.results import to_markdown, trial_rows, write_results
-    from tune.search import run_search, scheduler_record_path
+    from tune.search import run_search, stopped_by_scheduler
 
-    results, path, _ = run_search(base, space, settings, hooks, points_to_evaluate)
+    results, path, _ = run_search(base, space, settings, callbacks, points_to_evaluate)
     metric = base.training.metric
-    record = scheduler_record_path(settings)
-    stopped = set(record.read_text().split()) if record.exists() else set()
+    stopped = stopped_by_scheduler(settings)
     rows, histories = trial_rows(results, space, metric, base.training.max_steps, stopped)
     folder = local_results_folder(settings)
     written = write_results(folder, rows, histories, space, metric)
@@ -203,11 +215,11 @@ def search_and_tabulate(base, space, settings, hooks=None, points_to_evaluate=No
     return f"\n{to_markdown(rows, shown)}\nresults: {folder / 'results.md'} (and {', '.join(written[2:])})"
 
 
-def ablations_and_tabulate(base, seeds: int, settings, hooks=None) -> str:
+def ablations_and_tabulate(base, seeds: int, settings, callbacks=()) -> str:
     """Run the ablation grid and write its table and plot; returns a printable summary."""
     from tune.ablations import final_metrics, run_ablations, write_ablations
 
-    results, _, _ = run_ablations(base, seeds, settings, hooks)
+    results, _, _ = run_ablations(base, seeds, settings, callbacks)
     folder = local_results_folder(settings)
     markdown = write_ablations(folder, final_metrics(results, base.training.max_steps), seeds)
     publish(folder, ["ablations.csv", "ablations.md", "ablations.png"], settings)
@@ -226,7 +238,7 @@ def publish(folder: Path, names: list[str], settings) -> None:
     """Copy the results next to the experiment when it lives in remote storage."""
     if "://" not in settings.storage:
         return
-    from tune.search import experiment_path
+    from tune.experiment import experiment_path
 
     filesystem, path = experiment_path(settings)
     for name in names:

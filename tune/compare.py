@@ -30,7 +30,7 @@ from lstm_ae.metrics import (
     VAL_BCE_NATS_FRAME,
     VAL_MSE_FRAME,
 )
-from train.cli import OneLineParser, fail
+from train.commandline import OneLineParser, fail
 from tune.results import sort_rows, to_csv, to_html, to_markdown
 
 CONFIG_COLUMNS = ("hidden_size", "num_layers", "learning_rate", "reconstruction_weight", "decoder_mode")

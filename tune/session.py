@@ -17,7 +17,14 @@ class TuneSession:
     world_size = 1
 
     def __init__(self, use_gpu: bool = False):
-        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        if use_gpu and not torch.cuda.is_available():  # never train on the CPU by surprise
+            import socket
+
+            raise RuntimeError(
+                f"--use-gpu, but torch {torch.__version__} (CUDA build {torch.version.cuda}) "
+                f"cannot use a GPU on node {socket.gethostname()}"
+            )
+        self.device = torch.device("cuda" if use_gpu else "cpu")
 
     def prepare_model(self, model: nn.Module) -> nn.Module:
         return model.to(self.device)

@@ -1,0 +1,331 @@
+"""Prove the suite's cluster behaviour on Ray's own simulated multi-node clusters, on one machine.
+
+    scripts/cluster_sim.sh          # about 5 minutes on 2 cores; CI runs it
+
+Three scenes, each driven through the project's own commands (`python -m tune`,
+`python -m train` with `--address`), tiny models on the embedded digits:
+
+1. autoscaling search: a head that takes no trials and a worker type that autoscales from 0
+   nodes (Ray's `fake_multinode` provider under its v1 autoscaler, `RAY_FAKE_CLUSTER=1`).
+   4 single-worker trials; the autoscaler must launch >= 2 nodes, >= 2 trials must overlap
+   in time (from Tune's own per-trial records) and all 4 must complete.
+2. node loss under training (`ray.cluster_utils.Cluster`, nodes with logical resources): a
+   2-worker run over 2 one-CPU nodes; after its first checkpoint a node running a worker is
+   killed; the run must finish from its latest checkpoint with the step and sequence counts
+   of an uninterrupted run.
+3. node loss under a search trial: the node running a trial is killed; Tune must retry the
+   trial from its checkpoint and complete every trial.
+
+The last line reads
+`sim: max_concurrent_trials=N nodes_launched=M train_node_loss=recovered tune_node_loss=recovered`;
+the exit status is non-zero if any scene fails.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+HEAD_RESOURCE = "lstm_ae_head"
+TINY = ["--preset", "smoke", "--hidden-size", "64"]
+
+
+class SceneFailed(RuntimeError):
+    pass
+
+
+def say(message: str) -> None:
+    print(f"[sim {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def ray_binary() -> str:
+    return str(Path(sys.executable).with_name("ray"))
+
+
+def run_command(
+    arguments: list[str], env: dict[str, str], log: Path, timeout: float
+) -> subprocess.CompletedProcess:
+    say("$ " + " ".join(arguments))
+    with open(log, "w") as output:
+        completed = subprocess.run(
+            arguments, env=env, cwd=ROOT, stdout=output, stderr=subprocess.STDOUT, timeout=timeout
+        )
+    if completed.returncode != 0:
+        print(log.read_text()[-3000:], flush=True)
+        raise SceneFailed(f"{arguments[2]} exited {completed.returncode} (log {log})")
+    return completed
+
+
+# ------------------------------------------------------------------------ 1. autoscaling search
+
+
+def autoscaling_config(port: int, max_nodes: int) -> dict:
+    """A v1 autoscaler config for the fake_multinode provider (the wheel lacks its example.yaml)."""
+    empty_lists = (
+        "cluster_synced_files initialization_commands setup_commands head_setup_commands "
+        "worker_setup_commands head_start_ray_commands worker_start_ray_commands"
+    )
+    return {
+        "cluster_name": "lstm-ae-sim",
+        "max_workers": max_nodes,
+        "idle_timeout_minutes": 5,
+        "upscaling_speed": 10.0,
+        "provider": {
+            "type": "fake_multinode",
+            "use_node_id_as_ip": True,
+            "disable_node_updaters": True,
+            "disable_launch_config_check": True,
+            "gcs_address": f"127.0.0.1:{port}",
+        },
+        "head_node_type": "ray.head.default",
+        "available_node_types": {
+            "ray.head.default": {"resources": {HEAD_RESOURCE: 1}, "node_config": {}, "max_workers": 0},
+            "cpu_worker": {
+                "resources": {"CPU": 1, "object_store_memory": 100 * 1024**2},
+                "node_config": {},
+                "min_workers": 0,
+                "max_workers": max_nodes,
+            },
+        },
+        "auth": {},
+        "docker": {},
+        "file_mounts": {},
+        "file_mounts_sync_continuously": False,
+        **{key: [] for key in empty_lists.split()},
+    }
+
+
+def trial_intervals(experiment: Path) -> list[tuple[float, float]]:
+    """(start, end) wall-clock times of every trial, from Tune's per-trial result.json."""
+    intervals = []
+    for result_file in sorted(experiment.glob("*/result.json")):
+        rows = [json.loads(line) for line in result_file.read_text().splitlines() if line.strip()]
+        if rows:
+            start = min(row["timestamp"] - row["time_total_s"] for row in rows)
+            intervals.append((start, max(row["timestamp"] for row in rows)))
+    return intervals
+
+
+def most_at_once(intervals: list[tuple[float, float]]) -> int:
+    events = sorted([(start, 1) for start, _ in intervals] + [(end, -1) for _, end in intervals])
+    running = best = 0
+    for _, change in events:
+        running += change
+        best = max(best, running)
+    return best
+
+
+def completed_rows(experiment: Path) -> list[dict[str, str]]:
+    with open(experiment / "results.csv") as file:
+        return list(csv.DictReader(file))
+
+
+def scene_autoscaling_search(work: Path, env: dict[str, str]) -> tuple[int, int]:
+    port = free_port()
+    config_file = work / "autoscaling.json"
+    config_file.write_text(json.dumps(autoscaling_config(port, max_nodes=3), indent=2))
+    scene_env = {
+        **env,
+        "RAY_FAKE_CLUSTER": "1",
+        "AUTOSCALER_UPDATE_INTERVAL_S": "1",
+        "LSTM_AE_AUTOSCALING_CONFIG": str(config_file),  # how the driver learns the node types
+    }
+    start = [
+        ray_binary(), "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=0",
+        f"--resources={json.dumps({HEAD_RESOURCE: 1})}", f"--autoscaling-config={config_file}",
+        "--include-dashboard=false", "--disable-usage-stats",
+    ]  # fmt: skip
+    run_command(start, scene_env, work / "ray_start.log", timeout=180)
+    try:
+        search = [
+            sys.executable, "-m", "tune", *TINY, "--num-samples", "4", "--max-steps", "30",
+            "--eval-every", "10", "--checkpoint-every", "10", "--grace-period", "3",
+            "--address", f"127.0.0.1:{port}", "--output-dir", str(work / "runs"), "--name", "autoscaling",
+            "--cache-dir", str(work / "data"),
+        ]  # fmt: skip
+        run_command(search, scene_env, work / "autoscaling_search.log", timeout=600)
+        nodes = launched_nodes(f"127.0.0.1:{port}", scene_env)
+    finally:
+        subprocess.run([ray_binary(), "stop", "--force"], env=scene_env, capture_output=True, timeout=120)
+    experiment = work / "runs" / "autoscaling"
+    at_once = most_at_once(trial_intervals(experiment))
+    statuses = [row["status"] for row in completed_rows(experiment)]
+    say(
+        f"autoscaling search: {nodes} worker node(s) launched, {at_once} trial(s) at once, statuses {statuses}"
+    )
+    if nodes < 2 or at_once < 2 or statuses != ["completed"] * 4:
+        raise SceneFailed("the autoscaling search did not fill the cluster (see above)")
+    return at_once, nodes
+
+
+def launched_nodes(address: str, env: dict[str, str]) -> int:
+    """Worker nodes the cluster has seen (alive or gone), asked from a separate driver."""
+    program = (
+        f"import ray; ray.init(address={address!r}, logging_level='ERROR', log_to_driver=False); "
+        f"print(sum(1 for node in ray.nodes() if {HEAD_RESOURCE!r} not in node['Resources']))"
+    )
+    output = subprocess.run(
+        [sys.executable, "-c", program], env=env, capture_output=True, text=True, timeout=180
+    )
+    return int(output.stdout.strip().splitlines()[-1])
+
+
+# ------------------------------------------------------------------------ 2 and 3. node loss
+
+
+def node_running(cluster, marker: str):
+    """The worker node one of whose processes has `marker` in its command line (Ray names
+    worker processes `ray::<actor class>.<method>`)."""
+    import psutil
+
+    for node in cluster.worker_nodes:
+        raylet = node.all_processes["raylet"][0].process
+        try:
+            children = psutil.Process(raylet.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            continue
+        for child in children:
+            try:
+                if marker in " ".join(child.cmdline()):
+                    return node
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+    return None
+
+
+def wait_for(condition, what: str, timeout: float, process: subprocess.Popen | None = None):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = condition()
+        if value:
+            return value
+        if process is not None and process.poll() is not None:
+            raise SceneFailed(f"the command ended before {what}")
+        time.sleep(0.5)
+    raise SceneFailed(f"timed out waiting for {what}")
+
+
+def kill_node_under(cluster, marker: str, what: str, process: subprocess.Popen) -> None:
+    node = wait_for(lambda: node_running(cluster, marker), f"a node running {what}", 120, process)
+    say(f"killing the node running {what} ({node.node_id[:8]})")
+    cluster.remove_node(node, allow_graceful=False)
+
+
+def scene_train_node_loss(cluster, work: Path, env: dict[str, str]) -> str:
+    steps, batch = 60, 4
+    command = [
+        sys.executable, "-m", "train", *TINY, "--num-workers", "2", "--cpus-per-worker", "1",
+        "--max-steps", str(steps), "--checkpoint-every", "20", "--eval-every", "20", "--log-every", "10",
+        "--max-failures", "3", "--address", cluster.address, "--output-dir", str(work / "runs"),
+        "--name", "node-loss", "--cache-dir", str(work / "data"),
+    ]  # fmt: skip
+    say("$ " + " ".join(command))
+    log = work / "train_node_loss.log"
+    with open(log, "w") as output:
+        process = subprocess.Popen(command, env=env, cwd=ROOT, stdout=output, stderr=subprocess.STDOUT)
+        run = work / "runs" / "node-loss"
+        wait_for(
+            lambda: (run / "checkpoint_00000020" / "history.json").exists(),
+            "the first checkpoint",
+            300,
+            process,
+        )
+        kill_node_under(cluster, "RayTrainWorker", "a training worker", process)
+        code = process.wait(timeout=600)
+    if code != 0:
+        print(log.read_text()[-3000:], flush=True)
+        raise SceneFailed(f"the training run exited {code} after the node loss")
+    result = json.loads((run / "result.json").read_text())
+    say(
+        f"training: {result['steps']} steps, {result['sequences_seen']} sequences, resumed from {result['resumed_from']}"
+    )
+    if result["steps"] != steps or result["sequences_seen"] != steps * batch or not result["resumed_from"]:
+        raise SceneFailed("the training run did not finish from its checkpoint with the full counts")
+    return "recovered"
+
+
+def scene_tune_node_loss(cluster, work: Path, env: dict[str, str]) -> str:
+    command = [
+        sys.executable, "-m", "tune", *TINY, "--num-samples", "2", "--max-steps", "60",
+        "--eval-every", "20", "--checkpoint-every", "20", "--grace-period", "3", "--max-failures", "3",
+        "--address", cluster.address, "--output-dir", str(work / "runs"), "--name", "trial-loss",
+        "--cache-dir", str(work / "data"),
+    ]  # fmt: skip
+    say("$ " + " ".join(command))
+    log = work / "tune_node_loss.log"
+    experiment = work / "runs" / "trial-loss"
+    with open(log, "w") as output:
+        process = subprocess.Popen(command, env=env, cwd=ROOT, stdout=output, stderr=subprocess.STDOUT)
+        wait_for(
+            lambda: list(experiment.glob("*/checkpoint_*/history.json")),
+            "a trial's first checkpoint",
+            300,
+            process,
+        )
+        kill_node_under(cluster, "ray::trial", "a search trial", process)
+        cluster.add_node(num_cpus=1)  # the autoscaler's replacement
+        code = process.wait(timeout=600)
+    if code != 0:
+        print(log.read_text()[-3000:], flush=True)
+        raise SceneFailed(f"the search exited {code} after the node loss")
+    statuses = [row["status"] for row in completed_rows(experiment)]
+    restarted = [
+        json.loads(history.read_text())["resumed_from"]
+        for history in experiment.glob("*/checkpoint_*/history.json")
+    ]
+    say(f"search: statuses {statuses}; trials restarted from steps {[r for r in restarted if r]}")
+    if statuses != ["completed"] * 2 or not any(restarted):
+        raise SceneFailed("the search did not retry the lost trial to completion")
+    return "recovered"
+
+
+def main() -> int:
+    work = Path(tempfile.mkdtemp(prefix="lstm_ae_sim_"))
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_DISABLE_USAGE_STATS": "1"}
+    say(f"working in {work}")
+    started = time.time()
+    try:
+        at_once, nodes = scene_autoscaling_search(work, env)
+
+        from ray.cluster_utils import Cluster
+
+        cluster = Cluster(
+            initialize_head=True,
+            head_node_args={"num_cpus": 0, "resources": {HEAD_RESOURCE: 1}, "include_dashboard": False},
+        )
+        try:
+            for _ in range(3):  # 1 CPU each: a 2-worker run spreads over two of them
+                cluster.add_node(num_cpus=1)
+            cluster.wait_for_nodes()
+            train_loss = scene_train_node_loss(cluster, work, env)
+            tune_loss = scene_tune_node_loss(cluster, work, env)
+        finally:
+            cluster.shutdown()
+    except SceneFailed as error:
+        say(f"FAILED: {error}")
+        return 1
+    say(f"all scenes passed in {time.time() - started:.0f} s")
+    print(
+        f"sim: max_concurrent_trials={at_once} nodes_launched={nodes} "
+        f"train_node_loss={train_loss} tune_node_loss={tune_loss}",
+        flush=True,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

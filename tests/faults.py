@@ -1,0 +1,52 @@
+"""Fault injection for tests: a session that fails once, and a Ray Train loop that uses it.
+
+The production loop has no fault hooks; tests wrap its session instead. A marker file makes
+the fault happen once, so the run's restart (Ray's FailureConfig, or a resume) gets past it.
+Ray workers cannot import this module from tests/, so the test modules that hand
+`FaultyTrainLoop` to Ray register it to be pickled by value.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+class InjectedFailure(RuntimeError):
+    pass
+
+
+class FailOnceSession:
+    """Wraps a session; the last rank raises when it reports step `at_step` (once)."""
+
+    def __init__(self, session, at_step: int, marker: str | Path):
+        self.session, self.at_step, self.marker = session, at_step, Path(marker)
+        self.world_rank, self.world_size = session.world_rank, session.world_size
+        self.device = session.device
+
+    def prepare_model(self, model):
+        return self.session.prepare_model(model)
+
+    def latest_checkpoint(self):
+        return self.session.latest_checkpoint()
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None, step: int) -> None:
+        if step == self.at_step and self.world_rank == self.world_size - 1 and not self.marker.exists():
+            self.marker.parent.mkdir(parents=True, exist_ok=True)
+            self.marker.write_text(f"failed at step {step}\n")
+            raise InjectedFailure(f"injected failure at step {step} on rank {self.world_rank}")
+        self.session.report(metrics, checkpoint_dir, step)
+
+
+class FaultyTrainLoop:
+    """`train.worker.train_loop_per_worker` whose session fails once at `at_step`."""
+
+    def __init__(self, at_step: int, marker: str | Path):
+        self.at_step, self.marker = at_step, str(marker)
+
+    def __call__(self, loop_config: dict[str, Any]) -> None:
+        from train.session import RayTrainSession
+        from train.worker import quiet_report_logging, train_function
+
+        quiet_report_logging()
+        train_function(loop_config, FailOnceSession(RayTrainSession(), self.at_step, self.marker))

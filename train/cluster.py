@@ -1,0 +1,152 @@
+"""What a Ray cluster can hold: its live nodes and, under an autoscaler, the node types it
+may still launch. Used to size searches (`tune.experiment.plan_trials`) and to refuse GPU
+runs on clusters that can never get a GPU.
+
+`ray.cluster_resources()` only counts nodes that are up: an autoscaling cluster starts with
+few or none, so a plan sized from it alone would run one trial at a time. The node types
+come from, in order:
+
+1. the GCS's cluster config (`ray._private.state.state.get_cluster_config`, what Ray Train
+   reads); Ray 2.60's own autoscalers do not publish it yet, so usually:
+2. the autoscaling config file: `$LSTM_AE_AUTOSCALING_CONFIG`, else
+   `~/ray_bootstrap_config.yaml`, where `ray up` puts it on the head node (where
+   `ray job submit` runs drivers). Each type counts at most `max_workers` nodes, capped by
+   the file's global `max_workers`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+HEAD_RESOURCE = "lstm_ae_head"  # the cluster files give only the head node this resource
+AUTOSCALING_CONFIG_VARIABLE = "LSTM_AE_AUTOSCALING_CONFIG"
+BOOTSTRAP_CONFIG = "~/ray_bootstrap_config.yaml"
+
+
+@dataclass(frozen=True)
+class NodeGroup:
+    """Nodes of one shape: `count` of them, each with `resources` (CPU, GPU, custom)."""
+
+    resources: dict[str, float]
+    count: int  # -1: no limit
+
+
+@dataclass(frozen=True)
+class ClusterCapacity:
+    live: list[NodeGroup] = field(default_factory=list)  # nodes up now, one group per node
+    launchable: list[NodeGroup] | None = None  # the autoscaler's node types, None without one
+
+    def fits(self, bundle: dict[str, float]) -> int:
+        """How many bundles the cluster holds at its largest (live nodes, or every node type
+        at its max count, whichever is more); a bundle never spans nodes. -1: no limit."""
+        live = _fits(self.live, bundle)
+        if self.launchable is None:
+            return live
+        launchable = _fits(self.launchable, bundle)
+        return -1 if launchable == -1 else max(live, launchable)
+
+    def can_ever_hold(self, bundle: dict[str, float]) -> bool:
+        return self.fits(bundle) != 0
+
+    def largest(self, resource: str) -> float:
+        """The most of `resource` one node has or can have."""
+        groups = self.live + (self.launchable or [])
+        return max((group.resources.get(resource, 0.0) for group in groups), default=0.0)
+
+    def has(self, resource: str) -> bool:
+        return self.largest(resource) > 0
+
+
+def _fits(groups: list[NodeGroup], bundle: dict[str, float]) -> int:
+    total = 0
+    for group in groups:
+        per_node = min(
+            (
+                math.floor(group.resources.get(name, 0.0) / amount + 1e-9)
+                for name, amount in bundle.items()
+                if amount > 0
+            ),
+            default=0,
+        )
+        if per_node == 0 or group.count == 0:
+            continue
+        if group.count < 0:
+            return -1
+        total += per_node * group.count
+    return total
+
+
+def cluster_capacity() -> ClusterCapacity:
+    """The capacity of the cluster this process is connected to (ray.init first)."""
+    import ray
+
+    live = [
+        NodeGroup({name: float(value) for name, value in node["Resources"].items()}, 1)
+        for node in ray.nodes()
+        if node.get("Alive")
+    ]
+    return ClusterCapacity(live, _autoscaler_node_types())
+
+
+def _autoscaler_node_types() -> list[NodeGroup] | None:
+    """The autoscaler's node types, or None where no autoscaler is known."""
+    try:
+        from ray._private.state import state
+
+        config = state.get_cluster_config()
+    except Exception:  # private API: absent or changed in another Ray version
+        config = None
+    if config is not None and config.node_group_configs:
+        return [
+            NodeGroup({name: float(value) for name, value in group.resources.items()}, int(group.max_count))
+            for group in config.node_group_configs
+        ]
+    path = Path(os.environ.get(AUTOSCALING_CONFIG_VARIABLE) or BOOTSTRAP_CONFIG).expanduser()
+    return node_types_from_file(path) if path.is_file() else None
+
+
+def node_types_from_file(path: Path) -> list[NodeGroup] | None:
+    """Node types of an autoscaling config (YAML or JSON): the head type counts once."""
+    import yaml
+
+    try:
+        config = yaml.safe_load(path.read_text()) or {}
+        types = config.get("available_node_types") or {}
+        overall = config.get("max_workers")
+        groups = []
+        for name, node_type in types.items():
+            count = 1 if name == config.get("head_node_type") else int(node_type.get("max_workers", 0))
+            if overall is not None and name != config.get("head_node_type"):
+                count = min(count, int(overall))
+            resources = {key: float(value) for key, value in (node_type.get("resources") or {}).items()}
+            groups.append(NodeGroup(resources, count))
+    except (OSError, ValueError, TypeError, AttributeError, yaml.YAMLError):
+        return None
+    return groups or None
+
+
+def check_can_hold(capacity: ClusterCapacity, bundle: dict[str, float], count: int, what: str) -> None:
+    """Raise ConfigError when the cluster, even fully scaled, holds fewer than `count`
+    bundles: Ray would otherwise wait forever for resources that never come."""
+    from lstm_ae.config import ConfigError
+
+    fits = capacity.fits(bundle)
+    if fits < 0 or fits >= count:
+        return
+    wanted = ", ".join(f"{amount:g} {name}" for name, amount in bundle.items())
+    scope = (
+        "its live nodes and the node types its autoscaler can launch"
+        if capacity.launchable
+        else "its nodes (no autoscaler)"
+    )
+    hint = (
+        " (no node has a GPU: drop --use-gpu, or add a GPU node type)"
+        if "GPU" in bundle and not capacity.has("GPU")
+        else ""
+    )
+    raise ConfigError(
+        f"{what} need(s) {count} x ({wanted}) but the cluster holds at most {fits} across {scope}{hint}"
+    )

@@ -1,0 +1,148 @@
+"""What the command lines (`train`, `train.predict`, `train.probe`, `tune`, `tune.compare`)
+share: one-line errors, the scaling and device flags, the batch-split and address checks,
+and finding a run's checkpoint.
+
+Bad input never shows a traceback: it exits with status 2 and one line naming the problem.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import sys
+from pathlib import Path, PurePosixPath
+from typing import NoReturn
+
+from lstm_ae.config import ConfigError, ExperimentConfig
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr and exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def fail(message: str, status: int = 2) -> NoReturn:
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(status)
+
+
+def root_cause(error: BaseException) -> str:
+    """The first line of the innermost worker error Ray wrapped."""
+    failures = getattr(error, "worker_failures", None)
+    if failures:
+        error = next(iter(failures.values()))
+    while getattr(error, "cause", None) is not None:
+        error = error.cause
+    text = str(error).strip()
+    lines = [line for line in text.splitlines() if line.strip()]
+    return lines[-1] if lines else type(error).__name__
+
+
+# ------------------------------------------------------------------------------- scaling
+
+
+def add_address_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--address", default=None, help="Ray cluster to join (default RAY_ADDRESS, else a local one)"
+    )
+
+
+def add_scaling_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--num-workers", type=int, default=1, help="data-parallel workers (one per GPU)")
+    parser.add_argument("--use-gpu", action="store_true", help="one GPU per worker")
+    parser.add_argument(
+        "--cpus-per-worker",
+        type=float,
+        default=None,
+        help="CPUs reserved per worker (default: all CPUs split over the workers; 2 with --use-gpu)",
+    )
+    add_address_argument(parser)
+
+
+def check_scaling_arguments(arguments: argparse.Namespace) -> None:
+    """The flags of add_scaling_arguments that argparse's types alone do not check."""
+    if arguments.cpus_per_worker is not None and not arguments.cpus_per_worker > 0:
+        raise ConfigError(f"--cpus-per-worker must be positive, got {arguments.cpus_per_worker}")
+    check_address(arguments.address)
+
+
+def check_split(config: ExperimentConfig, num_workers: int) -> None:
+    """The global batch splits evenly over the workers and micro-batches (ConfigError if not)."""
+    from train.worker import check_batch_split
+
+    try:
+        check_batch_split(config.training.batch_size, num_workers, config.training.grad_accumulation_steps)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+
+
+def check_address(address: str | None, timeout_seconds: float = 3.0) -> None:
+    """A `host:port` address must have something listening: Ray itself would retry for
+    minutes. ('auto', 'local', ray:// client and http addresses are left to Ray.)"""
+    if not address or address in ("auto", "local") or "://" in address:
+        return
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"--address must be host:port (or auto), got {address!r}")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout_seconds):
+            pass
+    except OSError as error:
+        reason = error.strerror or type(error).__name__
+        raise ConfigError(f"--address {address}: no Ray cluster answers there ({reason})") from None
+
+
+# ------------------------------------------------------------------------------- devices
+
+
+def add_device_argument(parser: argparse.ArgumentParser) -> None:
+    import torch
+
+    parser.add_argument(
+        "--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda"
+    )
+
+
+def check_device(name: str) -> str:
+    """`cpu`, `cuda` or `cuda:N`, and available here; else exit 2 with one line naming the problem."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        fail(f"--device must be cpu or cuda, got {name!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        fail(f"--device {name}: no CUDA GPU is available here (use --device cpu)")
+    if device.type not in ("cpu", "cuda"):
+        fail(f"--device must be cpu or cuda, got {name!r}")
+    return name
+
+
+# ------------------------------------------------------------------------------- run folders
+
+
+def resolve_checkpoint(path: Path) -> Path:
+    """A run folder means its best checkpoint (from result.json).
+
+    result.json records where the checkpoint was written; a run folder copied elsewhere (say
+    with `aws s3 sync`) finds it by its folder name inside the copy instead.
+    """
+    from lstm_ae.checkpoint import CheckpointError
+
+    result_file = path / "result.json"
+    if not result_file.is_file():
+        return path
+    try:
+        result = json.loads(result_file.read_text(encoding="utf-8"))
+        recorded = str(result.get("best_checkpoint") or result["final_checkpoint"])
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise CheckpointError(
+            f"{result_file} names no checkpoint (is it a run folder of python -m train?)"
+        ) from None
+    for candidate in (path / PurePosixPath(recorded.rstrip("/")).name, Path(recorded)):
+        if candidate.exists():
+            return candidate
+    raise CheckpointError(f"the run's checkpoint {recorded} is neither at that path nor inside {path}")

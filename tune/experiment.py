@@ -1,0 +1,294 @@
+"""A Tune experiment of training trials: the plan (resources, concurrency), the trial
+function, and starting or restoring the experiment. `tune.search` (Optuna + ASHA) and
+`tune.ablations` (a grid) build on it.
+
+Each trial trains one config with the same training function as `train`:
+
+- one worker per trial: the trial process runs `train.worker.train_function` itself;
+- several workers per trial: the trial launches a Ray Train `TorchTrainer` (the Train V2
+  pattern; `TuneReportCallback` forwards its reports to Tune), whose run lives under the
+  experiment folder in `train_runs/<trial id>` and resumes there if the trial is retried.
+  Ray places that trainer's controller on the trial's node, so the trial asks for the head
+  node's `lstm_ae_head` resource where the cluster has it: a reclaimed spot node then
+  takes workers with it, never a controller.
+
+Trials report after every validation. A failed trial (a lost node) is retried from its
+latest checkpoint up to `max_failures` times. The experiment folder is Tune's own,
+`<storage>/<name>/`, with `search.json` (what the experiment was started with).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from lstm_ae.config import ExperimentConfig
+from lstm_ae.metrics import METRIC_MODES
+from train.cluster import HEAD_RESOURCE, ClusterCapacity
+from train.launch import connect, storage_filesystem, storage_path, with_absolute_paths
+from tune.space import Dimension, SearchSpace
+
+SEARCH_FILE = "search.json"
+DRIVER_SHARE = 0.01  # what a trial that only launches a TorchTrainer asks for
+GPU_WORKER_CPUS = 2.0
+
+
+class ExperimentFolderError(ValueError):
+    """The experiment folder exists without --resume, or --resume finds nothing."""
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    """How a Tune experiment (a search or the ablation grid) runs, apart from its configs."""
+
+    name: str
+    storage: str = "runs"
+    num_samples: int = 8
+    workers_per_trial: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float | None = None
+    max_concurrent: int | None = None
+    time_budget_seconds: float | None = None
+    seed: int = 0
+    resume: bool = False
+    address: str | None = None
+    grace_period: int = 1
+    reduction_factor: int = 2
+    max_failures: int = 2
+
+
+@dataclass(frozen=True)
+class TrialPlan:
+    """Resources per trial and how many trials run at once (Ray needs plain data: to_dict)."""
+
+    workers_per_trial: int
+    use_gpu: bool
+    cpus_per_worker: float
+    max_concurrent: int
+    capacity: int  # trials the cluster holds at its largest (-1: no limit)
+    driver_resources: dict[str, float]  # multi-worker trials only
+    train_storage: str
+
+    @property
+    def threads(self) -> int:
+        return max(1, int(round(self.cpus_per_worker)))
+
+    @property
+    def worker_resources(self) -> dict[str, float]:
+        return {"CPU": self.cpus_per_worker, **({"GPU": 1.0} if self.use_gpu else {})}
+
+    @property
+    def trial_resources(self) -> dict[str, float]:
+        """What Tune reserves for the trial itself (the worker, or the trainer's driver)."""
+        return self.worker_resources if self.workers_per_trial == 1 else self.driver_resources
+
+    def describe(self) -> str:
+        worker = f"{self.cpus_per_worker:g} CPU" + (" + 1 GPU" if self.use_gpu else "")
+        shape = (
+            f"1 worker ({worker})"
+            if self.workers_per_trial == 1
+            else f"{self.workers_per_trial} workers ({worker} each) + a driver on "
+            + ("the head node" if HEAD_RESOURCE in self.driver_resources else "any node")
+        )
+        held = "no limit" if self.capacity < 0 else str(self.capacity)
+        return (
+            f"plan: each trial {shape}; up to {self.max_concurrent} trial(s) at once "
+            f"(the cluster holds {held} at its largest)"
+        )
+
+
+def plan_trials(settings: SearchSettings, cluster: ClusterCapacity, num_trials: int) -> TrialPlan:
+    """Resources per worker and trials at once, from the cluster's live nodes and the node
+    types its autoscaler can launch.
+
+    Single-worker trials: as many at once as the cluster can hold when fully scaled; Tune
+    keeps that many trials pending, which is what makes an autoscaler add nodes.
+    Multi-worker trials: as many whole worker groups as the cluster can hold. Either is
+    capped by --max-concurrent and by the number of trials.
+    """
+    workers = settings.workers_per_trial
+    if settings.cpus_per_worker is not None:
+        cpus = settings.cpus_per_worker
+    elif settings.use_gpu:
+        cpus = min(GPU_WORKER_CPUS, cluster.largest("CPU") or GPU_WORKER_CPUS)
+    else:  # CPU trials: one node's CPUs per trial, split over its workers
+        cpus = max(1.0, float(int(cluster.largest("CPU") or 1) // workers))
+    worker = {"CPU": cpus, **({"GPU": 1.0} if settings.use_gpu else {})}
+    if HEAD_RESOURCE in {name for group in cluster.live for name in group.resources}:
+        driver = {"CPU": 0.0, HEAD_RESOURCE: DRIVER_SHARE}
+    else:
+        driver = {"CPU": DRIVER_SHARE}
+    if workers == 1:
+        capacity = cluster.fits(worker)
+    else:
+        worker_slots = cluster.fits(worker)
+        capacity = -1 if worker_slots < 0 else worker_slots // workers
+    limit = num_trials if capacity < 0 else min(max(1, capacity), num_trials)
+    concurrent = min(settings.max_concurrent, num_trials) if settings.max_concurrent else limit
+    return TrialPlan(
+        workers_per_trial=workers,
+        use_gpu=settings.use_gpu,
+        cpus_per_worker=cpus,
+        max_concurrent=max(1, concurrent),
+        capacity=capacity,
+        driver_resources=driver,
+        train_storage=f"{storage_path(settings.storage)}/{settings.name}/train_runs",
+    )
+
+
+def trial(sampled: dict[str, Any], base: dict[str, Any], plan: dict[str, Any]) -> None:
+    """One Tune trial: train the base config with the sampled values."""
+    import ray.tune
+
+    from train.worker import WorkerSettings, loop_config, quiet_report_logging, train_function
+    from tune.variants import expand_variant
+
+    quiet_report_logging()
+    plan = TrialPlan(**plan)
+    config = ExperimentConfig.from_dict(base).replace(**expand_variant(sampled))
+    worker_config = loop_config(
+        config, WorkerSettings(threads=plan.threads, validation_reports_only=True, quiet=True)
+    )
+    if plan.workers_per_trial == 1:
+        from tune.session import TuneSession
+
+        train_function(worker_config, TuneSession(plan.use_gpu))
+        return
+    import ray.train
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from train.worker import train_loop_per_worker
+
+    metric = config.training.metric
+    TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=worker_config,
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=plan.workers_per_trial,
+            use_gpu=plan.use_gpu,
+            resources_per_worker=plan.worker_resources,
+        ),
+        run_config=ray.train.RunConfig(
+            name=ray.tune.get_context().get_trial_id(),
+            storage_path=plan.train_storage,
+            callbacks=[TuneReportCallback()],
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=config.training.keep_checkpoints,
+                checkpoint_score_attribute=metric,
+                checkpoint_score_order=METRIC_MODES[metric],
+            ),
+            failure_config=ray.train.FailureConfig(max_failures=1),
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
+        ),
+    ).fit()
+
+
+def experiment_path(settings: SearchSettings) -> tuple[Any, str]:
+    """(pyarrow filesystem, path) of the experiment folder."""
+    filesystem, root = storage_filesystem(settings.storage)
+    return filesystem, f"{root}/{settings.name}"
+
+
+def saved_experiment(settings: SearchSettings) -> dict[str, Any] | None:
+    """The record (search.json) an experiment was started with, or None where there is none."""
+    from train.launch import path_exists, read_text
+
+    filesystem, path = experiment_path(settings)
+    if not path_exists(filesystem, f"{path}/{SEARCH_FILE}"):
+        return None
+    try:
+        record = json.loads(read_text(filesystem, f"{path}/{SEARCH_FILE}"))
+        record["base"] = ExperimentConfig.from_dict(record["base"])
+        if "space" in record:
+            record["space"] = SearchSpace(
+                tuple(Dimension(d["name"], d["kind"], tuple(d["values"])) for d in record["space"])
+            )
+    except (ValueError, KeyError, TypeError) as error:
+        raise ExperimentFolderError(
+            f"{path}/{SEARCH_FILE} is not a readable experiment record: {error}"
+        ) from None
+    return record
+
+
+def run_experiment(
+    base: ExperimentConfig,
+    settings: SearchSettings,
+    setup,
+    record: dict[str, Any],
+    callbacks=(),
+    num_trials: int | None = None,
+):
+    """Check, start or restore, and run a Tune experiment of `trial`s over `base`.
+
+    `setup(tune)` returns (param_space, extra TuneConfig arguments) for a new experiment;
+    `callbacks` are Tune callbacks (tests use them to watch or interrupt the driver).
+    Returns (ResultGrid, experiment path, plan).
+    """
+    from ray import tune
+
+    from lstm_ae.data import load_test_set
+    from train.cluster import check_can_hold, cluster_capacity
+    from train.launch import path_exists
+
+    filesystem, path = experiment_path(settings)
+    base = with_absolute_paths(base)
+    load_test_set(base.model, base.data)  # fail on bad data before any trial, and build the cache once
+    exists = path_exists(filesystem, f"{path}/{SEARCH_FILE}")
+    if exists and not settings.resume:
+        raise ExperimentFolderError(
+            f"experiment folder {path} already exists: pass --resume to continue it, or choose another --name"
+        )
+    if settings.resume and not exists:
+        raise ExperimentFolderError(
+            f"nothing to resume: no experiment named {settings.name!r} under {settings.storage}"
+        )
+
+    connect(settings.address)
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    capacity = cluster_capacity()
+    plan = plan_trials(settings, capacity, num_trials or settings.num_samples)
+    check_can_hold(capacity, plan.worker_resources, plan.workers_per_trial, "each trial's worker(s)")
+    print(plan.describe(), flush=True)
+    trainable = tune.with_resources(
+        tune.with_parameters(trial, base=base.to_dict(), plan=asdict(plan)), plan.trial_resources
+    )
+    metric = base.training.metric
+    tune_path = f"{storage_path(settings.storage)}/{settings.name}"
+    if settings.resume:
+        if not tune.Tuner.can_restore(tune_path):
+            raise ExperimentFolderError(f"experiment {path} cannot be restored (no Tune state)")
+        tuner = tune.Tuner.restore(tune_path, trainable=trainable, resume_errored=True)
+    else:
+        param_space, tune_arguments = setup(tune)
+        filesystem.create_dir(path, recursive=True)
+        with filesystem.open_output_stream(f"{path}/{SEARCH_FILE}") as stream:
+            full_record = {"base": base.to_dict(), "settings": asdict(settings), **record}
+            stream.write(json.dumps(full_record, indent=2).encode())
+        tuner = tune.Tuner(
+            trainable,
+            param_space=param_space,
+            tune_config=tune.TuneConfig(
+                metric=metric,
+                mode=METRIC_MODES[metric],
+                max_concurrent_trials=plan.max_concurrent,
+                time_budget_s=settings.time_budget_seconds,
+                **tune_arguments,
+            ),
+            run_config=tune.RunConfig(
+                name=settings.name,
+                storage_path=storage_path(settings.storage),
+                checkpoint_config=tune.CheckpointConfig(
+                    num_to_keep=base.training.keep_checkpoints,
+                    checkpoint_score_attribute=metric,
+                    checkpoint_score_order=METRIC_MODES[metric],
+                ),
+                failure_config=tune.FailureConfig(max_failures=settings.max_failures),
+                callbacks=list(callbacks),
+                verbose=1,
+            ),
+        )
+    results = tuner.fit()
+    return results, path, plan
