@@ -36,6 +36,19 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 HEAD_RESOURCE = "lstm_ae_head"
 TINY = ["--preset", "smoke", "--hidden-size", "64"]
+# Node-loss scenes train long enough (tens of seconds) for a node to die mid-run.
+SLOWER = [
+    "--preset",
+    "smoke",
+    "--hidden-size",
+    "256",
+    "--max-steps",
+    "300",
+    "--eval-every",
+    "50",
+    "--checkpoint-every",
+    "50",
+]
 
 
 class SceneFailed(RuntimeError):
@@ -143,6 +156,7 @@ def scene_autoscaling_search(work: Path, env: dict[str, str]) -> tuple[int, int]
         "RAY_FAKE_CLUSTER": "1",
         "AUTOSCALER_UPDATE_INTERVAL_S": "1",
         "LSTM_AE_AUTOSCALING_CONFIG": str(config_file),  # how the driver learns the node types
+        "RAY_AUTH_MODE": "token",  # `ray start` turns token authentication on; clients must use it too
     }
     start = [
         ray_binary(), "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=0",
@@ -187,24 +201,59 @@ def launched_nodes(address: str, env: dict[str, str]) -> int:
 # ------------------------------------------------------------------------ 2 and 3. node loss
 
 
-def node_running(cluster, marker: str):
-    """The worker node one of whose processes has `marker` in its command line (Ray names
-    worker processes `ray::<actor class>.<method>`)."""
+def ray_processes(node) -> list[str]:
+    """The command lines of a node's Ray worker processes (`ray::<actor class>.<method>`)."""
     import psutil
 
-    for node in cluster.worker_nodes:
-        raylet = node.all_processes["raylet"][0].process
+    raylet = node.all_processes["raylet"][0].process
+    titles = []
+    try:
+        children = psutil.Process(raylet.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return titles
+    for child in children:
         try:
-            children = psutil.Process(raylet.pid).children(recursive=True)
-        except psutil.NoSuchProcess:
+            titles.append(" ".join(child.cmdline()))
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
-        for child in children:
-            try:
-                if marker in " ".join(child.cmdline()):
-                    return node
-            except (psutil.NoSuchProcess, psutil.AccessDenied):
-                continue
+    return titles
+
+
+def node_running(cluster, marker: str):
+    """The worker node one of whose processes has `marker` in its command line."""
+    for node in cluster.worker_nodes:
+        if any(marker in title for title in ray_processes(node)):
+            return node
     return None
+
+
+def add_worker_node(cluster):
+    """A one-CPU worker node. Its own address (127.0.0.1, not the head's) keeps drivers on
+    the head, as `ray job submit` does on a real cluster: a driver started on this machine
+    attaches to a node with its address, and Ray Train pins its controller to that node."""
+    return cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1")
+
+
+def registered_checkpoint(run: Path) -> str | None:
+    """The latest checkpoint Ray Train has registered (a folder on disk may not be yet)."""
+    try:
+        snapshot = json.loads((run / "checkpoint_manager_snapshot.json").read_text())
+    except (OSError, ValueError):
+        return None
+    latest = snapshot.get("latest_checkpoint_result") or {}
+    return latest.get("checkpoint_dir_name")
+
+
+def trial_reported_step(experiment: Path, step: int) -> bool:
+    """Tune's driver has processed some trial's report of `step` (and so its checkpoint)."""
+    for result_file in experiment.glob("*/result.json"):
+        try:
+            rows = [json.loads(line) for line in result_file.read_text().splitlines() if line.strip()]
+        except (OSError, ValueError):
+            continue
+        if any(row.get("step") == step for row in rows):
+            return True
+    return False
 
 
 def wait_for(condition, what: str, timeout: float, process: subprocess.Popen | None = None):
@@ -221,16 +270,18 @@ def wait_for(condition, what: str, timeout: float, process: subprocess.Popen | N
 
 def kill_node_under(cluster, marker: str, what: str, process: subprocess.Popen) -> None:
     node = wait_for(lambda: node_running(cluster, marker), f"a node running {what}", 120, process)
+    for each in [cluster.head_node, *cluster.worker_nodes]:
+        titles = sorted({title.split()[0] for title in ray_processes(each) if title.startswith("ray::")})
+        say(f"  node {each.node_id[:8]} ({each.address_info['node_ip_address']}): {titles}")
     say(f"killing the node running {what} ({node.node_id[:8]})")
     cluster.remove_node(node, allow_graceful=False)
 
 
 def scene_train_node_loss(cluster, work: Path, env: dict[str, str]) -> str:
-    steps, batch = 60, 4
+    steps, batch = 300, 4
     command = [
-        sys.executable, "-m", "train", *TINY, "--num-workers", "2", "--cpus-per-worker", "1",
-        "--max-steps", str(steps), "--checkpoint-every", "20", "--eval-every", "20", "--log-every", "10",
-        "--max-failures", "3", "--address", cluster.address, "--output-dir", str(work / "runs"),
+        sys.executable, "-m", "train", *SLOWER, "--num-workers", "2", "--cpus-per-worker", "1",
+        "--log-every", "25", "--max-failures", "3", "--address", cluster.address, "--output-dir", str(work / "runs"),
         "--name", "node-loss", "--cache-dir", str(work / "data"),
     ]  # fmt: skip
     say("$ " + " ".join(command))
@@ -239,10 +290,7 @@ def scene_train_node_loss(cluster, work: Path, env: dict[str, str]) -> str:
         process = subprocess.Popen(command, env=env, cwd=ROOT, stdout=output, stderr=subprocess.STDOUT)
         run = work / "runs" / "node-loss"
         wait_for(
-            lambda: (run / "checkpoint_00000020" / "history.json").exists(),
-            "the first checkpoint",
-            300,
-            process,
+            lambda: registered_checkpoint(run) == "checkpoint_00000050", "the first checkpoint", 300, process
         )
         kill_node_under(cluster, "RayTrainWorker", "a training worker", process)
         code = process.wait(timeout=600)
@@ -259,9 +307,11 @@ def scene_train_node_loss(cluster, work: Path, env: dict[str, str]) -> str:
 
 
 def scene_tune_node_loss(cluster, work: Path, env: dict[str, str]) -> str:
+    space = work / "learning_rate_only.yaml"  # the model keeps SLOWER's size
+    space.write_text("learning_rate: {loguniform: [0.001, 0.01]}\n")
     command = [
-        sys.executable, "-m", "tune", *TINY, "--num-samples", "2", "--max-steps", "60",
-        "--eval-every", "20", "--checkpoint-every", "20", "--grace-period", "3", "--max-failures", "3",
+        sys.executable, "-m", "tune", *SLOWER, "--num-samples", "2", "--grace-period", "6", "--max-failures", "3",
+        "--space", str(space),
         "--address", cluster.address, "--output-dir", str(work / "runs"), "--name", "trial-loss",
         "--cache-dir", str(work / "data"),
     ]  # fmt: skip
@@ -270,25 +320,21 @@ def scene_tune_node_loss(cluster, work: Path, env: dict[str, str]) -> str:
     experiment = work / "runs" / "trial-loss"
     with open(log, "w") as output:
         process = subprocess.Popen(command, env=env, cwd=ROOT, stdout=output, stderr=subprocess.STDOUT)
-        wait_for(
-            lambda: list(experiment.glob("*/checkpoint_*/history.json")),
-            "a trial's first checkpoint",
-            300,
-            process,
-        )
-        kill_node_under(cluster, "ray::trial", "a search trial", process)
-        cluster.add_node(num_cpus=1)  # the autoscaler's replacement
+        wait_for(lambda: trial_reported_step(experiment, 50), "a trial's first checkpoint", 300, process)
+        kill_node_under(cluster, "ImplicitFunc", "a search trial", process)
+        add_worker_node(cluster)  # the autoscaler's replacement
         code = process.wait(timeout=600)
     if code != 0:
         print(log.read_text()[-3000:], flush=True)
         raise SceneFailed(f"the search exited {code} after the node loss")
     statuses = [row["status"] for row in completed_rows(experiment)]
-    restarted = [
-        json.loads(history.read_text())["resumed_from"]
-        for history in experiment.glob("*/checkpoint_*/history.json")
-    ]
-    say(f"search: statuses {statuses}; trials restarted from steps {[r for r in restarted if r]}")
-    if statuses != ["completed"] * 2 or not any(restarted):
+    restarted = {}  # trial -> the steps it restarted at, from its latest checkpoint
+    for trial_folder in experiment.iterdir():
+        checkpoints = sorted(trial_folder.glob("checkpoint_*/history.json"))
+        if checkpoints:
+            restarted[trial_folder.name[:40]] = json.loads(checkpoints[-1].read_text())["resumed_from"]
+    say(f"search: statuses {statuses}; restarts {restarted}")
+    if statuses != ["completed"] * 2 or not any(restarted.values()):
         raise SceneFailed("the search did not retry the lost trial to completion")
     return "recovered"
 
@@ -299,17 +345,24 @@ def main() -> int:
     say(f"working in {work}")
     started = time.time()
     try:
-        at_once, nodes = scene_autoscaling_search(work, env)
+        if os.environ.get("SIM_SKIP_AUTOSCALING"):  # for iterating on the node-loss scenes
+            at_once, nodes = 0, 0
+        else:
+            at_once, nodes = scene_autoscaling_search(work, env)
 
         from ray.cluster_utils import Cluster
 
         cluster = Cluster(
             initialize_head=True,
-            head_node_args={"num_cpus": 0, "resources": {HEAD_RESOURCE: 1}, "include_dashboard": False},
+            head_node_args={
+                "num_cpus": 0,
+                "resources": {HEAD_RESOURCE: 1},
+                "include_dashboard": False,
+            },
         )
         try:
             for _ in range(3):  # 1 CPU each: a 2-worker run spreads over two of them
-                cluster.add_node(num_cpus=1)
+                add_worker_node(cluster)
             cluster.wait_for_nodes()
             train_loss = scene_train_node_loss(cluster, work, env)
             tune_loss = scene_tune_node_loss(cluster, work, env)
