@@ -1,4 +1,4 @@
-"""The naive reference: the tutorial's composite model, written the obvious way.
+"""The naive reference: the seed tutorial's composite model, written the obvious way.
 
 An `nn.LSTM` encoder and two `nn.LSTM` + `nn.Linear` decoders unrolled one step at a time,
 each fed its own previous output (or, in `conditioned` training, the ground-truth previous

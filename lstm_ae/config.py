@@ -281,7 +281,7 @@ class ExperimentConfig:
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
-    def flat(self) -> dict[str, Any]:
+    def values_by_field(self) -> dict[str, Any]:
         """All fields in one flat dictionary (field names are unique across sections)."""
         return {name: value for section in self.to_dict().values() for name, value in section.items()}
 

@@ -11,7 +11,7 @@ hand-written kernels of `lstm_ae.recurrence`; both decoders run at once as a sta
 
 Decoder inputs (`decoder_mode`):
 - `free`: each decoder feeds its own previous output back (a zero frame first), in training
-  and evaluation alike, with gradients through the feedback (the tutorial's model).
+  and evaluation alike, with gradients through the feedback (the seed tutorial's model).
 - `conditioned`: in training each decoder is fed the ground-truth previous target frame (a
   zero frame first), the paper's conditional decoder; at evaluation (`model.eval()`) there is
   no ground truth to feed, so it feeds its own outputs exactly like `free`.

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Prove cluster.local.yaml end to end on this machine: `ray up` over SSH to 127.0.0.1,
-# `ray job submit` a train and a tune job, fetch their results with `ray rsync-down`,
+# `ray job submit` the doctor, a train and a tune job, fetch their results with `ray rsync-down`,
 # `ray down`, and stop whatever Ray processes the cluster left behind.
 #
 #   scripts/cluster_local_e2e.sh            # needs root, a venv in .venv, and apt (for sshd)
@@ -58,6 +58,11 @@ rm -rf "$RESULTS"
 start=$(date +%s)
 "$RAY" up -y cluster.local.yaml --no-config-cache
 echo "cluster up in $(( $(date +%s) - start )) s"
+
+step "submit: python -m train.doctor (the preflight check, first job on a new cluster)"
+"$RAY" job submit --working-dir . -- "$PY" -m train.doctor --output-dir "$RESULTS/runs" | tee /tmp/lstm-ae-doctor.txt
+grep -q "| ok |" /tmp/lstm-ae-doctor.txt
+grep -q "^ok: a run can work here" /tmp/lstm-ae-doctor.txt
 
 step "submit: python -m train --preset smoke"
 "$RAY" job submit --working-dir . -- \

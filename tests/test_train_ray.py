@@ -195,3 +195,25 @@ def test_a_finished_run_extended_keeps_its_checkpoint_and_continues_its_schedule
     assert Path(result["final_checkpoint"]).is_dir() and Path(result["best_checkpoint"]).is_dir()
     rates = [float(row["learning_rate"]) for row in metrics_rows(str(finished_run / "x"))]
     assert rates[-1] <= rates[-2] * (1 + 1e-9)  # no jump back up after the resume
+
+
+def test_the_doctor_checks_every_node_of_a_running_cluster(ray_cluster, tmp_path):
+    address = ray_cluster.get_runtime_context().gcs_address
+    command = [sys.executable, "-m", "train.doctor", "--address", address, "--output-dir", str(tmp_path)]
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    rows = [line for line in completed.stdout.splitlines() if line.startswith("| ") and "---" not in line]
+    assert len(rows) == 1 + len([node for node in ray_cluster.nodes() if node["Alive"]])
+    assert rows[1].rstrip().endswith("| ok |")
+
+
+def test_use_gpu_on_a_cluster_that_can_never_have_a_gpu_exits_2_with_one_line(ray_cluster, config, tmp_path):
+    address = ray_cluster.get_runtime_context().gcs_address
+    command = [
+        sys.executable, "-m", "train", "--preset", "smoke", "--use-gpu", "--address", address,
+        "--output-dir", str(tmp_path), "--cache-dir", config.data.cache_dir,
+    ]  # fmt: skip
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 2
+    error_lines = [line for line in completed.stderr.splitlines() if line.startswith("error:")]
+    assert len(error_lines) == 1 and "no node has a GPU" in error_lines[0]

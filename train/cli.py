@@ -73,7 +73,7 @@ def resolve_config(arguments: argparse.Namespace, saved: SavedRun | None) -> Exp
     if saved is None:
         return config_from_arguments(arguments, arguments.preset)
     overrides = config_overrides(arguments)
-    saved_values = saved.config.flat()
+    saved_values = saved.config.values_by_field()
     for name, value in overrides.items():
         if value == saved_values[name] or name in RESUMABLE_FIELDS:
             continue

@@ -54,6 +54,12 @@ class RayTrainSession:
         import ray.train
         import ray.train.torch
 
+        if ray.get_gpu_ids():  # this worker holds a GPU: never train on the CPU by surprise
+            from train.doctor import gpu_problem
+
+            problem = gpu_problem()
+            if problem:
+                raise RuntimeError(problem)
         context = ray.train.get_context()
         self.world_rank = context.get_world_rank()
         self.world_size = context.get_world_size()

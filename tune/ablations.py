@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from lstm_ae.metrics import PROBE_ACCURACY, VAL_BCE_NATS_FRAME, VAL_MSE_FRAME, VAL_RECONSTRUCTION_MSE_FRAME
+from tune.results import is_finite_number
 from tune.variants import VARIANTS, Variant  # noqa: F401  (Variant: part of this module's interface)
 
 NEGLIGIBLE = 0.005  # relative difference below which a claim's two variants count as equal
@@ -72,8 +73,11 @@ def run_ablations(base, seeds: int, settings, callbacks=()):
     """Run (or resume) the grid; returns (ResultGrid, experiment path, plan)."""
     from tune.experiment import run_experiment
 
-    def grid_setup(tune):
-        space = {"variant": tune.grid_search(list(VARIANTS)), "seed": tune.grid_search(list(range(seeds)))}
+    def grid_setup(ray_tune):
+        space = {
+            "variant": ray_tune.grid_search(list(VARIANTS)),
+            "seed": ray_tune.grid_search(list(range(seeds))),
+        }
         return space, {"num_samples": 1}
 
     record = {"experiment": "ablations", "seeds": seeds}
@@ -105,10 +109,6 @@ def final_metrics(results, max_steps: int) -> list[dict[str, Any]]:
     return records
 
 
-def _finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and math.isfinite(value)
-
-
 def summarize(records: list[dict[str, Any]]) -> dict[str, dict[str, tuple[float, float, int]]]:
     """variant -> metric -> (mean, standard deviation, seeds) over the trials that finished."""
     summary: dict[str, dict[str, tuple[float, float, int]]] = {}
@@ -118,7 +118,10 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, dict[str, tuple[float,
             values = [
                 r[metric]
                 for r in records
-                if r["variant"] == name and r.get("finished", True) and not r["error"] and _finite(r[metric])
+                if r["variant"] == name
+                and r.get("finished", True)
+                and not r["error"]
+                and is_finite_number(r[metric])
             ]
             if values:
                 spread = statistics.stdev(values) if len(values) > 1 else 0.0

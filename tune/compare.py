@@ -13,9 +13,7 @@ used. Rows are sorted by --metric, best first.
 
 from __future__ import annotations
 
-import csv
 import json
-import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,7 +29,17 @@ from lstm_ae.metrics import (
     VAL_MSE_FRAME,
 )
 from train.commandline import OneLineParser, fail
-from tune.results import sort_rows, to_csv, to_html, to_markdown
+from tune.results import (
+    COMPLETED,
+    STOPPED,
+    is_finite_number,
+    read_table,
+    sort_rows,
+    to_csv,
+    to_html,
+    to_markdown,
+    trial_status,
+)
 
 CONFIG_COLUMNS = ("hidden_size", "num_layers", "learning_rate", "reconstruction_weight", "decoder_mode")
 REFERENCE = "reference"
@@ -39,18 +47,6 @@ REFERENCE = "reference"
 
 class CompareError(ValueError):
     """A path that holds no readable run or experiment; the message names it."""
-
-
-def _number(text: Any) -> Any:
-    if not isinstance(text, str):
-        return text
-    if text == "":
-        return None
-    try:
-        value = float(text)
-    except ValueError:
-        return text
-    return int(value) if value.is_integer() and "." not in text and "e" not in text.lower() else value
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -105,36 +101,34 @@ def experiment_rows(folder: Path, metric: str) -> list[dict[str, Any]]:
     search, base = _experiment_record(folder)
     workers = search.get("settings", {}).get("workers_per_trial")
     rows = []
-    with open(folder / "results.csv", encoding="utf-8") as file:
-        for record in csv.DictReader(file):
-            record = {key: _number(value) for key, value in record.items()}
-            best = record.get(f"best_{metric}")
-            value = best if best is not None else _final(record, metric)
-            rows.append(
-                {
-                    "source": folder.name,
-                    "kind": "tune trial",
-                    "trial": record.get("trial"),
-                    "status": record.get("status"),
-                    **{name: record.get(name, base.get(name)) for name in CONFIG_COLUMNS},
-                    metric: value,
-                    VAL_BCE_NATS_FRAME: value
-                    if metric == VAL_BCE_NATS_FRAME
-                    else _final(record, VAL_BCE_NATS_FRAME),
-                    VAL_MSE_FRAME: value if metric == VAL_MSE_FRAME else _final(record, VAL_MSE_FRAME),
-                    PROBE_ACCURACY: value if metric == PROBE_ACCURACY else _final(record, PROBE_ACCURACY),
-                    "steps": record.get("steps"),
-                    "sequences_seen": record.get("sequences_seen"),
-                    "wall_seconds": record.get("wall_seconds"),
-                    "workers": workers,
-                    "checkpoint": record.get("best_checkpoint"),
-                    "_baselines": (
-                        record.get(BASELINE_ZEROS_MSE_FRAME),
-                        record.get(BASELINE_COPY_LAST_MSE_FRAME),
-                    ),
-                    "_test_set": _test_set_description(search.get("base", {}).get("data", {})),
-                }
-            )
+    for record in read_table(folder / "results.csv"):
+        best = record.get(f"best_{metric}")
+        value = best if best is not None else _final(record, metric)
+        rows.append(
+            {
+                "source": folder.name,
+                "kind": "tune trial",
+                "trial": record.get("trial"),
+                "status": record.get("status"),
+                **{name: record.get(name, base.get(name)) for name in CONFIG_COLUMNS},
+                metric: value,
+                VAL_BCE_NATS_FRAME: value
+                if metric == VAL_BCE_NATS_FRAME
+                else _final(record, VAL_BCE_NATS_FRAME),
+                VAL_MSE_FRAME: value if metric == VAL_MSE_FRAME else _final(record, VAL_MSE_FRAME),
+                PROBE_ACCURACY: value if metric == PROBE_ACCURACY else _final(record, PROBE_ACCURACY),
+                "steps": record.get("steps"),
+                "sequences_seen": record.get("sequences_seen"),
+                "wall_seconds": record.get("wall_seconds"),
+                "workers": workers,
+                "checkpoint": record.get("best_checkpoint"),
+                "_baselines": (
+                    record.get(BASELINE_ZEROS_MSE_FRAME),
+                    record.get(BASELINE_COPY_LAST_MSE_FRAME),
+                ),
+                "_test_set": _test_set_description(search.get("base", {}).get("data", {})),
+            }
+        )
     return rows
 
 
@@ -144,36 +138,45 @@ def ablation_rows(folder: Path, metric: str) -> list[dict[str, Any]]:
 
     search, base = _experiment_record(folder)
     rows = []
-    with open(folder / "ablations.csv", encoding="utf-8") as file:
-        for record in csv.DictReader(file):
-            record = {key: _number(value) for key, value in record.items()}
-            variant = VARIANTS.get(record.get("variant"))
-            config = {**base, **(variant.overrides if variant else {})}
+    for record in read_table(folder / "ablations.csv"):
+        variant = VARIANTS.get(record.get("variant"))
+        config = {**base, **(variant.overrides if variant else {})}
 
-            def measured(name: str, record=record, variant=variant) -> Any:
-                """Blank for the prediction metrics of a variant that does not train prediction."""
-                untrained = variant is not None and not variant.trains_prediction
-                return None if untrained and name in (VAL_MSE_FRAME, VAL_BCE_NATS_FRAME) else record.get(name)
+        def measured(name: str, record=record, variant=variant) -> Any:
+            """Blank for the prediction metrics of a variant that does not train prediction."""
+            untrained = variant is not None and not variant.trains_prediction
+            return None if untrained and name in (VAL_MSE_FRAME, VAL_BCE_NATS_FRAME) else record.get(name)
 
-            rows.append(
-                {
-                    "source": folder.name,
-                    "kind": "ablation trial",
-                    "trial": f"{record.get('variant')} seed {record.get('seed')}",
-                    "status": "errored" if record.get("error") else "completed",
-                    **{name: config.get(name) for name in CONFIG_COLUMNS},
-                    **{
-                        name: measured(name)
-                        for name in (metric, VAL_BCE_NATS_FRAME, VAL_MSE_FRAME, PROBE_ACCURACY)
-                    },
-                    "steps": record.get("step"),
-                    "sequences_seen": _product(record.get("step"), base.get("batch_size")),
-                    "workers": search.get("settings", {}).get("workers_per_trial"),
-                    "_baselines": (None, None),
-                    "_test_set": _test_set_description(search.get("base", {}).get("data", {})),
-                }
-            )
+        rows.append(
+            {
+                "source": folder.name,
+                "kind": "ablation trial",
+                "trial": f"{record.get('variant')} seed {record.get('seed')}",
+                "status": _ablation_status(record, base.get("max_steps")),
+                **{name: config.get(name) for name in CONFIG_COLUMNS},
+                **{
+                    name: measured(name)
+                    for name in (metric, VAL_BCE_NATS_FRAME, VAL_MSE_FRAME, PROBE_ACCURACY)
+                },
+                "steps": record.get("step"),
+                "sequences_seen": _product(record.get("step"), base.get("batch_size")),
+                "workers": search.get("settings", {}).get("workers_per_trial"),
+                "_baselines": (None, None),
+                "_test_set": _test_set_description(search.get("base", {}).get("data", {})),
+            }
+        )
     return rows
+
+
+def _ablation_status(record: dict[str, Any], max_steps: int | None) -> str:
+    """A grid trial's status in results.csv's words. ablations.csv says whether a trial
+    `finished` (reached max_steps or stopped on its patience; older tables lack the column);
+    the step against the base's max_steps tells which. Without search.json beside the table
+    (the local copy of a grid in remote storage) max_steps is unknown: `finished` alone."""
+    errored, finished = bool(record.get("error")), record.get("finished")
+    if max_steps is None and not errored:
+        return STOPPED if finished is False else COMPLETED
+    return trial_status(errored, record.get("step") or 0, max_steps, stopped_early=finished is True)
 
 
 def _rounded(seconds: Any) -> float | None:
@@ -268,14 +271,12 @@ def comparison_table(paths: Sequence[Path], metric: str) -> list[dict[str, Any]]
     # The best mark is for runs, not references.
     for row in ordered:
         row["best"] = ""
-    first_run = next((row for row in ordered if row["kind"] != REFERENCE and _finite(row.get(metric))), None)
+    first_run = next(
+        (row for row in ordered if row["kind"] != REFERENCE and is_finite_number(row.get(metric))), None
+    )
     if first_run is not None:
         first_run["best"] = "*"
     return ordered
-
-
-def _finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and math.isfinite(value)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -223,11 +223,11 @@ def run_experiment(
 ):
     """Check, start or restore, and run a Tune experiment of `trial`s over `base`.
 
-    `setup(tune)` returns (param_space, extra TuneConfig arguments) for a new experiment;
+    `setup(ray_tune)` returns (param_space, extra TuneConfig arguments) for a new experiment;
     `callbacks` are Tune callbacks (tests use them to watch or interrupt the driver).
     Returns (ResultGrid, experiment path, plan).
     """
-    from ray import tune
+    from ray import tune as ray_tune  # (this project's package is `tune` too)
 
     from lstm_ae.data import load_test_set
     from train.cluster import check_can_hold, cluster_capacity
@@ -252,40 +252,40 @@ def run_experiment(
     plan = plan_trials(settings, capacity, num_trials or settings.num_samples)
     check_can_hold(capacity, plan.worker_resources, plan.workers_per_trial, "each trial's worker(s)")
     print(plan.describe(), flush=True)
-    trainable = tune.with_resources(
-        tune.with_parameters(trial, base=base.to_dict(), plan=asdict(plan)), plan.trial_resources
+    trainable = ray_tune.with_resources(
+        ray_tune.with_parameters(trial, base=base.to_dict(), plan=asdict(plan)), plan.trial_resources
     )
     metric = base.training.metric
     tune_path = f"{storage_path(settings.storage)}/{settings.name}"
     if settings.resume:
-        if not tune.Tuner.can_restore(tune_path):
+        if not ray_tune.Tuner.can_restore(tune_path):
             raise ExperimentFolderError(f"experiment {path} cannot be restored (no Tune state)")
-        tuner = tune.Tuner.restore(tune_path, trainable=trainable, resume_errored=True)
+        tuner = ray_tune.Tuner.restore(tune_path, trainable=trainable, resume_errored=True)
     else:
-        param_space, tune_arguments = setup(tune)
+        param_space, tune_arguments = setup(ray_tune)
         filesystem.create_dir(path, recursive=True)
         with filesystem.open_output_stream(f"{path}/{SEARCH_FILE}") as stream:
             full_record = {"base": base.to_dict(), "settings": asdict(settings), **record}
             stream.write(json.dumps(full_record, indent=2).encode())
-        tuner = tune.Tuner(
+        tuner = ray_tune.Tuner(
             trainable,
             param_space=param_space,
-            tune_config=tune.TuneConfig(
+            tune_config=ray_tune.TuneConfig(
                 metric=metric,
                 mode=METRIC_MODES[metric],
                 max_concurrent_trials=plan.max_concurrent,
                 time_budget_s=settings.time_budget_seconds,
                 **tune_arguments,
             ),
-            run_config=tune.RunConfig(
+            run_config=ray_tune.RunConfig(
                 name=settings.name,
                 storage_path=storage_path(settings.storage),
-                checkpoint_config=tune.CheckpointConfig(
+                checkpoint_config=ray_tune.CheckpointConfig(
                     num_to_keep=base.training.keep_checkpoints,
                     checkpoint_score_attribute=metric,
                     checkpoint_score_order=METRIC_MODES[metric],
                 ),
-                failure_config=tune.FailureConfig(max_failures=settings.max_failures),
+                failure_config=ray_tune.FailureConfig(max_failures=settings.max_failures),
                 callbacks=list(callbacks),
                 verbose=1,
             ),

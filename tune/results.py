@@ -16,6 +16,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
+
 from lstm_ae.metrics import (
     BASELINE_COPY_LAST_MSE_FRAME,
     BASELINE_ZEROS_MSE_FRAME,
@@ -51,40 +53,59 @@ FINAL_METRICS = (
 MIN_TRIALS_FOR_IMPORTANCES = 4
 
 
-def _finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and math.isfinite(value)
+def is_finite_number(value: Any) -> bool:
+    """An int or float that is neither NaN nor infinite (a bool is not a number here)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _best(values: list[float], metric: str) -> float | None:
-    finite = [value for value in values if _finite(value)]
+    finite = [value for value in values if is_finite_number(value)]
     if not finite:
         return None
     return min(finite) if METRIC_MODES[metric] == "min" else max(finite)
 
 
+def trial_status(
+    errored: bool, steps: int, max_steps: int | None, stopped_early: bool, stopped_by_scheduler: bool = False
+) -> str:
+    """What became of a trial: it errored, reached max_steps, stopped early (its patience, or
+    ASHA), or was cut short (the time budget or an interruption). max_steps None: not known."""
+    if errored:
+        return ERRORED
+    if max_steps is not None and steps >= max_steps:
+        return COMPLETED
+    if stopped_early:
+        return STOPPED_BY_PATIENCE
+    if stopped_by_scheduler:
+        return STOPPED_BY_SCHEDULER
+    return STOPPED
+
+
 def trial_rows(results, space: SearchSpace, metric: str, max_steps: int, stopped_by_scheduler: set[str]):
-    """(rows, histories): one summary row per trial, and each trial's (steps, metric values)."""
+    """(rows, histories): one summary row per trial, and each trial's (steps, metric values).
+
+    From each Result's metrics_dataframe, not ResultGrid.get_dataframe(metric, mode): that one
+    leaves out a trial that never reported (here: a row, errored) and raises on a trial whose
+    metric is all NaN.
+    """
     rows, histories = [], {}
     for result in results:
         frame = result.metrics_dataframe
         records = frame.to_dict("records") if frame is not None else []
         metrics = result.metrics or {}
         trial_id = metrics.get("trial_id") or Path(result.path).name
-        reported = [row for row in records if _finite(row.get(metric))]
+        reported = [row for row in records if is_finite_number(row.get(metric))]
         values = [row[metric] for row in reported]
         histories[trial_id] = ([row["step"] for row in reported], values)
         last = reported[-1] if reported else {}
         steps = int(last.get("step", 0)) if last else 0
-        if result.error is not None:
-            status = ERRORED
-        elif steps >= max_steps:
-            status = COMPLETED
-        elif last.get("stopped_early") is True:
-            status = STOPPED_BY_PATIENCE
-        elif trial_id in stopped_by_scheduler:
-            status = STOPPED_BY_SCHEDULER
-        else:
-            status = STOPPED
+        status = trial_status(
+            result.error is not None,
+            steps,
+            max_steps,
+            last.get("stopped_early") is True,
+            trial_id in stopped_by_scheduler,
+        )
         row = {"trial": trial_id, "status": status}
         row.update({name: (result.config or {}).get(name) for name in space.names})
         row[f"best_{metric}"] = _best(values, metric)
@@ -103,16 +124,28 @@ def trial_rows(results, space: SearchSpace, metric: str, max_steps: int, stopped
 
 
 def _best_checkpoint(result, reported: list[dict[str, Any]], metric: str) -> str | None:
-    """The kept checkpoint with the best metric: Tune's own, or the Train run's (multi-worker trials)."""
-    candidates = [(checkpoint.path, row.get(metric)) for checkpoint, row in (result.best_checkpoints or [])]
-    candidates += [
-        (row["checkpoint_path"], row.get(metric)) for row in reported if row.get("checkpoint_path")
+    """The kept checkpoint with the best metric.
+
+    A one-worker trial reports its checkpoints to Tune, which keeps the best (Result.best_checkpoints).
+    A multi-worker trial runs a Train run inside it whose TuneReportCallback reports each
+    checkpoint only as a `checkpoint_path` metric: Tune holds none of them, so the best is
+    the best of those rows (blank, NaN in the dataframe, on reports without a checkpoint).
+    """
+    mode = METRIC_MODES[metric]
+    if result.best_checkpoints:
+        try:
+            return result.get_best_checkpoint(metric, mode).path
+        except RuntimeError:  # no kept checkpoint carries the metric
+            return None
+    candidates = [
+        (row["checkpoint_path"], row[metric])
+        for row in reported
+        if isinstance(row.get("checkpoint_path"), str)
     ]
-    candidates = [(path, value) for path, value in candidates if _finite(value)]
     if not candidates:
         return None
-    choose = min if METRIC_MODES[metric] == "min" else max
-    return str(choose(candidates, key=lambda pair: pair[1])[0])
+    choose = min if mode == "min" else max
+    return choose(candidates, key=lambda pair: pair[1])[0]
 
 
 def sort_rows(rows: list[dict[str, Any]], column: str, mode: str) -> list[dict[str, Any]]:
@@ -120,14 +153,30 @@ def sort_rows(rows: list[dict[str, Any]], column: str, mode: str) -> list[dict[s
 
     def key(row):
         value = row.get(column)
-        if not _finite(value):
+        if not is_finite_number(value):
             return (1, 0.0)
         return (0, value if mode == "min" else -value)
 
     rows = sorted(rows, key=key)
     for index, row in enumerate(rows):
-        row["best"] = BEST_MARK if index == 0 and _finite(row.get(column)) else ""
+        row["best"] = BEST_MARK if index == 0 and is_finite_number(row.get(column)) else ""
     return [{"best": row.pop("best"), **row} for row in rows]
+
+
+# ------------------------------------------------------------------------------ tables
+
+
+def table_frame(rows: list[dict[str, Any]], columns: list[str] | None = None) -> pd.DataFrame:
+    """The rows as a DataFrame of Python values: `columns` in that order (default: every key, in
+    order of first appearance); a missing or NaN value is None. Object columns keep 6 an int."""
+    frame = pd.DataFrame(rows, columns=columns, dtype=object)
+    return frame.where(frame.notna(), None)
+
+
+def read_table(path: Path) -> list[dict[str, Any]]:
+    """The rows of a table that to_csv wrote: numbers as int or float, a blank cell None."""
+    frame = pd.read_csv(path, dtype_backend="numpy_nullable").astype(object)
+    return frame.where(frame.notna(), None).to_dict("records")
 
 
 def _format(value: Any) -> str:
@@ -144,43 +193,27 @@ def _format(value: Any) -> str:
     return str(value)
 
 
-def columns_of(rows: list[dict[str, Any]]) -> list[str]:
-    columns: list[str] = []
-    for row in rows:
-        columns += [key for key in row if key not in columns]
-    return columns
-
-
 def to_markdown(rows: list[dict[str, Any]], columns: list[str] | None = None) -> str:
-    columns = columns or columns_of(rows)
-    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join(" --- " for _ in columns) + "|"]
-    for row in rows:
-        lines.append("| " + " | ".join(_format(row.get(column)) for column in columns) + " |")
+    """A Markdown table, numbers as _format writes them. Our own writer: pandas' to_markdown
+    needs the tabulate package, which this project does not install."""
+    cells = table_frame(rows, columns).map(_format)
+
+    def line(values) -> str:
+        return "| " + " | ".join(value.replace("|", "\\|") for value in values) + " |"
+
+    lines = [line(cells.columns), "|" + "|".join(" --- " for _ in cells.columns) + "|"]
+    lines += [line(values) for values in cells.itertuples(index=False)]
     return "\n".join(lines) + "\n"
 
 
 def to_csv(rows: list[dict[str, Any]], columns: list[str] | None = None) -> str:
-    import csv
-    import io
-
-    columns = columns or columns_of(rows)
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows(rows)
-    return buffer.getvalue()
+    """CSV of the rows: full-precision numbers, a missing value blank (read_table reads it back)."""
+    return table_frame(rows, columns).to_csv(index=False)
 
 
 def to_html(rows: list[dict[str, Any]], columns: list[str] | None = None) -> str:
-    import html
-
-    columns = columns or columns_of(rows)
-    head = "".join(f"<th>{html.escape(column)}</th>" for column in columns)
-    body = "".join(
-        "<tr>" + "".join(f"<td>{html.escape(_format(row.get(column)))}</td>" for column in columns) + "</tr>"
-        for row in rows
-    )
-    return f"<table>\n<thead><tr>{head}</tr></thead>\n<tbody>{body}</tbody>\n</table>\n"
+    """An HTML table, numbers as in the Markdown table."""
+    return table_frame(rows, columns).map(_format).to_html(index=False, border=0) + "\n"
 
 
 # ------------------------------------------------------------------------------ plots
@@ -217,7 +250,7 @@ def plot_parameters(path: Path, rows: list[dict[str, Any]], space: SearchSpace, 
     count = len(space.dimensions)
     figure, axes = plt.subplots(1, count, figsize=(4 * count, 3.6), squeeze=False)
     for axis, dimension in zip(axes[0], space.dimensions):
-        points = [(row[dimension.name], row[column]) for row in rows if _finite(row.get(column))]
+        points = [(row[dimension.name], row[column]) for row in rows if is_finite_number(row.get(column))]
         if dimension.kind == "choice":
             labels = [str(value) for value in dimension.values]
             xs = [labels.index(str(value)) for value, _ in points if str(value) in labels]
@@ -247,7 +280,9 @@ def parameter_importances(
 
     column = f"best_{metric}"
     usable = [
-        row for row in rows if _finite(row.get(column)) and all(row.get(n) is not None for n in space.names)
+        row
+        for row in rows
+        if is_finite_number(row.get(column)) and all(row.get(n) is not None for n in space.names)
     ]
     if len(usable) < MIN_TRIALS_FOR_IMPORTANCES:
         return None

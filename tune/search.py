@@ -67,7 +67,7 @@ def run_search(
 
     space.check(base)
 
-    def search_setup(tune):
+    def search_setup(ray_tune):
         scheduler = RecordingASHA(
             settings.storage,
             settings.name,

@@ -17,13 +17,12 @@ class TuneSession:
     world_size = 1
 
     def __init__(self, use_gpu: bool = False):
-        if use_gpu and not torch.cuda.is_available():  # never train on the CPU by surprise
-            import socket
+        if use_gpu:  # never train on the CPU by surprise
+            from train.doctor import gpu_problem
 
-            raise RuntimeError(
-                f"--use-gpu, but torch {torch.__version__} (CUDA build {torch.version.cuda}) "
-                f"cannot use a GPU on node {socket.gethostname()}"
-            )
+            problem = gpu_problem()
+            if problem:
+                raise RuntimeError(problem)
         self.device = torch.device("cuda" if use_gpu else "cpu")
 
     def prepare_model(self, model: nn.Module) -> nn.Module:

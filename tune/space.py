@@ -51,16 +51,16 @@ class Dimension:
         return self.values
 
     def to_ray(self):
-        from ray import tune
+        from ray import tune as ray_tune  # (this project's package is `tune` too)
 
         if self.kind == "choice":
-            return tune.choice(list(self.values))
+            return ray_tune.choice(list(self.values))
         low, high = self.values
         if self.kind == "int":
-            return tune.randint(int(low), int(high) + 1)  # Ray's upper bound is exclusive
+            return ray_tune.randint(int(low), int(high) + 1)  # Ray's upper bound is exclusive
         if self.kind == "uniform":
-            return tune.uniform(low, high)
-        return tune.loguniform(low, high)
+            return ray_tune.uniform(low, high)
+        return ray_tune.loguniform(low, high)
 
     def to_optuna(self):
         import optuna
