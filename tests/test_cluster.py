@@ -68,6 +68,18 @@ def test_cloud_nodes_run_the_pinned_ray_and_install_the_requirements(path):
     assert any("requirements.txt" in command for command in config["setup_commands"])
 
 
+@pytest.mark.parametrize("path", CLOUD_FILES, ids=lambda path: path.name)
+def test_cloud_nodes_start_ray_with_token_authentication_and_the_shared_token(path):
+    config = yaml.safe_load(path.read_text())
+    starts = [
+        command
+        for command in config["head_start_ray_commands"] + config["worker_start_ray_commands"]
+        if "ray start" in command
+    ]
+    assert len(starts) == 2 and all("RAY_AUTH_MODE=token" in command for command in starts)
+    assert config["file_mounts"]["/home/ray/.ray/auth_token"] == "~/.ray/auth_token"
+
+
 @pytest.mark.parametrize("path", CLUSTER_FILES, ids=lambda path: path.name)
 def test_no_port_open_to_the_world_and_no_credentials(path):
     text = path.read_text()

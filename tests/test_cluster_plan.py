@@ -87,3 +87,14 @@ def test_node_types_come_from_the_shipped_cluster_files():
         "CPU": 0.0,
         HEAD_RESOURCE: 0.01,
     }
+
+
+def test_a_gpu_run_on_an_autoscaling_cluster_says_it_waits_for_gpu_nodes():
+    from train.cluster import waiting_line
+
+    head = NodeGroup({"CPU": 8.0, HEAD_RESOURCE: 1.0}, 1)
+    bundle = {"CPU": 2.0, "GPU": 1.0}
+    line = waiting_line(ClusterCapacity(live=[head], launchable=[GPU_1X]), bundle, 4)
+    assert line.startswith("waiting for the autoscaler: 4 x (2 CPU, 1 GPU) wanted, the live nodes hold 0")
+    assert waiting_line(ClusterCapacity(live=[head, GPU_4X], launchable=[GPU_1X]), bundle, 4) is None
+    assert waiting_line(ClusterCapacity(live=[head]), bundle, 4) is None  # no autoscaler: refused earlier

@@ -150,3 +150,16 @@ def check_can_hold(capacity: ClusterCapacity, bundle: dict[str, float], count: i
     raise ConfigError(
         f"{what} need(s) {count} x ({wanted}) but the cluster holds at most {fits} across {scope}{hint}"
     )
+
+
+def waiting_line(capacity: ClusterCapacity, bundle: dict[str, float], count: int) -> str | None:
+    """One progress line when the live nodes cannot hold `count` bundles yet but the
+    autoscaler can launch nodes that will (None when nothing needs to be waited for)."""
+    live = _fits(capacity.live, bundle)
+    if live < 0 or live >= count or capacity.launchable is None:
+        return None
+    wanted = ", ".join(f"{amount:g} {name}" for name, amount in bundle.items())
+    return (
+        f"waiting for the autoscaler: {count} x ({wanted}) wanted, the live nodes hold {live}; "
+        "new nodes take minutes to start"
+    )

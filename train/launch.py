@@ -29,13 +29,16 @@ from lstm_ae.config import ConfigError, ExperimentConfig
 from lstm_ae.data import STANDARD_FILE, load_test_set
 from lstm_ae.metrics import METRIC_MODES, UNITS
 from lstm_ae.viz import RUN_PICTURES
-from train.cluster import ClusterCapacity, check_can_hold, cluster_capacity
+from train.cluster import ClusterCapacity, check_can_hold, cluster_capacity, waiting_line
 from train.worker import HISTORY_FILE
 
-# Quieter Ray: no duplicated worker prints, no harmless per-run ERROR line.
+# Quieter Ray: no duplicated worker prints. Ray Train's preemption watcher stays on (its
+# default): when Ray drains a node (a spot notice where the autoscaler turns it into a
+# drain), the run checkpoints on its schedule and restarts elsewhere without spending
+# --max-failures. It costs one 0-CPU actor and one harmless ERROR line from Ray's core per
+# run ("PreemptionWatcher ... has constructor arguments in the object store").
 RAY_ENVIRONMENT = {
     "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
-    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
 }
 SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"
 
@@ -248,6 +251,9 @@ def run_training(
     cpus = _cpus_per_worker(scaling, capacity)
     resources = {"CPU": cpus, **({"GPU": 1} if scaling.use_gpu else {})}
     check_can_hold(capacity, resources, scaling.num_workers, f"{scaling.num_workers} worker(s)")
+    waiting = waiting_line(capacity, resources, scaling.num_workers)
+    if waiting:
+        print(waiting, flush=True)
     metric = config.training.metric
     trainer = TorchTrainer(
         train_loop or train_loop_per_worker,

@@ -230,7 +230,7 @@ def run_experiment(
     from ray import tune as ray_tune  # (this project's package is `tune` too)
 
     from lstm_ae.data import load_test_set
-    from train.cluster import check_can_hold, cluster_capacity
+    from train.cluster import check_can_hold, cluster_capacity, waiting_line
     from train.launch import path_exists
 
     filesystem, path = experiment_path(settings)
@@ -251,6 +251,9 @@ def run_experiment(
     capacity = cluster_capacity()
     plan = plan_trials(settings, capacity, num_trials or settings.num_samples)
     check_can_hold(capacity, plan.worker_resources, plan.workers_per_trial, "each trial's worker(s)")
+    waiting = waiting_line(capacity, plan.worker_resources, plan.workers_per_trial)
+    if waiting:
+        print(waiting, flush=True)
     print(plan.describe(), flush=True)
     trainable = ray_tune.with_resources(
         ray_tune.with_parameters(trial, base=base.to_dict(), plan=asdict(plan)), plan.trial_resources
