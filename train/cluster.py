@@ -79,8 +79,9 @@ def _fits(groups: list[NodeGroup], bundle: dict[str, float]) -> int:
     return total
 
 
-def cluster_capacity() -> ClusterCapacity:
-    """The capacity of the cluster this process is connected to (ray.init first)."""
+def cluster_capacity(joined: bool = True) -> ClusterCapacity:
+    """The capacity of the cluster this process is connected to (ray.init first); a
+    cluster the process started itself (`joined` False) has no autoscaler."""
     import ray
 
     live = [
@@ -88,7 +89,7 @@ def cluster_capacity() -> ClusterCapacity:
         for node in ray.nodes()
         if node.get("Alive")
     ]
-    return ClusterCapacity(live, _autoscaler_node_types())
+    return ClusterCapacity(live, _autoscaler_node_types() if joined else None)
 
 
 def _autoscaler_node_types() -> list[NodeGroup] | None:
@@ -116,16 +117,21 @@ def node_types_from_file(path: Path) -> list[NodeGroup] | None:
         config = yaml.safe_load(path.read_text()) or {}
         types = config.get("available_node_types") or {}
         overall = config.get("max_workers")
-        groups = []
+        groups, launchable_workers = [], 0
         for name, node_type in types.items():
             count = 1 if name == config.get("head_node_type") else int(node_type.get("max_workers", 0))
             if overall is not None and name != config.get("head_node_type"):
                 count = min(count, int(overall))
             resources = {key: float(value) for key, value in (node_type.get("resources") or {}).items()}
-            groups.append(NodeGroup(resources, count))
+            if resources:  # a type without declared resources (detected at start) tells nothing
+                groups.append(NodeGroup(resources, count))
+                launchable_workers += count if name != config.get("head_node_type") else 0
     except (OSError, ValueError, TypeError, AttributeError, yaml.YAMLError):
         return None
-    return groups or None
+    launchable_workers = sum(group.count for group in groups) - (
+        1 if config.get("head_node_type") in types else 0
+    )
+    return groups if groups and launchable_workers != 0 else None  # no worker to launch: no autoscaler
 
 
 def check_can_hold(capacity: ClusterCapacity, bundle: dict[str, float], count: int, what: str) -> None:

@@ -204,14 +204,17 @@ def with_absolute_paths(config: ExperimentConfig) -> ExperimentConfig:
     )
 
 
-def connect(address: str | None) -> None:
-    """Join the cluster at `address` (or RAY_ADDRESS), or start a local one."""
+def connect(address: str | None) -> bool:
+    """Join the cluster at `address` (or RAY_ADDRESS), or start a local one. True when it
+    joined a cluster that was already running (which may have an autoscaler)."""
     for key, value in RAY_ENVIRONMENT.items():
         os.environ.setdefault(key, value)
     import ray
 
+    joined = bool(address or os.environ.get("RAY_ADDRESS"))
     if not ray.is_initialized():
         ray.init(address=address, runtime_env={"env_vars": dict(RAY_ENVIRONMENT)}, log_to_driver=True)
+    return joined
 
 
 def _cpus_per_worker(scaling: Scaling, capacity: ClusterCapacity) -> float:
@@ -246,8 +249,7 @@ def run_training(
     check_run_folder(settings)
     config = with_absolute_paths(config)
     load_test_set(config.model, config.data)  # check (and build, and cache) the validation set here
-    connect(settings.address)
-    capacity = cluster_capacity()
+    capacity = cluster_capacity(joined=connect(settings.address))
     cpus = _cpus_per_worker(scaling, capacity)
     resources = {"CPU": cpus, **({"GPU": 1} if scaling.use_gpu else {})}
     check_can_hold(capacity, resources, scaling.num_workers, f"{scaling.num_workers} worker(s)")

@@ -246,9 +246,9 @@ def run_experiment(
             f"nothing to resume: no experiment named {settings.name!r} under {settings.storage}"
         )
 
-    connect(settings.address)
+    joined = connect(settings.address)
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    capacity = cluster_capacity()
+    capacity = cluster_capacity(joined)
     plan = plan_trials(settings, capacity, num_trials or settings.num_samples)
     check_can_hold(capacity, plan.worker_resources, plan.workers_per_trial, "each trial's worker(s)")
     waiting = waiting_line(capacity, plan.worker_resources, plan.workers_per_trial)
