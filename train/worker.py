@@ -131,23 +131,7 @@ def train_function(loop_config: dict[str, Any], session: Session) -> TrainingSta
     interval = _SinceLastReport(state.step, state.sequences_seen)
     while not state.finished:
         # 2. One optimizer step on this worker's share of the global batch.
-        step_start = time.perf_counter()
-        frames = next(stream)
-        torch.manual_seed(step_seed(training.seed, rank, state.step))  # dropout masks
-        result = train_step(
-            trainables.model,
-            trainables.optimizer,
-            trainables.scheduler,
-            list(frames.chunk(training.grad_accumulation_steps)),
-            config.model,
-            training.precision,
-            config.optim.grad_clip_norm,
-            state.step,
-        )
-        state.step += 1
-        state.sequences_seen += training.batch_size
-        state.elapsed_seconds += time.perf_counter() - step_start
-        interval.add(result)
+        interval.add(_train_one_step(trainables, next(stream), config, state, rank))
 
         last = state.step >= state.schedule[-1][1]
         validate_now = (
@@ -185,6 +169,29 @@ def train_function(loop_config: dict[str, Any], session: Session) -> TrainingSta
         # already reported; report the last row again without one (Ray needs unique names).
         session.report(_reported(dict(state.history[-1]), True), None, state.step)
     return state
+
+
+def _train_one_step(
+    trainables: Trainables, frames, config: ExperimentConfig, state: TrainingState, rank: int
+):
+    """One optimizer step on this worker's frames (B, T, C, H, W); advances `state`."""
+    training = config.training
+    step_start = time.perf_counter()
+    torch.manual_seed(step_seed(training.seed, rank, state.step))  # dropout masks
+    result = train_step(
+        trainables.model,
+        trainables.optimizer,
+        trainables.scheduler,
+        list(frames.chunk(training.grad_accumulation_steps)),
+        config.model,
+        training.precision,
+        config.optim.grad_clip_norm,
+        state.step,
+    )
+    state.step += 1
+    state.sequences_seen += training.batch_size
+    state.elapsed_seconds += time.perf_counter() - step_start
+    return result
 
 
 def check_batch_split(batch_size: int, num_workers: int, micro_batches: int) -> None:
