@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> float:
         arguments.batch_size, config.sequence_length, 1, config.height, config.width, device=device
     )
     past, future = frames[:, : config.past_length], frames[:, config.past_length :]
-    # The suite's optimizer (fused AdamW) for ours; the tutorial's plain Adam for the reference.
+    # The suite's optimizer (fused AdamW) for ours; the seed tutorial's plain Adam for the reference.
     steps = {
         "ours": make_step(
             ours, make_optimizer(ours, OptimConfig(), device), past, future, arguments.dtype, device

@@ -10,12 +10,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from lstm_ae.metrics import METRIC_MODES, VAL_MSE_FRAME
+from lstm_ae.metrics import METRIC_MODES, VAL_MSE_FRAME, is_finite_number
 
 
 class ConfigError(ValueError):
@@ -57,10 +56,6 @@ def _non_negative_int(config: Any, *names: str) -> None:
         )
 
 
-def _finite_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def _choice(config: Any, name: str, choices: tuple[str, ...]) -> None:
     value = getattr(config, name)
     _require(value in choices, name, f"must be one of {', '.join(choices)}", value)
@@ -87,13 +82,13 @@ class ModelConfig:
         _positive_int(self, "hidden_size", "num_layers", "channels", "height", "width")
         _positive_int(self, "past_length", "future_length")
         _require(
-            _finite_number(self.dropout) and 0.0 <= self.dropout < 1.0,
+            is_finite_number(self.dropout) and 0.0 <= self.dropout < 1.0,
             "dropout",
             "must be in [0, 1)",
             self.dropout,
         )
         _require(
-            _finite_number(self.reconstruction_weight) and 0.0 <= self.reconstruction_weight <= 1.0,
+            is_finite_number(self.reconstruction_weight) and 0.0 <= self.reconstruction_weight <= 1.0,
             "reconstruction_weight",
             "must be in [0, 1]",
             self.reconstruction_weight,
@@ -131,7 +126,7 @@ class DataConfig:
         _positive_int(self, "num_digits", "test_sequences")
         _non_negative_int(self, "test_seed")
         _require(
-            _finite_number(self.step_fraction) and 0.0 < self.step_fraction <= 1.0,
+            is_finite_number(self.step_fraction) and 0.0 < self.step_fraction <= 1.0,
             "step_fraction",
             "must be in (0, 1]",
             self.step_fraction,
@@ -152,13 +147,13 @@ class OptimConfig:
 
     def __post_init__(self) -> None:
         _require(
-            _finite_number(self.learning_rate) and self.learning_rate > 0,
+            is_finite_number(self.learning_rate) and self.learning_rate > 0,
             "learning_rate",
             "must be a positive number",
             self.learning_rate,
         )
         _require(
-            _finite_number(self.weight_decay) and self.weight_decay >= 0,
+            is_finite_number(self.weight_decay) and self.weight_decay >= 0,
             "weight_decay",
             "must be a non-negative number",
             self.weight_decay,
@@ -166,13 +161,13 @@ class OptimConfig:
         _choice(self, "lr_schedule", LR_SCHEDULES)
         _non_negative_int(self, "warmup_steps")
         _require(
-            _finite_number(self.min_lr_fraction) and 0.0 <= self.min_lr_fraction <= 1.0,
+            is_finite_number(self.min_lr_fraction) and 0.0 <= self.min_lr_fraction <= 1.0,
             "min_lr_fraction",
             "must be in [0, 1]",
             self.min_lr_fraction,
         )
         _require(
-            _finite_number(self.grad_clip_norm) and self.grad_clip_norm >= 0,
+            is_finite_number(self.grad_clip_norm) and self.grad_clip_norm >= 0,
             "grad_clip_norm",
             "must be a non-negative number (0 disables clipping)",
             self.grad_clip_norm,

@@ -1,13 +1,23 @@
 """Metrics with their units in their names, and the trivial baselines.
 
 Conventions, so our numbers compare with the literature:
+- Every metric scores the same frame: the prediction clipped to [0, 1], the range of the
+  targets (a linear head's outputs can leave it; a logistic head's cannot, so for it the
+  clip changes nothing). Clipping can only move a pixel towards its target, so the clipped
+  errors are never larger. PredRNN (Wang et al. 2017, whose Table 1 holds the FC-LSTM
+  figures we compare with) clips before MSE, SSIM and PSNR alike; OpenSTL computes MSE and
+  MAE before its clip and SSIM and PSNR after, so its MSE/MAE of a linear-head model can be
+  higher than ours where outputs leave [0, 1]. One clipped frame keeps the metrics
+  consistent with each other: PSNR = 10 * log10(C*H*W / MSE per frame).
 - MSE and MAE per frame: summed over the C*H*W pixels of a frame, averaged over frames and
-  sequences (OpenSTL's convention; the Moving MNIST tables quote these).
+  sequences (OpenSTL's and PredRNN's unit; the Moving MNIST tables quote these).
 - BCE in nats per frame: binary cross-entropy summed over pixels, averaged over frames and
-  sequences (the unit of Srivastava et al. 2015, Table 1).
-- SSIM as `skimage.metrics.structural_similarity(data_range=1)` computes it (7x7 uniform
-  window, sample covariance, borders excluded), per frame, averaged; PSNR in dB per frame
-  with data range 1, averaged. Both on predictions clipped to [0, 1].
+  sequences (the unit of Srivastava et al. 2015, Table 1); predictions are clamped to
+  [eps, 1 - eps] so that the logarithms stay finite.
+- SSIM as `skimage.metrics.structural_similarity(data_range=1)` computes it by default
+  (7x7 uniform window, sample covariance, K1 = 0.01, K2 = 0.03, borders excluded), per
+  frame and channel, averaged; PSNR in dB per frame with data range 1, averaged.
+- Targets are used as given (data in [0, 1]); a NaN prediction gives a NaN metric.
 
 Every per-frame function takes (B, T, C, H, W) tensors and returns (B, T) values, so
 callers can accumulate sums over batches and divide once.
@@ -15,9 +25,18 @@ callers can accumulate sums over batches and divide once.
 
 from __future__ import annotations
 
+import math
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+
+def is_finite_number(value: Any) -> bool:
+    """An int or float that is neither NaN nor infinite (a bool is not a number here)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
 
 # Names of reported metrics. Validation metrics describe the prediction of the future
 # unless the name says otherwise.
@@ -88,16 +107,26 @@ def _per_frame_sum(values: Tensor) -> Tensor:
     return values.flatten(2).sum(-1)
 
 
+def clip_prediction(prediction: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """The frame every metric scores: `prediction` in `dtype`, clipped to [0, 1] (NaN stays NaN)."""
+    return prediction.to(dtype).clamp(0, 1)
+
+
 def squared_error_per_frame(prediction: Tensor, target: Tensor) -> Tensor:
-    return _per_frame_sum((prediction.float() - target.float()) ** 2)
+    """Squared error summed over pixels, prediction clipped to [0, 1]: (B, T, C, H, W) -> (B, T)."""
+    return _per_frame_sum((clip_prediction(prediction) - target.float()) ** 2)
 
 
 def absolute_error_per_frame(prediction: Tensor, target: Tensor) -> Tensor:
-    return _per_frame_sum((prediction.float() - target.float()).abs())
+    """Absolute error summed over pixels, prediction clipped to [0, 1]: (B, T, C, H, W) -> (B, T)."""
+    return _per_frame_sum((clip_prediction(prediction) - target.float()).abs())
 
 
 def bce_nats_per_frame(prediction: Tensor, target: Tensor) -> Tensor:
-    """Binary cross-entropy in nats, predictions clamped to [eps, 1 - eps]."""
+    """Binary cross-entropy in nats summed over pixels, predictions clamped to [eps, 1 - eps].
+
+    (B, T, C, H, W) -> (B, T).
+    """
     probability = prediction.float().clamp(BCE_EPSILON, 1 - BCE_EPSILON)
     target = target.float()
     # Written out (not F.binary_cross_entropy) so that a NaN prediction gives NaN, not an error.
@@ -106,19 +135,21 @@ def bce_nats_per_frame(prediction: Tensor, target: Tensor) -> Tensor:
 
 
 def psnr_per_frame(prediction: Tensor, target: Tensor) -> Tensor:
-    """PSNR in dB with data range 1, on predictions clipped to [0, 1]."""
-    error = (prediction.float().clamp(0, 1) - target.float()) ** 2
+    """PSNR in dB with data range 1, on predictions clipped to [0, 1]: (B, T, C, H, W) -> (B, T)."""
+    error = (clip_prediction(prediction) - target.float()) ** 2
     mean_error = error.flatten(2).mean(-1).clamp_min(PSNR_MIN_MSE)
     return -10.0 * torch.log10(mean_error)
 
 
 def ssim_per_frame(prediction: Tensor, target: Tensor) -> Tensor:
-    """SSIM with data range 1 on predictions clipped to [0, 1] (mean over channels).
+    """SSIM with data range 1 on predictions clipped to [0, 1]: (B, T, C, H, W) -> (B, T).
 
-    Computed in float64: the variances are differences of nearly equal window means.
+    The mean over channels of skimage's `structural_similarity(data_range=1)` with its
+    defaults (H and W at least SSIM_WINDOW). Computed in float64: the variances are
+    differences of nearly equal window means.
     """
     batch, steps = prediction.shape[:2]
-    x = prediction.double().clamp(0, 1).flatten(0, 2).unsqueeze(1)  # (B*T*C, 1, H, W)
+    x = clip_prediction(prediction, torch.float64).flatten(0, 2).unsqueeze(1)  # (B*T*C, 1, H, W)
     y = target.double().flatten(0, 2).unsqueeze(1)
 
     def window_mean(image: Tensor) -> Tensor:

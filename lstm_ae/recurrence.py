@@ -1,6 +1,6 @@
 """LSTM recurrences with hand-written backward passes: the fast path the model trains with.
 
-Why not `nn.LSTM` stepped one frame at a time (the tutorial's way)? Autograd then computes a
+Why not `nn.LSTM` stepped one frame at a time (the seed tutorial's way)? Autograd then computes a
 full weight-gradient matrix at every time step and adds it into the accumulator: for small
 batches that is a memory-bound pass over every weight per step. Here the time loops only
 carry what truly is sequential (the hidden-to-hidden products and the gate math); every
@@ -15,15 +15,22 @@ Three functions cover every use:
   already known for all steps (the encoder, and decoders fed ground truth).
 - `free_running_decoder(...)`: a stacked LSTM decoder whose input at each step is its own
   previous output frame (a zero frame first), with the gradient flowing through that
-  feedback, as in the tutorial's model.
+  feedback, as in the seed tutorial's model.
 
 Weights are stored stacked, (S, ...) for S independent LSTMs, and each function takes a
 `stacks` slice choosing which to run (the model runs its reconstruction and prediction
 decoders together as S = 2). Gradients always have the full stacked shape.
 
-Numerics: under `torch.autocast` with bfloat16, matmuls run in bf16 (AMX on recent CPUs,
-tensor cores on GPUs) while gates, cell states and all gradients stay in float32. The bf16
-copy of each weight is made once per optimizer step into a persistent buffer (see
+Numerics: under `torch.autocast` with bfloat16, every matmul, forward and backward, runs in
+bf16 (AMX on recent CPUs, tensor cores on GPUs): its operands are rounded to bf16, and its
+product, accumulated in float32 inside the kernel, comes out in bf16 and is widened to
+float32. Everything else is float32: gates, cell and hidden states, the gate math and its
+gradients, the bias gradients (sums of float32 gate gradients), the optimizer. So after a
+bf16 `lstm_ae.engine.train_step` every parameter's `.grad` is a float32 tensor, but the
+weight-matrix gradients hold bf16 values (each is one bf16 matmul over all T * B rows,
+widened), and the gradients carried back through time pick up bf16 rounding at each
+step's matmul with the weights (tests/test_recurrence.py pins the dtypes and values).
+The bf16 copy of each weight is made once per optimizer step into a persistent buffer (see
 `matmul_copy`): on CPU a fresh weight-sized allocation costs more in page faults than the
 cast itself. Gate order is PyTorch's (input, forget, cell, output).
 """
@@ -87,30 +94,6 @@ def matmul_copy(parameter: Tensor, dtype: torch.dtype) -> Tensor:
 _SCRATCH: dict[tuple, Tensor] = {}
 
 
-def _storage_users(tensor: Tensor) -> int:
-    return torch._C._storage_Use_Count(tensor.untyped_storage()._cdata)
-
-
-def _gradient_buffer(parameter: Tensor) -> Tensor:
-    """A float tensor shaped like `parameter` for its gradient, reused across steps.
-
-    Autograd hands the returned gradient to `parameter.grad` (it steals a tensor nobody else
-    holds), and `zero_grad()` lets it go again. The buffer is reused only while nothing but
-    this cache references its memory: while `parameter.grad`, a pending gradient or a user
-    still holds it, a fresh tensor is returned instead. On CPU this saves the page faults
-    of a new weight-sized allocation every step.
-    """
-    cached = getattr(parameter, "_gradient_buffer", None)
-    if cached is not None:
-        buffer, idle_users = cached
-        if buffer.shape == parameter.shape and _storage_users(buffer) == idle_users:
-            return buffer.detach()
-        return torch.empty_like(parameter)
-    buffer = torch.empty_like(parameter)
-    parameter._gradient_buffer = (buffer, _storage_users(buffer))
-    return buffer.detach()
-
-
 def _bmm(left: Tensor, right: Tensor, dtype: torch.dtype) -> Tensor:
     """Batched matmul in `dtype`, result in float32 (or the inputs' dtype when wider)."""
     product = torch.bmm(left.to(dtype), right.to(dtype))
@@ -122,11 +105,15 @@ def _weight_gradient(
 ) -> Tensor:
     """sum over rows of grads^T inputs: (P, N, out), (P, N, in) -> gradient shaped like `parameter`.
 
-    One matmul over all N = T * B rows, written into a reused gradient buffer (low-precision
-    products go through a reused scratch buffer first).
+    One matmul over all N = T * B rows, written into a new gradient tensor that autograd hands
+    to `parameter.grad` (low-precision products go through a reused scratch buffer first).
+    A new tensor, not one reused across steps: reuse saved about 60 ms of page faults per
+    step at hidden 1024 on CPU (a few % of a step, below what benchmarks/train_step.py
+    resolves) and nothing on CUDA, whose caching allocator recycles the memory anyway, at the
+    price of knowing that nobody else still held the old gradient.
     """
     left, right = grads.transpose(1, 2).to(dtype), inputs.to(dtype)
-    gradient = _gradient_buffer(parameter)
+    gradient = torch.empty_like(parameter)
     selected = gradient[stacks]
     if selected.shape != gradient.shape:
         gradient.zero_()
@@ -193,20 +180,20 @@ class _Projection(torch.autograd.Function):
     @staticmethod
     def forward(ctx, stacks, dtype, inputs, weight, bias):
         # inputs (P, N, in); weight (S, out, in); bias (S, out)
-        weight_m = matmul_copy(weight, dtype)[stacks]
-        outputs = _bmm(inputs, weight_m.transpose(1, 2), dtype)
+        weight_for_matmul = matmul_copy(weight, dtype)[stacks]
+        outputs = _bmm(inputs, weight_for_matmul.transpose(1, 2), dtype)
         outputs += bias[stacks].unsqueeze(1)
         ctx.stacks, ctx.dtype = stacks, dtype
-        ctx.save_for_backward(inputs, weight, weight_m, bias)
+        ctx.save_for_backward(inputs, weight, weight_for_matmul, bias)
         return outputs
 
     @staticmethod
     def backward(ctx, grad_outputs):
-        inputs, weight, weight_m, bias = ctx.saved_tensors
+        inputs, weight, weight_for_matmul, bias = ctx.saved_tensors
         stacks, dtype = ctx.stacks, ctx.dtype
         grad_inputs = None
         if ctx.needs_input_grad[2]:
-            grad_inputs = _bmm(grad_outputs, weight_m, dtype).to(inputs.dtype)
+            grad_inputs = _bmm(grad_outputs, weight_for_matmul, dtype).to(inputs.dtype)
         grad_weight = _weight_gradient(grad_outputs, inputs, dtype, weight, stacks)
         grad_bias = _full_stacks(grad_outputs.sum(dim=1), bias, stacks)
         return None, None, grad_inputs, grad_weight, grad_bias
@@ -233,8 +220,8 @@ class _LayerRecurrence(torch.autograd.Function):
     def forward(ctx, stacks, dtype, input_gates, weight_hh, h0, c0):
         # input_gates (P, T, B, 4H); weight_hh (S, 4H, H); h0, c0 (P, B, H)
         steps = input_gates.shape[1]
-        weight_m = matmul_copy(weight_hh, dtype)[stacks]  # (P, 4H, H)
-        weight_t = weight_m.transpose(1, 2)  # (P, H, 4H)
+        weight_for_matmul = matmul_copy(weight_hh, dtype)[stacks]  # (P, 4H, H)
+        weight_t = weight_for_matmul.transpose(1, 2)  # (P, H, 4H)
         hidden = input_gates.new_empty(h0.shape[0], steps + 1, *h0.shape[1:])  # h0 at index 0
         cells = torch.empty_like(hidden)
         gates = torch.empty_like(input_gates)
@@ -244,12 +231,12 @@ class _LayerRecurrence(torch.autograd.Function):
             pre_gates = input_gates[:, t] + _bmm(hidden[:, t], weight_t, dtype)
             gates[:, t], cells[:, t + 1], hidden[:, t + 1] = _cell_forward(pre_gates, cells[:, t])
         ctx.stacks, ctx.dtype = stacks, dtype
-        ctx.save_for_backward(weight_hh, weight_m, hidden, cells, gates)
+        ctx.save_for_backward(weight_hh, weight_for_matmul, hidden, cells, gates)
         return hidden[:, 1:].clone(), cells[:, steps].clone()
 
     @staticmethod
     def backward(ctx, grad_outputs, grad_last_cell):
-        weight_hh, weight_m, hidden, cells, gates = ctx.saved_tensors
+        weight_hh, weight_for_matmul, hidden, cells, gates = ctx.saved_tensors
         dtype = ctx.dtype
         steps = gates.shape[1]
         grad_hidden = torch.zeros_like(hidden[:, 0])
@@ -261,7 +248,7 @@ class _LayerRecurrence(torch.autograd.Function):
             grad_gates[:, t], grad_cell = _cell_backward(
                 gates[:, t], cells[:, t], cells[:, t + 1], grad_hidden, grad_cell
             )
-            grad_hidden = _bmm(grad_gates[:, t], weight_m, dtype)
+            grad_hidden = _bmm(grad_gates[:, t], weight_for_matmul, dtype)
         # One matmul over all T * B rows: sum_t dG_t^T h_{t-1}.
         grad_weight = _weight_gradient(
             _rows(grad_gates), _rows(hidden[:, :steps]), dtype, weight_hh, ctx.stacks
@@ -301,14 +288,14 @@ class DecoderWeights:
     output_weight: Tensor
     output_bias: Tensor
 
-    def flat(self) -> list[Tensor]:
+    def as_tensor_list(self) -> list[Tensor]:
         return [*self.weight_ih, *self.weight_hh, *self.bias, self.output_weight, self.output_bias]
 
 
 class _FreeRunningDecoder(torch.autograd.Function):
     @staticmethod
     def forward(ctx, steps, logistic, dropout, stacks, dtype, h0, c0, *parameters):
-        # h0, c0: (L, P, B, H); parameters: DecoderWeights.flat() (full stacks)
+        # h0, c0: (L, P, B, H); parameters: DecoderWeights.as_tensor_list() (full stacks)
         num_layers = h0.shape[0]
         weight_ih = [matmul_copy(w, dtype)[stacks] for w in parameters[:num_layers]]
         weight_hh = [matmul_copy(w, dtype)[stacks] for w in parameters[num_layers : 2 * num_layers]]
@@ -469,5 +456,5 @@ def free_running_decoder(
         logits (P, steps, B, D) of every generated frame.
     """
     return _FreeRunningDecoder.apply(
-        steps, logistic, float(dropout), stacks, matmul_dtype_for(h0), h0, c0, *weights.flat()
+        steps, logistic, float(dropout), stacks, matmul_dtype_for(h0), h0, c0, *weights.as_tensor_list()
     )

@@ -6,7 +6,6 @@ and returns nothing; matplotlib runs headless (Agg).
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -15,7 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from lstm_ae.metrics import BASELINE_COPY_LAST_MSE_FRAME, BASELINE_ZEROS_MSE_FRAME
+from lstm_ae.metrics import BASELINE_COPY_LAST_MSE_FRAME, BASELINE_ZEROS_MSE_FRAME, is_finite_number
 
 GIF_SCALE = 3  # pixels per frame pixel
 GIF_FRAME_MS = 200
@@ -113,20 +112,20 @@ def curves_png(path: str | os.PathLike, rows: Sequence[Mapping[str, float]], met
     """Training losses and the validation metric over steps, with the trivial baselines."""
     plt, figure, axes = _figure(1, 2, 11, 4)
     train_axis, validation_axis = axes[0]
-    train_rows = [row for row in rows if "loss" in row and _finite(row["loss"])]
+    train_rows = [row for row in rows if "loss" in row and is_finite_number(row["loss"])]
     for key, label in (
         ("loss", "composite loss"),
         ("reconstruction_loss", "reconstruction"),
         ("prediction_loss", "prediction"),
     ):
-        points = [(row["step"], row[key]) for row in train_rows if _finite(row.get(key))]
+        points = [(row["step"], row[key]) for row in train_rows if is_finite_number(row.get(key))]
         if points and any(value > 0 for _, value in points):
             train_axis.plot(*zip(*points), label=label)
     train_axis.set_xlabel("step")
     train_axis.set_ylabel("training loss per frame")
     train_axis.set_yscale("log")
     train_axis.legend()
-    validation_rows = [row for row in rows if _finite(row.get(metric))]
+    validation_rows = [row for row in rows if is_finite_number(row.get(metric))]
     if validation_rows:
         validation_axis.plot(
             [row["step"] for row in validation_rows],
@@ -140,7 +139,7 @@ def curves_png(path: str | os.PathLike, rows: Sequence[Mapping[str, float]], met
                 (BASELINE_ZEROS_MSE_FRAME, "all-zeros baseline", "--"),
                 (BASELINE_COPY_LAST_MSE_FRAME, "copy-last-frame baseline", ":"),
             ):
-                if _finite(last.get(key)):
+                if is_finite_number(last.get(key)):
                     validation_axis.axhline(last[key], linestyle=style, color="gray", label=label)
         validation_axis.legend()
     validation_axis.set_xlabel("step")
@@ -148,10 +147,6 @@ def curves_png(path: str | os.PathLike, rows: Sequence[Mapping[str, float]], met
     figure.tight_layout()
     figure.savefig(path, dpi=90)
     plt.close(figure)
-
-
-def _finite(value) -> bool:
-    return isinstance(value, (int, float)) and math.isfinite(value)
 
 
 RUN_PICTURES = ("prediction.gif", "reconstruction.gif", "frames.png", "curves.png")

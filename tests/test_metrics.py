@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from skimage.metrics import structural_similarity
 
 from lstm_ae import metrics
 
@@ -38,17 +39,91 @@ def test_psnr_of_a_known_error_and_of_identical_frames():
     assert metrics.psnr_per_frame(frames([1.5] * 4), target).item() == pytest.approx(0.0, abs=1e-6)
 
 
-def test_ssim_of_constant_images_has_the_closed_form():
-    # Constant images a and b: SSIM = (2ab + C1) / (a^2 + b^2 + C1) (variance terms cancel).
-    a, b = 0.2, 0.6
-    prediction = torch.full((1, 1, 1, 9, 9), a)
-    target = torch.full((1, 1, 1, 9, 9), b)
-    c1 = (0.01) ** 2
-    expected = (2 * a * b + c1) / (a * a + b * b + c1)
-    assert metrics.ssim_per_frame(prediction, target).item() == pytest.approx(expected, rel=1e-5)
-    noise = torch.rand(2, 3, 1, 16, 16)
-    assert torch.allclose(metrics.ssim_per_frame(noise, noise), torch.ones(2, 3), atol=1e-5)
-    assert (metrics.ssim_per_frame(noise, torch.rand(2, 3, 1, 16, 16)) < 0.5).all()
+def test_every_metric_scores_the_prediction_clipped_to_the_target_range():
+    # A linear head can predict outside [0, 1]: -0.5 scores like 0 and 1.5 like 1.
+    prediction = frames([1.5, -0.5, 0.5, 0.2], [2.0, -1.0, 0.0, 1.0])
+    clipped = frames([1.0, 0.0, 0.5, 0.2], [1.0, 0.0, 0.0, 1.0])
+    target = frames([1.0, 0.0, 0.25, 0.2], [0.5, 0.5, 0.5, 0.5])
+    squared = metrics.squared_error_per_frame(prediction, target)
+    assert squared[0].tolist() == pytest.approx([0.0625, 1.0])
+    assert metrics.absolute_error_per_frame(prediction, target)[0].tolist() == pytest.approx([0.25, 2.0])
+    for metric in (
+        metrics.squared_error_per_frame,
+        metrics.absolute_error_per_frame,
+        metrics.bce_nats_per_frame,
+        metrics.psnr_per_frame,
+    ):
+        assert torch.equal(metric(prediction, target), metric(clipped, target)), metric.__name__
+    # One scored frame: PSNR and MSE per frame agree (4 pixels per frame here).
+    assert torch.allclose(metrics.psnr_per_frame(prediction, target), 10 * torch.log10(4 / squared))
+    big_prediction = 3 * torch.rand(2, 3, 1, 9, 9) - 1
+    big_target = torch.rand(2, 3, 1, 9, 9)
+    assert torch.equal(
+        metrics.ssim_per_frame(big_prediction, big_target),
+        metrics.ssim_per_frame(big_prediction.clamp(0, 1), big_target),
+    )
+
+
+def test_a_nan_prediction_gives_nan_metrics():
+    prediction = frames([float("nan"), 0.0, 0.0, 0.0])
+    target = frames([0.0, 0.0, 0.0, 0.0])
+    for metric in (
+        metrics.squared_error_per_frame,
+        metrics.absolute_error_per_frame,
+        metrics.bce_nats_per_frame,
+        metrics.psnr_per_frame,
+    ):
+        assert torch.isnan(metric(prediction, target)).all(), metric.__name__
+
+
+@pytest.mark.parametrize("channels, height, width", [(1, 7, 7), (1, 16, 16), (1, 12, 20), (3, 10, 9)])
+def test_ssim_equals_scikit_image(channels, height, width):
+    """Ours against `skimage.metrics.structural_similarity` with the parameters we claim."""
+    generator = torch.Generator().manual_seed(channels * 1000 + height * 10 + width)
+    target = torch.rand(2, 3, channels, height, width, generator=generator, dtype=torch.float64)
+    noise = torch.tensor([0.02, 0.1, 0.2, 0.4, 0.8, 1.6], dtype=torch.float64).view(2, 3, 1, 1, 1)
+    disturbance = noise * torch.randn(target.shape, generator=generator, dtype=torch.float64)
+    prediction = target + disturbance  # leaves [0, 1]: both sides score it clipped
+    ours = metrics.ssim_per_frame(prediction, target)
+    expected = torch.tensor(
+        [
+            [
+                structural_similarity(
+                    prediction[b, t].clamp(0, 1).numpy(),
+                    target[b, t].numpy(),
+                    data_range=1.0,
+                    win_size=metrics.SSIM_WINDOW,
+                    gaussian_weights=False,
+                    use_sample_covariance=True,
+                    K1=metrics.SSIM_K1,
+                    K2=metrics.SSIM_K2,
+                    channel_axis=0,
+                )
+                for t in range(3)
+            ]
+            for b in range(2)
+        ]
+    )
+    assert ours.shape == (2, 3)
+    assert torch.allclose(ours.double(), expected, rtol=1e-6, atol=1e-6)
+    assert expected.max() - expected.min() > 0.5  # frames from near-identical to unrelated
+
+
+def test_ssim_of_one_window_by_hand():
+    """A 7x7 frame is one window: SSIM is the textbook formula with sample (n - 1) statistics."""
+    generator = torch.Generator().manual_seed(3)
+    x = torch.rand(49, generator=generator, dtype=torch.float64)
+    y = (0.6 * x + 0.4 * torch.rand(49, generator=generator, dtype=torch.float64)).clamp(0, 1)
+    mean_x, mean_y = x.mean(), y.mean()
+    variance_x, variance_y = x.var(correction=1), y.var(correction=1)
+    covariance = ((x - mean_x) * (y - mean_y)).sum() / 48
+    c1, c2 = 0.01**2, 0.03**2
+    expected = ((2 * mean_x * mean_y + c1) * (2 * covariance + c2)) / (
+        (mean_x**2 + mean_y**2 + c1) * (variance_x + variance_y + c2)
+    )
+    ours = metrics.ssim_per_frame(x.view(1, 1, 1, 7, 7), y.view(1, 1, 1, 7, 7))
+    assert ours.item() == pytest.approx(expected.item(), rel=1e-6)
+    assert metrics.ssim_per_frame(x.view(1, 1, 1, 7, 7), x.view(1, 1, 1, 7, 7)).item() == pytest.approx(1.0)
 
 
 def test_baselines_and_accumulator_average_over_all_frames():

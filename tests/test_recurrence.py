@@ -216,7 +216,7 @@ def first_loss(config: ModelConfig, frames: torch.Tensor) -> float:
         return CompositeLSTMAutoencoder(config)(frames[:, :4], frames[:, 4:]).loss.item()
 
 
-def test_reused_gradient_buffers_never_alias_live_gradients():
+def test_weight_gradients_never_alias_live_gradients():
     model = tiny_model()
     frames = torch.rand(2, 6, 1, 8, 8)
     weight = model.decoders.weight_ih_l0
@@ -236,6 +236,25 @@ def test_reused_gradient_buffers_never_alias_live_gradients():
     backward(scale=3.0)
     assert torch.allclose(held, 2 * single, rtol=1e-5, atol=1e-7)  # a gradient a user kept is untouched
     assert torch.allclose(weight.grad, 3 * single, rtol=1e-5, atol=1e-7)
-    model.zero_grad()
-    backward()
-    assert weight.grad.data_ptr() == weight._gradient_buffer[0].data_ptr()  # and the buffer is reused
+
+
+def test_bf16_train_step_leaves_float32_gradients_with_bf16_weight_products():
+    """What the module docstring's "Numerics" paragraph claims, after `engine.train_step`."""
+    config = ModelConfig(hidden_size=16, num_layers=2, height=8, width=8, past_length=3, future_length=3)
+    model = CompositeLSTMAutoencoder(config)
+    optimizer = make_optimizer(model, OptimConfig(), torch.device("cpu"))
+    scheduler = make_scheduler(optimizer, OptimConfig(), 10)
+    gradients = {}
+
+    def keep(parameter: torch.Tensor, name: str) -> None:
+        gradients[name] = parameter.grad.clone()
+
+    for name, parameter in model.named_parameters():
+        parameter.register_post_accumulate_grad_hook(lambda parameter, name=name: keep(parameter, name))
+    train_step(model, optimizer, scheduler, [torch.rand(2, 6, 1, 8, 8)], config, "bf16", 0.0, 0)
+    assert set(gradients) == {name for name, _ in model.named_parameters()}
+    for name, gradient in gradients.items():
+        assert gradient.dtype == torch.float32, name
+        bf16_values = torch.equal(gradient, gradient.bfloat16().float())
+        # Weight matrices: one bf16 matmul over all rows, widened; biases: float32 sums.
+        assert bf16_values == ("weight" in name), name

@@ -15,8 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lstm_ae.metrics import PROBE_ACCURACY, VAL_BCE_NATS_FRAME, VAL_MSE_FRAME, VAL_RECONSTRUCTION_MSE_FRAME
-from tune.results import is_finite_number
+from lstm_ae.metrics import (
+    PROBE_ACCURACY,
+    VAL_BCE_NATS_FRAME,
+    VAL_MSE_FRAME,
+    VAL_RECONSTRUCTION_MSE_FRAME,
+    is_finite_number,
+)
 from tune.variants import VARIANTS, Variant  # noqa: F401  (Variant: part of this module's interface)
 
 NEGLIGIBLE = 0.005  # relative difference below which a claim's two variants count as equal

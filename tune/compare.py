@@ -27,12 +27,12 @@ from lstm_ae.metrics import (
     TABLE_METRIC_MODES,
     VAL_BCE_NATS_FRAME,
     VAL_MSE_FRAME,
+    is_finite_number,
 )
 from train.commandline import OneLineParser, fail
 from tune.results import (
     COMPLETED,
     STOPPED,
-    is_finite_number,
     read_table,
     sort_rows,
     to_csv,

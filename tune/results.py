@@ -28,6 +28,7 @@ from lstm_ae.metrics import (
     VAL_PSNR_DB,
     VAL_RECONSTRUCTION_MSE_FRAME,
     VAL_SSIM,
+    is_finite_number,
 )
 from tune.space import SearchSpace
 
@@ -51,11 +52,6 @@ FINAL_METRICS = (
     "probe_accuracy_untrained",
 )
 MIN_TRIALS_FOR_IMPORTANCES = 4
-
-
-def is_finite_number(value: Any) -> bool:
-    """An int or float that is neither NaN nor infinite (a bool is not a number here)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _best(values: list[float], metric: str) -> float | None:
