@@ -122,11 +122,16 @@ def autoscaling_config(port: int, max_nodes: int) -> dict:
     }
 
 
+def tune_result_rows(result_file: Path) -> list[dict]:
+    """The reports Tune wrote for one trial (result.json holds one JSON object a line)."""
+    return [json.loads(line) for line in result_file.read_text().splitlines() if line.strip()]
+
+
 def trial_intervals(experiment: Path) -> list[tuple[float, float]]:
     """(start, end) wall-clock times of every trial, from Tune's per-trial result.json."""
     intervals = []
     for result_file in sorted(experiment.glob("*/result.json")):
-        rows = [json.loads(line) for line in result_file.read_text().splitlines() if line.strip()]
+        rows = tune_result_rows(result_file)
         if rows:
             start = min(row["timestamp"] - row["time_total_s"] for row in rows)
             intervals.append((start, max(row["timestamp"] for row in rows)))
@@ -248,7 +253,7 @@ def trial_reported_step(experiment: Path, step: int) -> bool:
     """Tune's driver has processed some trial's report of `step` (and so its checkpoint)."""
     for result_file in experiment.glob("*/result.json"):
         try:
-            rows = [json.loads(line) for line in result_file.read_text().splitlines() if line.strip()]
+            rows = tune_result_rows(result_file)
         except (OSError, ValueError):
             continue
         if any(row.get("step") == step for row in rows):

@@ -298,7 +298,7 @@ def report_with_checkpoint(
             if pictures_from is not None:
                 sample = next(pictures_from.batches(VISUALISED_SEQUENCES))
                 render_run(folder, unwrap(trainables.model), sample, config, state.history)
-        metrics = _reported(row, final=pictures_from is not None or state.finished)
+        metrics = _reported(row, final=state.finished)
         session.report(metrics, folder if session.world_rank == 0 else None, state.step)
 
 
