@@ -241,3 +241,138 @@ def test_a_search_table_names_each_trials_best_kept_checkpoint(tmp_path):
     assert table["two_workers"]["checkpoint"] == "/train_runs/two_workers/checkpoint_4"
     assert table["two_workers"]["status"] == STOPPED and table["two_workers"]["val_mse_frame"] == 100.0
     assert table["two_workers"]["best"] == "*" and table["one_worker"]["learning_rate"] == 1e-3
+
+
+# ------------------------------------------------------------------------------ HTML report
+
+CLUSTER_ROOT = "/cluster/lstm-ae"  # where the search ran: its recorded checkpoint paths start here
+
+
+def render_pictures(folder, history, seed):
+    """curves.png, prediction.gif, frames.png (and reconstruction.gif) as a run writes them:
+    lstm_ae.viz.render_run on an untrained tiny model (weights from `seed`) and two moving squares."""
+    import torch
+
+    from lstm_ae.model import CompositeLSTMAutoencoder
+    from lstm_ae.viz import render_run
+
+    config = preset("smoke", hidden_size=8)
+    torch.manual_seed(seed)
+    sequences = torch.zeros(2, 20, 1, 64, 64)  # (B, T, C, H, W)
+    for t in range(20):
+        sequences[0, t, 0, 20:30, 2 + 2 * t : 12 + 2 * t] = 1.0
+        sequences[1, t, 0, 2 + 2 * t : 12 + 2 * t, 30:40] = 1.0
+    folder.mkdir(parents=True, exist_ok=True)
+    render_run(folder, CompositeLSTMAutoencoder(config.model), sequences, config, history)
+
+
+def history(values):
+    """A run's history as render_run takes it: training losses, then a validation, per step."""
+    losses = {"loss": 1.0, "reconstruction_loss": 0.6, "prediction_loss": 0.4}
+    baselines = {"baseline_zeros_mse_frame": 200.0, "baseline_copy_last_mse_frame": 180.0}
+    rows = []
+    for step, value in enumerate(values, start=1):
+        rows.append({"step": step, **{name: loss / step for name, loss in losses.items()}})
+        rows.append({"step": step, "val_mse_frame": value, "elapsed_seconds": 20.0 * step, **baselines})
+    return rows
+
+
+@pytest.fixture(scope="module")
+def report_inputs(tmp_path_factory):
+    """A train run (pictures in its folder) and a search whose best trial's checkpoint was
+    recorded on the cluster and copied here (pictures in the checkpoint, as the trial wrote
+    them): the search's best trial is the best row."""
+    root = tmp_path_factory.mktemp("report")
+    final = {"val_mse_frame": 151.0, "baseline_zeros_mse_frame": 200.0, "baseline_copy_last_mse_frame": 180.0}
+    write_train_run(root / "run-a", best_metric=150.0, final_metrics=final)
+    render_pictures(root / "run-a", history([170.0, 150.0]), seed=0)
+
+    settings = SearchSettings(name="search", storage=CLUSTER_ROOT, num_samples=2)
+    folder = root / "search"
+    write_search_record(folder, settings, experiment="search")
+    space = parse_space({"learning_rate": {"loguniform": [1e-4, 1e-2]}})
+    best_checkpoint = f"{CLUSTER_ROOT}/search/train_runs/trial_b/checkpoint_000004"
+    results = [
+        tune_result(folder / "trial_a", {"learning_rate": 1e-3}, [{"step": 2, "val_mse_frame": 160.0}]),
+        tune_result(
+            folder / "trial_b",
+            {"learning_rate": 1e-2},
+            [{"step": 2, "val_mse_frame": 140.0, "checkpoint_path": f"{CLUSTER_ROOT}/search/train_runs/trial_b/checkpoint_000002"},
+             {"step": 4, "val_mse_frame": 120.0, "checkpoint_path": best_checkpoint}],
+        ),
+    ]  # fmt: skip
+    rows, histories = trial_rows(results, space, "val_mse_frame", MAX_STEPS, set())
+    write_results(folder, rows, histories, space, "val_mse_frame")
+    render_pictures(folder / "train_runs" / "trial_b" / "checkpoint_000004", history([140.0, 120.0]), seed=1)
+    (folder / "train_runs" / "trial_b" / "checkpoint_000002").mkdir()  # no pictures: not chosen
+
+    report = root / "report.html"
+    assert main([str(root / "run-a"), str(folder), "--format", "html", "--output", str(report)]) == 0
+    return root, report
+
+
+def test_the_html_report_is_one_page_with_the_table_and_each_runs_pictures(report_inputs):
+    import base64
+    import re
+
+    root, report = report_inputs
+    page = report.read_text(encoding="utf-8")
+    assert page.startswith("<!DOCTYPE html>") and page.rstrip().endswith("</html>")
+    assert page.count('class="dataframe"') == page.count("<table") == 1
+    (best_row,) = re.findall(r'<tr class="best">(.*?)</tr>', page, re.S)
+    assert "<td>best</td>" in best_row and "trial_b" in best_row and "120" in best_row
+    references = re.findall(r'<tr class="reference">(.*?)</tr>', page, re.S)
+    assert any("341.2" in row for row in references) and any("all-zeros" in row for row in references)
+    # Nothing fetched from anywhere: every src is a data URI, no link leaves the page.
+    assert not re.search(r"https?://", page)
+    assert not re.search(r"""(?:src|href)\s*=\s*["'](?!data:)""", page)
+    sources = re.findall(r'<img src="data:(image/(?:png|gif));base64,([A-Za-z0-9+/=]+)"', page)
+    assert len(sources) == len(re.findall(r"<img ", page)) == 3 + 4  # the run's 3, the trial's 3 + trials.png
+    # Sections best first; the search's pictures are its best trial's, found in the local copy.
+    search_at = page.index("<h2>Search search: best trial trial_b</h2>")
+    run_at = page.index("<h2>Train run run-a</h2>")
+    assert page.index("</table>") < search_at < run_at
+    checkpoint = root / "search" / "train_runs" / "trial_b" / "checkpoint_000004"
+    for name in ("curves.png", "prediction.gif", "frames.png"):
+        embedded = base64.b64encode((checkpoint / name).read_bytes()).decode("ascii")
+        assert search_at < page.index(embedded) < run_at, name
+        embedded = base64.b64encode((root / "run-a" / name).read_bytes()).decode("ascii")
+        assert page.index(embedded) > run_at, name
+    assert base64.b64encode((root / "search" / "trials.png").read_bytes()).decode("ascii") in page
+    assert {mime for mime, _ in sources} == {"image/png", "image/gif"}
+
+
+def test_the_html_report_renders_in_headless_chromium(report_inputs):
+    import shutil
+    from pathlib import Path
+
+    if shutil.which("chromium") is None:
+        pytest.skip("chromium is not installed (Debian: apt-get install chromium)")
+    root, report = report_inputs
+    screenshot = root / "report.png"
+    script = Path(__file__).resolve().parents[1] / "scripts" / "report_screenshot.sh"
+    completed = subprocess.run(
+        [str(script), str(report), str(screenshot)], capture_output=True, text=True, timeout=180
+    )
+    assert completed.returncode == 0, completed.stderr
+    data = screenshot.read_bytes()
+    assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 50_000
+
+
+@pytest.mark.parametrize(
+    "path, output, message",
+    [
+        ("missing", "report.html", "not a folder: "),
+        ("empty", "report.html", "holds no train run (result.json), tune experiment"),
+        ("run-a", "no-such-folder/report.html", "cannot write "),
+        ("run-a", ".", "cannot write "),  # a folder
+    ],
+)
+def test_report_mistakes_exit_2_with_one_line(report_inputs, tmp_path, capsys, path, output, message):
+    root, _ = report_inputs
+    (tmp_path / "empty").mkdir()
+    folder = root / path if path == "run-a" else tmp_path / path
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(folder), "--format", "html", "--output", str(tmp_path / output)])
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2 and error.count("\n") == 1 and message in error, error

@@ -15,6 +15,7 @@ Each trial trains one config with the same training function as `train`:
 Trials report after every validation. A failed trial (a lost node) is retried from its
 latest checkpoint up to `max_failures` times. The experiment folder is Tune's own,
 `<storage>/<name>/`, with `search.json` (what the experiment was started with).
+Each trial's folder also holds the TensorBoard events its rank 0 writes (`train/tracking.py`).
 """
 
 from __future__ import annotations
@@ -22,12 +23,14 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import asdict, dataclass
+from pathlib import PurePosixPath
 from typing import Any
 
 from lstm_ae.config import ExperimentConfig
 from lstm_ae.metrics import METRIC_MODES
 from train.cluster import HEAD_RESOURCE, ClusterCapacity
 from train.launch import connect, storage_filesystem, storage_path, with_absolute_paths
+from train.tracking import TRACKING_KEY
 from tune.space import Dimension, SearchSpace
 
 SEARCH_FILE = "search.json"
@@ -70,6 +73,7 @@ class TrialPlan:
     capacity: int  # trials the cluster holds at its largest (-1: no limit)
     driver_resources: dict[str, float]  # multi-worker trials only
     train_storage: str
+    experiment_folder: str  # <storage>/<name>: each trial's TensorBoard events go to its folder there
 
     @property
     def threads(self) -> int:
@@ -135,6 +139,7 @@ def plan_trials(settings: SearchSettings, cluster: ClusterCapacity, num_trials: 
         capacity=capacity,
         driver_resources=driver,
         train_storage=f"{storage_path(settings.storage)}/{settings.name}/train_runs",
+        experiment_folder=f"{storage_path(settings.storage)}/{settings.name}",
     )
 
 
@@ -151,6 +156,10 @@ def trial(sampled: dict[str, Any], base: dict[str, Any], plan: dict[str, Any]) -
     worker_config = loop_config(
         config, WorkerSettings(threads=plan.threads, validation_reports_only=True, quiet=True)
     )
+    # Rank 0 writes TensorBoard events into the trial's folder (beside Tune's own events);
+    # get_trial_dir is a local staging folder that ends in the trial folder's name.
+    trial_folder = PurePosixPath(ray.tune.get_context().get_trial_dir()).name
+    worker_config[TRACKING_KEY] = {"tensorboard": f"{plan.experiment_folder}/{trial_folder}"}
     if plan.workers_per_trial == 1:
         from tune.session import TuneSession
 
