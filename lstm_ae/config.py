@@ -68,6 +68,7 @@ class ModelConfig:
     hidden_size: int = 1024
     num_layers: int = 1
     dropout: float = 0.0
+    forget_gate_bias: float = 0.0
     decoder_mode: str = "free"
     head: str = "logistic"
     reconstruction_weight: float = 0.5
@@ -86,6 +87,12 @@ class ModelConfig:
             "dropout",
             "must be in [0, 1)",
             self.dropout,
+        )
+        _require(
+            is_finite_number(self.forget_gate_bias),
+            "forget_gate_bias",
+            "must be a finite number",
+            self.forget_gate_bias,
         )
         _require(
             is_finite_number(self.reconstruction_weight) and 0.0 <= self.reconstruction_weight <= 1.0,
@@ -185,6 +192,7 @@ class TrainingConfig:
 
     batch_size: int = 32
     max_steps: int = 2000
+    max_minutes: float = 0.0
     log_every: int = 50
     eval_every: int = 250
     checkpoint_every: int = 250
@@ -203,6 +211,12 @@ class TrainingConfig:
         _non_negative_int(self, "patience", "seed", "probe_sequences")
         _choice(self, "precision", PRECISIONS)
         _choice(self, "metric", tuple(METRIC_MODES))
+        _require(
+            is_finite_number(self.max_minutes) and self.max_minutes >= 0,
+            "max_minutes",
+            "must be a non-negative number of minutes (0: no time limit)",
+            self.max_minutes,
+        )
         _require(
             isinstance(self.bf16_allreduce, bool),
             "bf16_allreduce",
@@ -368,6 +382,8 @@ FIELD_HELP: dict[str, str] = {
     "hidden_size": "LSTM units per layer (encoder and each decoder)",
     "num_layers": "stacked LSTM layers in the encoder and in each decoder",
     "dropout": "dropout between stacked LSTM layers (training only)",
+    "forget_gate_bias": "added to every LSTM's initial forget-gate bias (1.0 as in Jozefowicz "
+    "et al. 2015: remember by default; 0 keeps nn.LSTM's uniform initialisation)",
     "decoder_mode": "decoder input: 'free' feeds its own previous output; 'conditioned' feeds "
     "the ground-truth previous frame in training (its own output at evaluation)",
     "head": "'logistic' (sigmoid, binary cross-entropy: the paper) or 'linear' (MSE)",
@@ -400,7 +416,10 @@ FIELD_HELP: dict[str, str] = {
     "grad_clip_norm": "clip the global gradient norm to this (0 disables); losses are per frame, "
     "so gradients are large",
     "batch_size": "global batch size, split evenly over the workers",
-    "max_steps": "optimizer steps to train for",
+    "max_steps": "optimizer steps to train for (an upper bound when --max-minutes is set)",
+    "max_minutes": "wall-clock budget of the training steps in minutes (0: none; validation "
+    "not counted): the last step is planned from the measured speed after the warm-up and "
+    "re-planned at every report, and the learning-rate schedule ends there",
     "log_every": "steps between progress lines and reports",
     "eval_every": "steps between validations",
     "checkpoint_every": "steps between checkpoints",

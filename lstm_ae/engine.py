@@ -113,6 +113,21 @@ def make_scheduler(
     )
 
 
+def reschedule(
+    scheduler: torch.optim.lr_scheduler.LambdaLR, config: OptimConfig, schedule: Sequence[Sequence[int]]
+) -> None:
+    """Point a `make_scheduler` schedule at new ends: `schedule` is [[0, max_steps], *extensions].
+
+    The rate the optimizer uses next is the new schedule's at the scheduler's current step.
+    """
+    max_steps, extensions = schedule[0][1], tuple(tuple(extension) for extension in schedule[1:])
+    scheduler.lr_lambdas = [
+        lambda step: learning_rate_factor(step, config, max_steps, extensions) for _ in scheduler.lr_lambdas
+    ]
+    for group, base, factor in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base * factor(scheduler.last_epoch)
+
+
 def train_step(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -181,8 +196,7 @@ def evaluate(
         for frames in batches:
             past, future = split_sequence(frames.to(device), config.past_length, config.future_length)
             with autocast(precision, device):
-                prediction = bare.predict(past)
-                reconstruction = bare.reconstruct(past)
+                reconstruction, prediction = bare.reconstruct_and_predict(past)
             add_prediction_metrics(accumulator, prediction, future)
             add_reconstruction_metrics(accumulator, reconstruction, past)
             add_baselines(accumulator, past, future)

@@ -153,7 +153,12 @@ def ssim_per_frame(prediction: Tensor, target: Tensor) -> Tensor:
     y = target.double().flatten(0, 2).unsqueeze(1)
 
     def window_mean(image: Tensor) -> Tensor:
-        return F.avg_pool2d(image, SSIM_WINDOW, stride=1)
+        # Every 7x7 window's mean ("valid" positions, as avg_pool2d with stride 1) from an
+        # integral image: four lookups per window instead of 49 additions.
+        k = SSIM_WINDOW
+        integral = F.pad(image.cumsum(-1).cumsum(-2), (1, 0, 1, 0))
+        window_sum = integral[..., k:, k:] - integral[..., :-k, k:] - integral[..., k:, :-k] + integral[..., :-k, :-k]
+        return window_sum / (k * k)
 
     count = SSIM_WINDOW**2
     covariance_scale = count / (count - 1)  # sample covariance, as skimage

@@ -54,13 +54,16 @@ class StackedLSTMWeights(nn.Module):
 
     `weight_ih_l{k}`: (stacks, 4H, input size), `weight_hh_l{k}`: (stacks, 4H, H),
     `bias_l{k}`: (stacks, 4H). One bias per gate (nn.LSTM's two biases summed). Initialised
-    like nn.LSTM: uniform in +-1/sqrt(H).
+    like nn.LSTM: uniform in +-1/sqrt(H), plus `forget_gate_bias` on the forget gates.
     """
 
-    def __init__(self, stacks: int, input_size: int, hidden_size: int, num_layers: int):
+    def __init__(
+        self, stacks: int, input_size: int, hidden_size: int, num_layers: int, forget_gate_bias: float = 0.0
+    ):
         super().__init__()
         self.num_layers = num_layers
         self.hidden_size = hidden_size
+        self.forget_gate_bias = forget_gate_bias
         for layer in range(num_layers):
             layer_input = input_size if layer == 0 else hidden_size
             self.register_parameter(
@@ -78,6 +81,9 @@ class StackedLSTMWeights(nn.Module):
         bound = 1.0 / math.sqrt(self.hidden_size)
         for parameter in self.parameters():
             nn.init.uniform_(parameter, -bound, bound)
+        with torch.no_grad():
+            for layer in range(self.num_layers):  # gate order: input, forget, cell, output
+                getattr(self, f"bias_l{layer}")[:, self.hidden_size : 2 * self.hidden_size] += self.forget_gate_bias
 
     def layer(self, layer: int) -> tuple[Tensor, Tensor, Tensor]:
         """(weight_ih, weight_hh, bias) of one layer, all stacks."""
@@ -95,8 +101,9 @@ class CompositeLSTMAutoencoder(nn.Module):
         super().__init__()
         self.config = config
         frame_size, hidden_size = config.frame_size, config.hidden_size
-        self.encoder = StackedLSTMWeights(1, frame_size, hidden_size, config.num_layers)
-        self.decoders = StackedLSTMWeights(2, frame_size, hidden_size, config.num_layers)
+        forget = config.forget_gate_bias
+        self.encoder = StackedLSTMWeights(1, frame_size, hidden_size, config.num_layers, forget)
+        self.decoders = StackedLSTMWeights(2, frame_size, hidden_size, config.num_layers, forget)
         bound = 1.0 / math.sqrt(hidden_size)
         self.output_weight = nn.Parameter(torch.empty(2, frame_size, hidden_size).uniform_(-bound, bound))
         # Outputs start at the mean pixel of Moving MNIST, not at sigmoid(0) = 0.5: otherwise
@@ -136,6 +143,19 @@ class CompositeLSTMAutoencoder(nn.Module):
         hidden, cell = self._encode_states(past)
         logits = self._decode_free(hidden, cell, steps, slice(PREDICTION, PREDICTION + 1))
         return self._to_frames(self._activate(logits[0]), (past.shape[0], steps, *past.shape[2:]))
+
+    def reconstruct_and_predict(self, past: Tensor) -> tuple[Tensor, Tensor]:
+        """`reconstruct(past)` and `predict(past)` from one encoding, both decoders run as one stack."""
+        config = self.config
+        hidden, cell = self._encode_states(past)
+        steps = max(config.past_length, config.future_length)
+        logits = self._decode_free(hidden, cell, steps, slice(None))
+        reconstruction = self._to_frames(self._activate(logits[RECONSTRUCTION, : past.shape[1]]), past.shape)
+        if config.reconstruction_order == "reverse":
+            reconstruction = reconstruction.flip(1)
+        future_shape = (past.shape[0], config.future_length, *past.shape[2:])
+        prediction = self._to_frames(self._activate(logits[PREDICTION, : config.future_length]), future_shape)
+        return reconstruction, prediction
 
     def targets(self, past: Tensor, future: Tensor) -> tuple[Tensor, Tensor]:
         """The (reconstruction, prediction) targets: the past reversed (or not), and the future."""

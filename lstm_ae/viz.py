@@ -109,9 +109,10 @@ def frames_png(path: str | os.PathLike, past, future, prediction, reconstruction
 
 
 def curves_png(path: str | os.PathLike, rows: Sequence[Mapping[str, float]], metric: str) -> None:
-    """Training losses and the validation metric over steps, with the trivial baselines."""
-    plt, figure, axes = _figure(1, 2, 11, 4)
-    train_axis, validation_axis = axes[0]
+    """Training losses over steps, and the validation metric with the trivial baselines over
+    steps and over wall-clock time (`elapsed_seconds`: training and validation)."""
+    plt, figure, axes = _figure(1, 3, 15, 4)
+    train_axis, step_axis, time_axis = axes[0]
     train_rows = [row for row in rows if "loss" in row and is_finite_number(row["loss"])]
     for key, label in (
         ("loss", "composite loss"),
@@ -126,27 +127,30 @@ def curves_png(path: str | os.PathLike, rows: Sequence[Mapping[str, float]], met
     train_axis.set_yscale("log")
     train_axis.legend()
     validation_rows = [row for row in rows if is_finite_number(row.get(metric))]
-    if validation_rows:
-        validation_axis.plot(
-            [row["step"] for row in validation_rows],
-            [row[metric] for row in validation_rows],
-            marker="o",
-            label="model",
-        )
-        last = validation_rows[-1]
+    _plot_validation(step_axis, validation_rows, metric, lambda row: row["step"], "step")
+    timed_rows = [row for row in validation_rows if is_finite_number(row.get("elapsed_seconds"))]
+    _plot_validation(
+        time_axis, timed_rows, metric, lambda row: row["elapsed_seconds"] / 60, "minutes of training and validation"
+    )
+    figure.tight_layout()
+    figure.savefig(path, dpi=90)
+    plt.close(figure)
+
+
+def _plot_validation(axis, rows: Sequence[Mapping[str, float]], metric: str, x, label: str) -> None:
+    if rows:
+        axis.plot([x(row) for row in rows], [row[metric] for row in rows], marker="o", label="model")
+        last = rows[-1]
         if metric.startswith("val_mse"):
-            for key, label, style in (
+            for key, baseline, style in (
                 (BASELINE_ZEROS_MSE_FRAME, "all-zeros baseline", "--"),
                 (BASELINE_COPY_LAST_MSE_FRAME, "copy-last-frame baseline", ":"),
             ):
                 if is_finite_number(last.get(key)):
-                    validation_axis.axhline(last[key], linestyle=style, color="gray", label=label)
-        validation_axis.legend()
-    validation_axis.set_xlabel("step")
-    validation_axis.set_ylabel(metric)
-    figure.tight_layout()
-    figure.savefig(path, dpi=90)
-    plt.close(figure)
+                    axis.axhline(last[key], linestyle=style, color="gray", label=baseline)
+        axis.legend()
+    axis.set_xlabel(label)
+    axis.set_ylabel(metric)
 
 
 RUN_PICTURES = ("prediction.gif", "reconstruction.gif", "frames.png", "curves.png")

@@ -64,6 +64,36 @@ def test_reconstruct_returns_chronological_order():
     assert torch.allclose(forward_model(past, past).reconstruction_target, past)
 
 
+@pytest.mark.parametrize(
+    "overrides",
+    [dict(), dict(past_length=3, future_length=6, num_layers=2, head="linear"), dict(reconstruction_order="forward")],
+)
+def test_reconstruct_and_predict_from_one_encoding_equal_the_separate_calls(overrides):
+    torch.manual_seed(0)
+    config = small(**overrides)
+    model = CompositeLSTMAutoencoder(config).eval()
+    past = torch.rand(3, config.past_length, 1, 8, 8)
+    reconstruction, prediction = model.reconstruct_and_predict(past)
+    assert reconstruction.shape == past.shape and prediction.shape == (3, config.future_length, 1, 8, 8)
+    torch.testing.assert_close(reconstruction, model.reconstruct(past), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(prediction, model.predict(past), rtol=1e-5, atol=1e-6)
+
+
+def test_forget_gate_bias_shifts_only_the_forget_gates_initial_biases():
+    torch.manual_seed(0)
+    plain = CompositeLSTMAutoencoder(small(num_layers=2))
+    torch.manual_seed(0)
+    shifted = CompositeLSTMAutoencoder(small(num_layers=2, forget_gate_bias=1.0))
+    hidden = 24
+    for name, value in plain.state_dict().items():
+        difference = shifted.state_dict()[name] - value
+        if "bias_l" in name:
+            gates = difference.view(difference.shape[0], 4, hidden)
+            assert torch.allclose(gates[:, 1], torch.ones(())) and gates[:, [0, 2, 3]].abs().max() == 0
+        else:
+            assert difference.abs().max() == 0, name
+
+
 @pytest.mark.parametrize("weight", [0.5, 0.0, 1.0])
 def test_gradients_reach_the_modules_the_loss_uses(weight):
     model = CompositeLSTMAutoencoder(small(reconstruction_weight=weight))

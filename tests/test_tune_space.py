@@ -112,6 +112,16 @@ def test_bad_space_files_exit_2_with_one_line(tmp_path, content, message):
     assert completed.stderr.count("\n") == 1 and "Traceback" not in completed.stderr
 
 
+def test_base_point_is_the_base_configs_values_of_the_searched_fields():
+    space = parse_space(
+        {"hidden_size": {"choice": [16, 32]}, "learning_rate": {"loguniform": [1e-3, 1e-1]}, "head": {"choice": ["linear", "logistic"]}}
+    )
+    base = preset("smoke", hidden_size=32)
+    assert space.base_point(base) == {"hidden_size": 32, "learning_rate": 1e-2, "head": "logistic"}
+    with pytest.raises(SpaceError, match="base's hidden_size 64 is outside the search space"):
+        space.base_point(base.replace(hidden_size=64))
+
+
 def test_bad_flags_exit_2_with_one_line(tmp_path):
     (tmp_path / "binary.yaml").write_bytes(b"\xff\xfe\x00binary")
     for arguments, message in (
@@ -121,6 +131,7 @@ def test_bad_flags_exit_2_with_one_line(tmp_path):
         (["--learning-rate", "-1"], "learning_rate must be a positive number"),
         (["--cpus-per-worker", "0"], "--cpus-per-worker must be positive"),
         (["--space", str(tmp_path / "binary.yaml")], "binary.yaml is not a text (UTF-8) file"),
+        (["--base-first", "--learning-rate", "0.5"], "--base-first: the base's learning_rate 0.5 is outside"),
     ):
         completed = run_tune("--preset", "smoke", *arguments)
         assert completed.returncode == 2 and message in completed.stderr, completed.stderr
@@ -192,3 +203,12 @@ def test_a_resumed_search_keeps_its_saved_config_and_space_and_refuses_new_ones(
     (tmp_path / "exp" / "search.json").write_text("{}")
     completed = run_tune(*common)
     assert completed.returncode == 2 and "not a readable experiment record" in completed.stderr
+
+
+def test_asha_counts_steps_or_with_a_time_budget_seconds_of_training():
+    from tune.search import asha_clock
+
+    steps = asha_clock(preset("cpu", max_steps=900, eval_every=300), grace_period=2, reduction_factor=3)
+    assert steps == {"time_attr": "step", "max_t": 900, "grace_period": 600}
+    timed = asha_clock(preset("cpu", max_minutes=9.0, max_steps=10**6), grace_period=2, reduction_factor=3)
+    assert timed == {"time_attr": "training_seconds", "max_t": 540.0, "grace_period": 60.0}

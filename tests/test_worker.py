@@ -11,7 +11,7 @@ from lstm_ae.config import preset
 from lstm_ae.engine import NonFiniteLossError, train_step
 from lstm_ae.model import CompositeLSTMAutoencoder
 from train.session import LocalSession
-from train.worker import WorkerSettings, loop_config, step_seed, train_function
+from train.worker import TimeBudget, TrainingState, WorkerSettings, loop_config, step_seed, train_function
 
 
 @pytest.fixture
@@ -104,6 +104,47 @@ def test_a_resumed_run_with_more_steps_continues_its_learning_rate_without_a_jum
     jump_at_resume = rates[6] - rates[5]
     assert abs(jump_at_resume) <= max(abs(step) for step in steps[2:5]) + 1e-12
     assert rates[-1] == pytest.approx(config.optim.min_lr_fraction * 1e-2, rel=0.05)
+
+
+def test_time_budget_plans_the_last_step_from_the_measured_speed():
+    training = preset("smoke", max_steps=10_000, max_minutes=1.0, log_every=10).training
+    budget = TimeBudget(1.0, every=10, start_step=0)
+    state = TrainingState(schedule=[[0, 10_000]])
+    for step in range(1, 21):  # 0.5 s per step from step 5 (the reference) on
+        state.step, state.training_seconds = step, 3.0 + 0.5 * max(0, step - 5)
+        moved = budget.replan(state, training, warmup_steps=3, world_size=1, device="cpu")
+        assert moved == (step == 20)  # due at 10 (too few steps measured) and 20
+    # 60 s budget, 10.5 s spent, 0.5 s per step: 99 more steps.
+    assert state.schedule == [[0, 10_000], [20, 119]] and state.planned_minutes == 1.0
+    state.step, state.training_seconds = 30, 10.5 + 5.0 + 20.0  # the steps slowed down:
+    # (35.5 - 3) s over 25 steps = 1.3 s per step, 24.5 s left: 18 more steps.
+    assert budget.replan(state, training, 3, 1, "cpu") and state.schedule[-1] == [30, 48]
+    state.step, state.training_seconds = 40, 60.5  # over budget: the end is now
+    assert budget.replan(state, training, 3, 1, "cpu") and state.schedule[-1] == [40, 40]
+    assert state.finished
+
+
+def test_a_run_with_a_time_budget_stops_annealed_before_max_steps(smoke):
+    config = smoke.replace(max_steps=100_000, max_minutes=0.05, log_every=5, eval_every=1000,
+                           checkpoint_every=1000, warmup_steps=10, learning_rate=1e-2)
+    state, session = run(config)
+    assert 10 < state.step < 100_000 and state.finished and state.planned_minutes == 0.05
+    assert state.schedule[0] == [0, 100_000] and state.schedule[-1][1] == state.step
+    last = session.reports[-1]
+    assert last["final"] is True and "val_mse_frame" in last and session.checkpoints
+    # The schedule ended where the run did: the last step ran near the cosine's floor.
+    assert last["learning_rate"] < 0.25 * 1e-2
+
+
+def test_a_time_limited_run_resumed_with_more_minutes_trains_on_and_with_the_same_is_done(smoke):
+    config = smoke.replace(max_steps=100_000, max_minutes=0.02, log_every=5, eval_every=1000,
+                           checkpoint_every=1000, warmup_steps=5)
+    first, session = run(config)
+    again, session = run(config, session)  # the same budget: nothing more to do
+    assert again.step == first.step and again.resumed_from == [first.step]
+    longer, session = run(config.replace(max_minutes=0.04), session)
+    assert longer.step > first.step and longer.planned_minutes == 0.04 and longer.finished
+    assert longer.training_seconds > first.training_seconds
 
 
 def test_gradient_accumulation_matches_the_full_batch():

@@ -3,6 +3,7 @@
     python -m train                                   # cpu preset, local Ray, embedded data
     python -m train --preset paper --num-workers 8 --use-gpu --output-dir s3://bucket/runs
     python -m train --name my-run --resume            # continue a stopped run
+    python -m train --mlflow-tracking-uri file:mlruns  # also log the run to MLflow
     ray job submit --working-dir . -- python -m train --preset smoke
 
 Every config field is a flag (`--hidden-size 512`, `--learning-rate 3e-4`, ...); the config
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
+from dataclasses import replace
 
 from lstm_ae.config import (
     DEFAULT_PRESET,
@@ -34,6 +36,9 @@ from train.commandline import (
     root_cause,
 )
 from train.launch import RESUMABLE_FIELDS, RunFolderError, SavedRun
+from train.tracking import add_mlflow_arguments, mlflow_settings
+
+MLFLOW_EXPERIMENT = "lstm-ae"  # the MLflow experiment of train runs, unless --mlflow-experiment
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=1,
         help="worker-group restarts from the latest checkpoint (-1: no limit)",
     )
+    add_mlflow_arguments(parser, MLFLOW_EXPERIMENT)
     add_config_arguments(parser)
     return parser
 
@@ -86,6 +92,11 @@ def resolve_config(arguments: argparse.Namespace, saved: SavedRun | None) -> Exp
             f"--max-steps {overrides['max_steps']} is below the resumed run's max_steps "
             f"{saved.config.training.max_steps}: a resumed run may only train longer"
         )
+    if overrides.get("max_minutes", saved.config.training.max_minutes) < saved.config.training.max_minutes:
+        raise ConfigError(
+            f"--max-minutes {overrides['max_minutes']} is below the resumed run's max_minutes "
+            f"{saved.config.training.max_minutes}: a resumed run may only train longer"
+        )
     if arguments.num_workers != saved.num_workers:
         raise ConfigError(
             f"--num-workers {arguments.num_workers} differs from the resumed run's num_workers "
@@ -114,6 +125,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"--max-failures must be 0 or more (-1: retry forever), got {arguments.max_failures}"
             )
         check_scaling_arguments(arguments)
+        settings = replace(settings, mlflow=mlflow_settings(arguments, MLFLOW_EXPERIMENT))
         saved = saved_run(settings) if arguments.resume else None
         config = resolve_config(arguments, saved)
         check_split(config, arguments.num_workers)

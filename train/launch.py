@@ -9,6 +9,9 @@ the latest). After training the driver adds, from the final checkpoint:
     result.json      final metrics with units, best checkpoint, wall time, sequences seen
     prediction.gif, reconstruction.gif, frames.png, curves.png
 
+Rank 0 writes TensorBoard event files into the folder as the run goes, and with
+`RunSettings.mlflow` the run is also an MLflow run (`train/tracking.py`).
+
 `storage` is a local folder or any pyarrow filesystem URI (`s3://bucket/prefix`), which a
 multi-node cluster needs so that every node reaches the checkpoints.
 """
@@ -30,6 +33,7 @@ from lstm_ae.data import STANDARD_FILE, load_test_set
 from lstm_ae.metrics import METRIC_MODES, UNITS
 from lstm_ae.viz import RUN_PICTURES
 from train.cluster import ClusterCapacity, check_can_hold, cluster_capacity, waiting_line
+from train.tracking import TRACKING_KEY, MLflowSettings, MLflowTrainRun
 from train.worker import HISTORY_FILE
 
 # Quieter Ray: no duplicated worker prints. Ray Train's preemption watcher stays on (its
@@ -69,6 +73,7 @@ class RunSettings:
     resume: bool = False
     max_failures: int = 1
     address: str | None = None
+    mlflow: MLflowSettings | None = None  # also log to MLflow
 
 
 @dataclass(frozen=True)
@@ -132,6 +137,7 @@ def check_run_folder(settings: RunSettings) -> None:
 RESUMABLE_FIELDS = frozenset(
     {
         "max_steps",
+        "max_minutes",
         "log_every",
         "eval_every",
         "checkpoint_every",
@@ -155,11 +161,15 @@ class SavedRun:
     result: dict[str, Any] | None
 
     def is_complete(self, config: ExperimentConfig) -> bool:
-        """Ended, and `config` asks for no more steps (a run that stopped early stays ended)."""
+        """Ended, and `config` asks for no more steps or minutes (a run that stopped early
+        stays ended)."""
         if self.result is None:
             return False
-        return self.result.get("status") == "stopped_early" or (
-            int(self.result.get("steps", 0)) >= config.training.max_steps
+        planned_minutes = float(self.result.get("planned_minutes") or 0)
+        return (
+            self.result.get("status") == "stopped_early"
+            or int(self.result.get("steps", 0)) >= config.training.max_steps
+            or 0 < config.training.max_minutes <= planned_minutes
         )
 
 
@@ -257,9 +267,15 @@ def run_training(
     if waiting:
         print(waiting, flush=True)
     metric = config.training.metric
+    worker_config = loop_config(config, WorkerSettings(threads=max(1, int(cpus))))
+    worker_config[TRACKING_KEY] = {"tensorboard": f"{storage_path(settings.storage)}/{settings.name}"}
+    mlflow_run = None
+    if settings.mlflow is not None:
+        params = {**config.values_by_field(), **asdict(scaling)}
+        mlflow_run = MLflowTrainRun(settings.mlflow, settings.name, params, settings.resume)
     trainer = TorchTrainer(
         train_loop or train_loop_per_worker,
-        train_loop_config=loop_config(config, WorkerSettings(threads=max(1, int(cpus)))),
+        train_loop_config=worker_config,
         scaling_config=ray.train.ScalingConfig(
             num_workers=scaling.num_workers, use_gpu=scaling.use_gpu, resources_per_worker=resources
         ),
@@ -273,6 +289,7 @@ def run_training(
             ),
             failure_config=ray.train.FailureConfig(max_failures=settings.max_failures),
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
+            callbacks=[mlflow_run.callback()] if mlflow_run else [],
         ),
     )
     started = time.time()
@@ -284,8 +301,15 @@ def run_training(
         f"{run_path}/config.json",
         json.dumps({"config": config.to_dict(), "scaling": asdict(scaling)}, indent=2),
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except BaseException:
+        if mlflow_run is not None:
+            mlflow_run.finish(failed=True)
+        raise
     summary = write_run_folder(result, config, scaling, time.time() - started, settings)
+    if mlflow_run is not None:
+        mlflow_run.finish(filesystem, run_path)
     return summary
 
 
@@ -317,7 +341,9 @@ def write_run_folder(
         "status": "stopped_early" if state["stopped_early"] else "completed",
         "steps": state["step"],
         "sequences_seen": state["sequences_seen"],
-        "training_seconds": state["elapsed_seconds"],
+        "training_seconds": state.get("training_seconds", state["elapsed_seconds"]),  # the steps
+        "elapsed_seconds": state["elapsed_seconds"],  # the steps and the validations
+        "planned_minutes": state.get("planned_minutes", 0.0),  # the time budget that set its end
         "wall_seconds": wall_seconds,
         "num_workers": scaling.num_workers,
         "use_gpu": scaling.use_gpu,

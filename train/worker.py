@@ -37,14 +37,27 @@ from lstm_ae import metrics as metric_names
 from lstm_ae.checkpoint import load_checkpoint, restore, save_checkpoint
 from lstm_ae.config import ExperimentConfig
 from lstm_ae.data import BouncingDigits, GeneratedSequences, load_test_set, stream_seed
-from lstm_ae.engine import NonFiniteLossError, evaluate, make_optimizer, make_scheduler, train_step, unwrap
+from lstm_ae.engine import (
+    NonFiniteLossError,
+    evaluate,
+    make_optimizer,
+    make_scheduler,
+    reschedule,
+    train_step,
+    unwrap,
+)
 from lstm_ae.metrics import METRIC_MODES, MetricAccumulator
 from lstm_ae.model import CompositeLSTMAutoencoder, parameter_count
 from lstm_ae.probe import probe_with_baseline
 from lstm_ae.viz import render_run
 from train.session import RayTrainSession, Session
+from train.tracking import open_tracker
 
 HISTORY_FILE = "history.json"
+# Sequences per validation forward pass on each worker, whatever the training batch: without
+# gradients, larger batches make better use of the matmuls (on 2 CPU cores: 1,000 sequences in
+# 0.7 of the time that batches of 32 take).
+VALIDATION_BATCH = 100
 VISUALISED_SEQUENCES = 4
 
 
@@ -63,12 +76,15 @@ class TrainingState:
 
     step: int = 0
     sequences_seen: int = 0
-    elapsed_seconds: float = 0.0
+    elapsed_seconds: float = 0.0  # training steps and validations
+    training_seconds: float = 0.0  # training steps only (what --max-minutes budgets)
     best_metric: float | None = None
     best_step: int | None = None
     evaluations_since_best: int = 0
     stopped_early: bool = False
     resumed_from: list[int] = field(default_factory=list)  # steps the run restarted at
+    # max_minutes the schedule's end was last planned for (0: none; see TimeBudget).
+    planned_minutes: float = 0.0
     # The learning-rate schedule's ends: [[0, max_steps]], then [step, new max_steps] for each
     # resume that raised max_steps (engine.learning_rate_factor keeps the rate continuous).
     schedule: list[list[int]] = field(default_factory=list)
@@ -125,13 +141,17 @@ def train_function(loop_config: dict[str, Any], session: Session) -> TrainingSta
     trainables, state = _build_or_restore(config, session)
     stream = _training_stream(config, rank, world_size, state.step)
     test_set = load_test_set(config.model, config.data)
+    tracker = open_tracker(loop_config, config, rank, state.step)  # rank 0's TensorBoard events
     if state.step == 0 and not settings.quiet:
         _log(rank, _describe_run(config, trainables.model, world_size, session.device))
 
+    budget = TimeBudget(training.max_minutes, training.log_every, state.step) if training.max_minutes else None
     interval = _SinceLastReport(state.step, state.sequences_seen)
     while not state.finished:
         # 2. One optimizer step on this worker's share of the global batch.
         interval.add(_train_one_step(trainables, next(stream), config, state, rank))
+        if budget is not None and budget.replan(state, training, config.optim.warmup_steps, world_size, session.device):
+            reschedule(trainables.scheduler, config.optim, state.schedule)
 
         last = state.step >= state.schedule[-1][1]
         validate_now = (
@@ -153,8 +173,9 @@ def train_function(loop_config: dict[str, Any], session: Session) -> TrainingSta
         if final:
             row.update(_final_checks(trainables.model, config, rank, world_size))
         state.history.append(row)
+        tracker.log(row, trainables.model, test_set)
         if rank == 0 and not settings.quiet:
-            print(_progress_line(row, config), flush=True)
+            print(_progress_line(row, config, state.schedule[-1][1]), flush=True)
 
         # 4. Report, with a checkpoint every checkpoint_every steps and at the end.
         checkpoint_now = validate_now and (final or state.step % training.checkpoint_every == 0)
@@ -164,6 +185,7 @@ def train_function(loop_config: dict[str, Any], session: Session) -> TrainingSta
             session.report(_reported(row, final), None, state.step)
         interval = _SinceLastReport(state.step, state.sequences_seen)  # throughput excludes validation
 
+    tracker.close()
     if state.resumed_from and state.resumed_from[-1] == state.step and state.history:
         # Restored a finished run (a restart after its last checkpoint): its checkpoint is
         # already reported; report the last row again without one (Ray needs unique names).
@@ -190,7 +212,9 @@ def _train_one_step(
     )
     state.step += 1
     state.sequences_seen += training.batch_size
-    state.elapsed_seconds += time.perf_counter() - step_start
+    seconds = time.perf_counter() - step_start
+    state.elapsed_seconds += seconds
+    state.training_seconds += seconds
     return result
 
 
@@ -223,7 +247,12 @@ def _build_or_restore(config: ExperimentConfig, session: Session) -> tuple[Train
         state.resumed_from.append(state.step)
         state.schedule = state.schedule or [[0, training.max_steps]]  # checkpoints before schedules
         end = state.schedule[-1][1]
-        if training.max_steps > end and not state.stopped_early:
+        more_time = training.max_minutes > state.planned_minutes > 0
+        if more_time and not state.stopped_early:
+            # A time-limited run resumed with a larger budget: reopen up to max_steps, and
+            # TimeBudget plans the new end at the next report.
+            state.schedule.append([state.step, training.max_steps])
+        elif training.max_steps > end and not state.stopped_early and not state.planned_minutes:
             state.schedule.append([state.step, training.max_steps])
         elif training.max_steps < end:
             raise ValueError(f"max_steps {training.max_steps} is below the resumed run's {end}")
@@ -256,7 +285,9 @@ def _describe_run(config: ExperimentConfig, model, world_size: int, device: torc
         f"model: {parameter_count(unwrap(model)) / 1e6:.1f}M parameters; global batch "
         f"{training.batch_size} = {world_size} worker(s) x {per_worker} sequences"
         + (f" in {micro} micro-batches" if micro > 1 else "")
-        + f"; {training.max_steps} steps on {device.type} ({training.precision} precision)"
+        + f"; {training.max_steps} steps"
+        + (f" or {training.max_minutes:g} minutes, whichever comes first," if training.max_minutes else "")
+        + f" on {device.type} ({training.precision} precision)"
     )
 
 
@@ -350,8 +381,53 @@ class _SinceLastReport:
             "learning_rate": self.learning_rate,
             "sequences_per_second": sequences_per_second,
             "elapsed_seconds": state.elapsed_seconds,
+            "training_seconds": state.training_seconds,
             "eta_seconds": seconds_per_step * (max_steps - state.step),
         }
+
+
+class TimeBudget:
+    """Fits a run into `max_minutes` of training steps (`TrainingState.training_seconds`;
+    validations are not counted, so how often a run validates does not change what it learns).
+
+    From the speed measured since this process started (skipping its first
+    `SKIPPED_STEPS`, which can run slow while memory is first touched), it plans the step at
+    which the budget runs out: at the end of the warm-up, then at every `log_every` step. The plan becomes the
+    learning-rate schedule's end (`TrainingState.schedule`, which keeps the rate
+    continuous), so the run ends annealed instead of cut off mid-decay; `max_steps` stays an
+    upper bound. Every worker takes the earliest end any of them planned.
+    """
+
+    SKIPPED_STEPS = 5
+    MIN_MEASURED_STEPS = 10
+    TOLERANCE = 0.01  # of the steps left: smaller corrections are not worth a schedule entry
+
+    def __init__(self, minutes: float, every: int, start_step: int):
+        self.seconds = 60.0 * minutes
+        self.minutes = minutes
+        self.every = every
+        self.reference_step = start_step + self.SKIPPED_STEPS
+        self.reference_seconds: float | None = None
+
+    def replan(self, state: TrainingState, training, warmup_steps: int, world_size: int, device) -> bool:
+        """Plan the schedule's end after this step if it is a planning step; True if it moved."""
+        if state.step == self.reference_step:
+            self.reference_seconds = state.training_seconds
+        measured = state.step - self.reference_step
+        due = state.step == warmup_steps or state.step % self.every == 0
+        if self.reference_seconds is None or measured < self.MIN_MEASURED_STEPS or not due:
+            return False
+        seconds_per_step = (state.training_seconds - self.reference_seconds) / measured
+        remaining = max(0.0, self.seconds - state.training_seconds)
+        end = min(training.max_steps, state.step + int(remaining / seconds_per_step))
+        end = int(_all_reduce_min(float(end), world_size, device))
+        state.planned_minutes = self.minutes
+        current = state.schedule[-1][1]
+        tolerance = self.TOLERANCE * (current - state.step)
+        if end > state.step and abs(end - current) <= tolerance:
+            return False
+        state.schedule.append([state.step, end])
+        return True
 
 
 DROPOUT_SEEDS = 1  # stream_seed's purpose tag for torch's per-step seed
@@ -374,11 +450,19 @@ def _all_reduce_mean(values: list[float], world_size: int, device: torch.device)
     return (tensor / world_size).tolist()
 
 
+def _all_reduce_min(value: float, world_size: int, device: torch.device) -> float:
+    if world_size == 1 or not dist.is_initialized():
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
+    return float(tensor[0])
+
+
 def _validate(
     model, test_set, config: ExperimentConfig, rank: int, world_size: int, device: torch.device
 ) -> dict[str, float]:
     """All validation metrics; with several workers each evaluates a shard, then sums are combined."""
-    batches = test_set.batches(max(1, config.training.batch_size // world_size), rank, world_size)
+    batches = test_set.batches(VALIDATION_BATCH, rank, world_size)
     accumulator = evaluate(model, batches, config.model, config.training.precision)
     if world_size > 1 and dist.is_initialized():
         totals = accumulator.totals().to(device)
@@ -414,8 +498,9 @@ def _replica_checksums(model: torch.nn.Module, world_size: int) -> list[list[flo
     return [values.tolist() for values in gathered]
 
 
-def _progress_line(row: dict[str, Any], config: ExperimentConfig) -> str:
-    max_steps = config.training.max_steps
+def _progress_line(row: dict[str, Any], config: ExperimentConfig, last_step: int) -> str:
+    """`last_step`: where the run ends, max_steps or the end a time budget planned."""
+    max_steps = last_step
     eta = row.get("eta_seconds", 0.0)
     line = (
         f"step {row['step']}/{max_steps} | loss {row['loss']:.2f} "

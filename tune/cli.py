@@ -5,6 +5,7 @@
         --output-dir s3://bucket/searches --time-budget 36000
     python -m tune --space my_space.yaml                    # another search space
     python -m tune --name my-search --resume                # continue an interrupted search
+    python -m tune --mlflow-tracking-uri file:mlruns        # also one MLflow run per trial
 
 Config flags (`--max-steps`, `--batch-size`, ...) set the base config every trial starts
 from; the search space overrides its fields. At the end the experiment folder holds
@@ -36,6 +37,7 @@ from train.commandline import (
     fail,
     root_cause,
 )
+from train.tracking import add_mlflow_arguments, mlflow_settings, trial_mlflow_callback
 from tune.space import SpaceError, default_space, load_space
 
 
@@ -81,6 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--space", type=Path, default=None, help="search space YAML (see tune/space.py)")
     parser.add_argument("--search-seed", type=int, default=0, help="seed of the TPE sampler")
     parser.add_argument(
+        "--base-first",
+        action="store_true",
+        help="run the base config's own values of the searched fields as the first trial "
+        "(the table then shows what the search improves on)",
+    )
+    parser.add_argument(
         "--grace-period", type=int, default=1, help="validations before ASHA may stop a trial"
     )
     parser.add_argument(
@@ -92,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--resume", action="store_true", help="continue the experiment --name")
     add_address_argument(parser)
+    add_mlflow_arguments(parser, "the experiment's --name")
     add_config_arguments(parser)
     return parser
 
@@ -146,6 +155,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ConfigError("--resume needs the --name of the experiment to continue")
         check_positive(arguments)
         check_scaling_arguments(arguments)
+        mlflow = mlflow_settings(arguments, name)
         if arguments.resume:
             record = saved_experiment(SearchSettings(name=name, storage=arguments.output_dir))
         if record is not None:
@@ -156,6 +166,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         check_split(base, arguments.num_workers_per_trial)
         if space is not None:
             space.check(base, arguments.num_workers_per_trial)
+        first = [space.base_point(base)] if arguments.base_first and space is not None else None
     except (ConfigError, SpaceError, ExperimentFolderError) as error:
         fail(str(error))
     settings = SearchSettings(
@@ -186,11 +197,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"experiment {name}: {arguments.num_samples} trials of preset {arguments.preset}, metric {base.training.metric}"
         )
         print(f"search space:\n{space.describe()}", flush=True)
+    # One MLflow run per trial (a resumed experiment keeps the callbacks it was started with).
+    callbacks = [trial_mlflow_callback(mlflow, base, name, settings.storage)] if mlflow else []
     try:
         if arguments.experiment == "ablations":
-            summary = ablations_and_tabulate(base, arguments.seeds, settings)
+            summary = ablations_and_tabulate(base, arguments.seeds, settings, callbacks)
         else:
-            summary = search_and_tabulate(base, space, settings)
+            summary = search_and_tabulate(base, space, settings, callbacks, first)
     except (ExperimentFolderError, DataError, ConfigError, SpaceError) as error:
         fail(str(error))
     except Exception as error:  # Ray errors: one line, not a traceback
@@ -207,9 +220,10 @@ def search_and_tabulate(base, space, settings, callbacks=(), points_to_evaluate=
     results, path, _ = run_search(base, space, settings, callbacks, points_to_evaluate)
     metric = base.training.metric
     stopped = stopped_by_scheduler(settings)
-    rows, histories = trial_rows(results, space, metric, base.training.max_steps, stopped)
+    clock = "training_seconds" if base.training.max_minutes else "step"  # ASHA's clock
+    rows, histories = trial_rows(results, space, metric, base.training.max_steps, stopped, clock)
     folder = local_results_folder(settings)
-    written = write_results(folder, rows, histories, space, metric)
+    written = write_results(folder, rows, histories, space, metric, clock)
     publish(folder, written, settings)
     shown = ["best", "trial", "status", *space.names, f"best_{metric}", "steps", "wall_seconds"]
     return f"\n{to_markdown(rows, shown)}\nresults: {folder / 'results.md'} (and {', '.join(written[2:])})"

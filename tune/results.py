@@ -62,23 +62,39 @@ def _best(values: list[float], metric: str) -> float | None:
 
 
 def trial_status(
-    errored: bool, steps: int, max_steps: int | None, stopped_early: bool, stopped_by_scheduler: bool = False
+    errored: bool,
+    steps: int,
+    max_steps: int | None,
+    stopped_early: bool,
+    stopped_by_scheduler: bool = False,
+    final: bool = False,
 ) -> str:
-    """What became of a trial: it errored, reached max_steps, stopped early (its patience, or
-    ASHA), or was cut short (the time budget or an interruption). max_steps None: not known."""
+    """What became of a trial: it errored, reached max_steps or the end of its own time budget
+    (`final`: its last report said so), stopped early (its patience, or ASHA), or was cut
+    short (the experiment's time budget or an interruption). max_steps None: not known."""
     if errored:
         return ERRORED
     if max_steps is not None and steps >= max_steps:
         return COMPLETED
     if stopped_early:
         return STOPPED_BY_PATIENCE
+    if final:
+        return COMPLETED
     if stopped_by_scheduler:
         return STOPPED_BY_SCHEDULER
     return STOPPED
 
 
-def trial_rows(results, space: SearchSpace, metric: str, max_steps: int, stopped_by_scheduler: set[str]):
-    """(rows, histories): one summary row per trial, and each trial's (steps, metric values).
+def trial_rows(
+    results,
+    space: SearchSpace,
+    metric: str,
+    max_steps: int,
+    stopped_by_scheduler: set[str],
+    clock: str = "step",
+):
+    """(rows, histories): one summary row per trial, and each trial's (clock readings, metric
+    values); `clock` is a reported field, "step" or, for time-budgeted trials, "training_seconds".
 
     From each Result's metrics_dataframe, not ResultGrid.get_dataframe(metric, mode): that one
     leaves out a trial that never reported (here: a row, errored) and raises on a trial whose
@@ -92,7 +108,7 @@ def trial_rows(results, space: SearchSpace, metric: str, max_steps: int, stopped
         trial_id = metrics.get("trial_id") or Path(result.path).name
         reported = [row for row in records if is_finite_number(row.get(metric))]
         values = [row[metric] for row in reported]
-        histories[trial_id] = ([row["step"] for row in reported], values)
+        histories[trial_id] = ([row.get(clock) for row in reported], values)
         last = reported[-1] if reported else {}
         steps = int(last.get("step", 0)) if last else 0
         status = trial_status(
@@ -101,6 +117,7 @@ def trial_rows(results, space: SearchSpace, metric: str, max_steps: int, stopped
             max_steps,
             last.get("stopped_early") is True,
             trial_id in stopped_by_scheduler,
+            final=last.get("final") is True,
         )
         row = {"trial": trial_id, "status": status}
         row.update({name: (result.config or {}).get(name) for name in space.names})
@@ -110,6 +127,8 @@ def trial_rows(results, space: SearchSpace, metric: str, max_steps: int, stopped
             if name != metric:
                 row[name] = last.get(name)
         row["steps"] = steps
+        if is_finite_number(last.get("training_seconds")):
+            row["training_seconds"] = round(float(last["training_seconds"]), 1)
         row["sequences_seen"] = int(last.get("sequences_seen", 0)) if last else 0
         row["wall_seconds"] = round(float(metrics.get("time_total_s", 0.0)), 1)
         row["best_checkpoint"] = _best_checkpoint(result, reported, metric)
@@ -224,13 +243,18 @@ def _pyplot():
     return plt
 
 
-def plot_trials(path: Path, histories: dict[str, tuple[list[int], list[float]]], metric: str) -> None:
+CLOCK_LABELS = {"step": "step", "training_seconds": "seconds of training"}
+
+
+def plot_trials(
+    path: Path, histories: dict[str, tuple[list[float], list[float]]], metric: str, clock: str = "step"
+) -> None:
     plt = _pyplot()
     figure, axis = plt.subplots(figsize=(8, 5))
-    for trial_id, (steps, values) in histories.items():
-        if steps:
-            axis.plot(steps, values, marker="o", markersize=3, label=trial_id)
-    axis.set_xlabel("step")
+    for trial_id, (readings, values) in histories.items():
+        if readings:
+            axis.plot(readings, values, marker="o", markersize=3, label=trial_id)
+    axis.set_xlabel(CLOCK_LABELS.get(clock, clock))
     axis.set_ylabel(metric)
     axis.set_title("validation metric of every trial")
     if len(histories) <= 20:
@@ -307,14 +331,16 @@ def plot_importances(path: Path, importances: dict[str, float]) -> None:
     plt.close(figure)
 
 
-def write_results(folder: Path, rows, histories, space: SearchSpace, metric: str) -> list[str]:
+def write_results(
+    folder: Path, rows, histories, space: SearchSpace, metric: str, clock: str = "step"
+) -> list[str]:
     """results.csv, results.md and the plots; returns the names written."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "results.csv").write_text(to_csv(rows))
     (folder / "results.md").write_text(to_markdown(rows))
     written = ["results.csv", "results.md"]
     if histories:
-        plot_trials(folder / "trials.png", histories, metric)
+        plot_trials(folder / "trials.png", histories, metric, clock)
         plot_parameters(folder / "parameters.png", rows, space, metric)
         written += ["trials.png", "parameters.png"]
     importances = parameter_importances(rows, space, metric)

@@ -2,7 +2,10 @@
 
 ASHA's clock is the training step each report carries (`step`), not Tune's
 `training_iteration`, which restarts when a multi-worker trial is retried while its
-TorchTrainer resumes at step k. ASHA's decisions are written to the experiment folder
+TorchTrainer resumes at step k. With a time budget (`--max-minutes`) trials are compared at
+equal training time instead: the clock is `training_seconds` (the steps' wall-clock time,
+carried across restarts, validation not counted), with rungs at budget / reduction_factor**2, budget /
+reduction_factor and the budget. ASHA's decisions are written to the experiment folder
 (`stopped_by_scheduler/<trial id>`, through the same filesystem as the experiment, so they
 survive s3:// storage): Tune itself marks a stopped trial like a finished one.
 """
@@ -20,7 +23,19 @@ from tune.experiment import SearchSettings, experiment_path, run_experiment
 from tune.space import SearchSpace
 
 STOPPED_BY_SCHEDULER_FOLDER = "stopped_by_scheduler"
-TIME_ATTRIBUTE = "step"
+
+
+def asha_clock(base: ExperimentConfig, grace_period: int, reduction_factor: int) -> dict[str, Any]:
+    """ASHA's time_attr, max_t and grace_period for trials of `base` (module docstring)."""
+    training = base.training
+    if training.max_minutes:
+        budget = 60.0 * training.max_minutes
+        return {"time_attr": "training_seconds", "max_t": budget, "grace_period": budget / reduction_factor**2}
+    return {
+        "time_attr": "step",
+        "max_t": training.max_steps,
+        "grace_period": min(grace_period * training.eval_every, training.max_steps),
+    }
 
 
 class RecordingASHA(ASHAScheduler):
@@ -37,7 +52,7 @@ class RecordingASHA(ASHAScheduler):
             folder = f"{root}/{self.name}/{STOPPED_BY_SCHEDULER_FOLDER}"
             filesystem.create_dir(folder, recursive=True)
             with filesystem.open_output_stream(f"{folder}/{trial.trial_id}") as stream:
-                stream.write(f"stopped at step {result.get(TIME_ATTRIBUTE)}\n".encode())
+                stream.write(f"stopped at {self._time_attr} {result.get(self._time_attr)}\n".encode())
         return decision
 
 
@@ -61,7 +76,8 @@ def run_search(
 ):
     """Run (or resume) the Optuna + ASHA search; returns (ResultGrid, experiment path, plan).
 
-    ASHA's rungs are in steps: the first at `grace_period` validations, the last at max_steps.
+    ASHA's rungs are in steps (the first at `grace_period` validations, the last at
+    max_steps) or, with max_minutes, in seconds (`asha_clock`).
     """
     from ray.tune.search.optuna import OptunaSearch
 
@@ -71,10 +87,8 @@ def run_search(
         scheduler = RecordingASHA(
             settings.storage,
             settings.name,
-            time_attr=TIME_ATTRIBUTE,
-            max_t=base.training.max_steps,
-            grace_period=min(settings.grace_period * base.training.eval_every, base.training.max_steps),
             reduction_factor=settings.reduction_factor,
+            **asha_clock(base, settings.grace_period, settings.reduction_factor),
         )
         searcher = OptunaSearch(seed=settings.seed, points_to_evaluate=points_to_evaluate)
         return space.to_ray(), {

@@ -26,7 +26,7 @@ from lstm_ae.config import FIELD_SECTIONS, ConfigError, ExperimentConfig, field_
 KINDS = ("choice", "int", "uniform", "loguniform")
 # Fields the experiment itself is built on (ASHA's budget, the metric, the reporting grid):
 # they stay the same for every trial.
-FIXED_FIELDS = ("max_steps", "eval_every", "checkpoint_every", "log_every", "keep_checkpoints", "metric")
+FIXED_FIELDS = ("max_steps", "max_minutes", "eval_every", "checkpoint_every", "log_every", "keep_checkpoints", "metric")
 
 
 class SpaceError(ValueError):
@@ -86,6 +86,26 @@ class SearchSpace:
 
     def to_ray(self) -> dict[str, Any]:
         return {dimension.name: dimension.to_ray() for dimension in self.dimensions}
+
+    def base_point(self, base: ExperimentConfig) -> dict[str, Any]:
+        """The base config's own values of the searched fields, as a point of the space (the
+        search's first trial with `--base-first`); SpaceError if one lies outside it."""
+        values = base.values_by_field()
+        point = {}
+        for dimension in self.dimensions:
+            value = values[dimension.name]
+            inside = (
+                value in dimension.values
+                if dimension.kind == "choice"
+                else dimension.values[0] <= value <= dimension.values[1]
+            )
+            if not inside:
+                raise SpaceError(
+                    f"--base-first: the base's {dimension.name} {value!r} is outside the search "
+                    f"space ({dimension.describe().split(maxsplit=1)[1]})"
+                )
+            point[dimension.name] = value
+        return point
 
     def check(self, base: ExperimentConfig, workers_per_trial: int = 1) -> None:
         """Every choice and bound must make a valid config on top of `base`, and every batch
