@@ -32,16 +32,20 @@ widened), and the gradients carried back through time pick up bf16 rounding at e
 step's matmul with the weights (tests/test_recurrence.py pins the dtypes and values).
 The bf16 copy of each weight is made once per optimizer step into a persistent buffer (see
 `matmul_copy`): on CPU a fresh weight-sized allocation costs more in page faults than the
-cast itself. Gate order is PyTorch's (input, forget, cell, output).
+cast itself. For the same reason each weight gradient is written into memory kept between
+backward passes and reused only once nothing can read the previous gradient any more (see
+`_gradient_tensor`). Gate order is PyTorch's (input, forget, cell, output).
 """
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 from torch.optim.optimizer import register_optimizer_step_post_hook
+from torch.utils.weak import WeakIdKeyDictionary
 
 ALL = slice(None)
 
@@ -94,10 +98,95 @@ def matmul_copy(parameter: Tensor, dtype: torch.dtype) -> Tensor:
 _SCRATCH: dict[tuple, Tensor] = {}
 
 
+class _GradientMemory:
+    """The memory of one parameter's weight gradient, kept between backward passes.
+
+    `lent` is a weak reference to the tensor last handed to autograd, `kept` one to the
+    `.grad` that took over this memory (autograd steals a returned gradient into `.grad`
+    when nobody else holds it, as a new tensor on the same memory). The memory is free again
+    once both are gone: nobody can still read the old gradient through them or through a
+    view of them (a view keeps its base alive).
+    """
+
+    __slots__ = ("memory", "lent", "kept")
+
+    def __init__(self, memory: Tensor):
+        self.memory = memory
+        self.lent: weakref.ref | None = None
+        self.kept: weakref.ref | None = None
+
+    def reusable_for(self, parameter: Tensor) -> bool:
+        memory = self.memory
+        if (memory.shape, memory.dtype, memory.device) != (
+            parameter.shape,
+            parameter.dtype,
+            parameter.device,
+        ):
+            return False
+        if any(reference is not None and reference() is not None for reference in (self.lent, self.kept)):
+            return False
+        grad = parameter.grad  # also without the hook having run (the check below is cheap)
+        return grad is None or grad.data_ptr() != memory.data_ptr()
+
+    def shares(self, tensor: Tensor) -> bool:
+        return tensor.device == self.memory.device and tensor.data_ptr() == self.memory.data_ptr()
+
+
+_GRADIENT_MEMORY = WeakIdKeyDictionary()  # parameter -> _GradientMemory
+_HOOKED = WeakIdKeyDictionary()  # parameter -> its post-accumulate-grad hook handle
+
+
+def _after_accumulation(parameter: Tensor) -> None:
+    """Post-accumulate-grad hook: note whether `.grad` now lives in the gradient memory."""
+    state = _GRADIENT_MEMORY.get(parameter)
+    grad = parameter.grad
+    if state is not None and grad is not None and state.shares(grad):
+        state.kept = weakref.ref(grad)
+
+
+def _gradient_tensor(parameter: Tensor) -> Tensor:
+    """A tensor shaped like `parameter` for autograd to receive as its gradient.
+
+    On CPU a fresh weight-sized tensor per step costs page faults (and unmapping it later)
+    of the order of the widening copy itself, so the memory is reused when it is provably
+    free (see `_GradientMemory`): never while the previous gradient is reachable as `.grad`,
+    as a pending or returned gradient (`torch.autograd.grad`, tensor hooks) or as a view of
+    one. Not covered: an alias made without view tracking (`.detach()`, `.data`, `set_`)
+    of a gradient that outlives the gradient itself; clone it instead. A parameter moved or
+    converted (`.to`) gets new memory; a non-leaf input, and any parameter off the CPU,
+    always gets a fresh tensor. The memory stays allocated between steps, as with
+    `zero_grad(set_to_none=False)`.
+    """
+    if parameter.device.type != "cpu" or not (parameter.is_leaf and parameter.requires_grad):
+        return torch.empty_like(parameter)  # CUDA's caching allocator recycles memory anyway
+    state = _GRADIENT_MEMORY.get(parameter)
+    if state is None or not state.reusable_for(parameter):
+        state = _GRADIENT_MEMORY[parameter] = _GradientMemory(
+            torch.empty(parameter.shape, dtype=parameter.dtype, device=parameter.device)
+        )
+        if parameter not in _HOOKED:
+            _HOOKED[parameter] = parameter.register_post_accumulate_grad_hook(_after_accumulation)
+    memory = state.memory
+    alias = memory.new_empty(0).set_(memory.untyped_storage(), 0, memory.shape, memory.stride())
+    state.lent, state.kept = weakref.ref(alias), None
+    return alias
+
+
 def _bmm(left: Tensor, right: Tensor, dtype: torch.dtype) -> Tensor:
     """Batched matmul in `dtype`, result in float32 (or the inputs' dtype when wider)."""
     product = torch.bmm(left.to(dtype), right.to(dtype))
     return product if dtype in (torch.float32, torch.float64) else product.float()
+
+
+def _bmm_transposed(left: Tensor, weight: Tensor, dtype: torch.dtype) -> Tensor:
+    """`left @ weight^T` for a few rows (P, B, in) and a stacked weight (P, out, in), like `_bmm`.
+
+    Computed as (weight @ left^T)^T: for skinny products oneDNN's bf16 kernels run this
+    orientation faster on CPU. The result is a transposed (column-major) view.
+    """
+    if left.device.type != "cpu":
+        return _bmm(left, weight.transpose(1, 2), dtype)
+    return _bmm(weight, left.transpose(1, 2), dtype).transpose(1, 2)
 
 
 def _weight_gradient(
@@ -105,15 +194,11 @@ def _weight_gradient(
 ) -> Tensor:
     """sum over rows of grads^T inputs: (P, N, out), (P, N, in) -> gradient shaped like `parameter`.
 
-    One matmul over all N = T * B rows, written into a new gradient tensor that autograd hands
-    to `parameter.grad` (low-precision products go through a reused scratch buffer first).
-    A new tensor, not one reused across steps: reuse saved about 60 ms of page faults per
-    step at hidden 1024 on CPU (a few % of a step, below what benchmarks/train_step.py
-    resolves) and nothing on CUDA, whose caching allocator recycles the memory anyway, at the
-    price of knowing that nobody else still held the old gradient.
+    One matmul over all N = T * B rows, written into the parameter's gradient memory (see
+    `_gradient_tensor`); low-precision products go through a reused scratch buffer first.
     """
     left, right = grads.transpose(1, 2).to(dtype), inputs.to(dtype)
-    gradient = torch.empty_like(parameter)
+    gradient = _gradient_tensor(parameter)
     selected = gradient[stacks]
     if selected.shape != gradient.shape:
         gradient.zero_()
@@ -221,14 +306,13 @@ class _LayerRecurrence(torch.autograd.Function):
         # input_gates (P, T, B, 4H); weight_hh (S, 4H, H); h0, c0 (P, B, H)
         steps = input_gates.shape[1]
         weight_for_matmul = matmul_copy(weight_hh, dtype)[stacks]  # (P, 4H, H)
-        weight_t = weight_for_matmul.transpose(1, 2)  # (P, H, 4H)
         hidden = input_gates.new_empty(h0.shape[0], steps + 1, *h0.shape[1:])  # h0 at index 0
         cells = torch.empty_like(hidden)
         gates = torch.empty_like(input_gates)
         hidden[:, 0] = h0
         cells[:, 0] = c0
         for t in range(steps):
-            pre_gates = input_gates[:, t] + _bmm(hidden[:, t], weight_t, dtype)
+            pre_gates = input_gates[:, t] + _bmm_transposed(hidden[:, t], weight_for_matmul, dtype)
             gates[:, t], cells[:, t + 1], hidden[:, t + 1] = _cell_forward(pre_gates, cells[:, t])
         ctx.stacks, ctx.dtype = stacks, dtype
         ctx.save_for_backward(weight_hh, weight_for_matmul, hidden, cells, gates)
@@ -319,10 +403,10 @@ class _FreeRunningDecoder(torch.autograd.Function):
         for t in range(steps):
             layer_input = frames[:, t - 1] if t > 0 else None  # a zero frame at t = 0
             for layer in range(num_layers):
-                pre_gates = _bmm(hidden[layer, :, t], weight_hh[layer].transpose(1, 2), dtype)
+                pre_gates = _bmm_transposed(hidden[layer, :, t], weight_hh[layer], dtype)
                 pre_gates += bias[layer].unsqueeze(1)
                 if layer_input is not None:
-                    pre_gates += _bmm(layer_input, weight_ih[layer].transpose(1, 2), dtype)
+                    pre_gates += _bmm_transposed(layer_input, weight_ih[layer], dtype)
                 (
                     gates[layer, :, t],
                     cells[layer, :, t + 1],
@@ -331,7 +415,7 @@ class _FreeRunningDecoder(torch.autograd.Function):
                 layer_input = hidden[layer, :, t + 1]
                 if masks is not None and layer < num_layers - 1:
                     layer_input = layer_input * masks[layer, :, t]
-            logits[:, t] = _bmm(layer_input, output_weight.transpose(1, 2), dtype)
+            logits[:, t] = _bmm_transposed(layer_input, output_weight, dtype)
             logits[:, t] += output_bias.unsqueeze(1)
             frames[:, t] = torch.sigmoid(logits[:, t]) if logistic else logits[:, t]
         ctx.steps, ctx.logistic, ctx.stacks, ctx.dtype = steps, logistic, stacks, dtype
@@ -372,7 +456,7 @@ class _FreeRunningDecoder(torch.autograd.Function):
                     grad_hidden[layer],
                     grad_cell[layer],
                 )
-                step_grad_gates = grad_gates[layer, :, t]
+                step_grad_gates = grad_gates[layer, :, t].to(dtype)  # cast once for both products
                 grad_hidden[layer] = _bmm(step_grad_gates, weight_hh[layer], dtype)
                 if layer > 0:
                     grad_below = _bmm(step_grad_gates, weight_ih[layer], dtype)

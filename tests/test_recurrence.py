@@ -258,3 +258,78 @@ def test_bf16_train_step_leaves_float32_gradients_with_bf16_weight_products():
         bf16_values = torch.equal(gradient, gradient.bfloat16().float())
         # Weight matrices: one bf16 matmul over all rows, widened; biases: float32 sums.
         assert bf16_values == ("weight" in name), name
+
+
+def gradients_of(model: CompositeLSTMAutoencoder, frames: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Fresh-model gradients on a copy of `model`'s weights: what reused gradient memory must match."""
+    fresh = CompositeLSTMAutoencoder(model.config).to(next(model.parameters()).dtype)
+    fresh.load_state_dict(model.state_dict())
+    fresh(frames[:, :3], frames[:, 3:]).loss.backward()
+    return {name: parameter.grad.clone() for name, parameter in fresh.named_parameters()}
+
+
+def test_weight_gradient_memory_is_reused_once_the_previous_gradient_is_gone():
+    model = tiny_model()
+    frames = torch.rand(2, 6, 1, 8, 8)
+    weight = model.decoders.weight_ih_l0
+    model(frames[:, :3], frames[:, 3:]).loss.backward()
+    address = weight.grad.data_ptr()
+    model.zero_grad(set_to_none=True)
+    model(frames[:, :3], frames[:, 3:]).loss.backward()
+    assert weight.grad.data_ptr() == address  # the same memory, no new weight-sized allocation
+    expected = gradients_of(model, frames)
+    for name, parameter in model.named_parameters():
+        assert torch.allclose(parameter.grad, expected[name], rtol=1e-5, atol=1e-7), name
+
+
+def test_weight_gradient_memory_is_not_reused_while_anything_still_reads_it():
+    model = tiny_model()
+    frames = torch.rand(2, 6, 1, 8, 8)
+    weight = model.decoders.weight_ih_l0
+
+    def loss(scale: float = 1.0) -> torch.Tensor:
+        return scale * model(frames[:, :3], frames[:, 3:]).loss
+
+    loss().backward()
+    single = weight.grad.clone()
+    view = weight.grad.view(-1)  # a view keeps the gradient it views alive
+    model.zero_grad(set_to_none=True)
+    loss(2.0).backward()
+    assert torch.equal(view, single.view(-1))
+    del view
+    (returned,) = torch.autograd.grad(loss(3.0), weight)  # handed to the caller, not to .grad
+    loss(4.0).backward()
+    assert torch.allclose(returned, 3 * single, rtol=1e-5, atol=1e-7)
+    seen = []
+    handle = weight.register_hook(lambda grad: seen.append(grad))  # a hook that keeps the gradient
+    model.zero_grad(set_to_none=True)
+    loss(5.0).backward()
+    model.zero_grad(set_to_none=True)
+    loss(6.0).backward()
+    handle.remove()
+    assert torch.allclose(seen[0], 5 * single, rtol=1e-5, atol=1e-7)
+    assert torch.allclose(weight.grad, 6 * single, rtol=1e-5, atol=1e-7)
+    model.zero_grad(set_to_none=False)  # accumulation into a kept .grad
+    loss().backward()
+    loss().backward()
+    assert torch.allclose(weight.grad, 2 * single, rtol=1e-5, atol=1e-7)
+
+
+def test_weight_gradient_memory_follows_conversions_and_state_dict_loads():
+    model = tiny_model()
+    frames = torch.rand(2, 6, 1, 8, 8)
+    model(frames[:, :3], frames[:, 3:]).loss.backward()
+    model.zero_grad(set_to_none=True)
+    model.load_state_dict(tiny_model().state_dict())  # new weights, same parameters
+    model(frames[:, :3], frames[:, 3:]).loss.backward()
+    expected = gradients_of(model, frames)
+    for name, parameter in model.named_parameters():
+        assert torch.allclose(parameter.grad, expected[name], rtol=1e-5, atol=1e-7), name
+    model.zero_grad(set_to_none=True)
+    model.to(torch.float64)  # same parameter objects, new dtype: new gradient memory
+    frames = frames.double()
+    model(frames[:, :3], frames[:, 3:]).loss.backward()
+    expected = gradients_of(model, frames)
+    for name, parameter in model.named_parameters():
+        assert parameter.grad.dtype == torch.float64, name
+        assert torch.allclose(parameter.grad, expected[name], rtol=1e-10, atol=1e-12), name
