@@ -157,24 +157,31 @@ RUN_PICTURES = ("prediction.gif", "reconstruction.gif", "frames.png", "curves.pn
 
 
 @torch.no_grad()
-def render_run(
-    folder, model, sequences: torch.Tensor, config, history: Sequence[Mapping[str, float]]
-) -> None:
-    """The run's pictures in `folder`: GIFs and a frame grid of `model` on `sequences`
-    (B, T, 1, H, W), and the curves of `history` (one row per report)."""
+def model_outputs(model, sequences: torch.Tensor, config) -> tuple[torch.Tensor, ...]:
+    """(past, future, prediction, reconstruction) of `model` in evaluation mode on `sequences`
+    (B, T, 1, H, W), on the CPU: what the pictures show."""
     from lstm_ae.data import split_sequence
-    from lstm_ae.engine import autocast
+    from lstm_ae.engine import autocast, unwrap
 
-    folder = Path(folder)
+    model = unwrap(model)
     model_config = config.model
     past, future = split_sequence(sequences, model_config.past_length, model_config.future_length)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     with autocast(config.training.precision, device):
-        prediction = model.predict(past.to(device)).float().cpu()
-        reconstruction = model.reconstruct(past.to(device)).float().cpu()
+        reconstruction, prediction = model.reconstruct_and_predict(past.to(device))
     model.train(was_training)
+    return past, future, prediction.float().cpu(), reconstruction.float().cpu()
+
+
+def render_run(
+    folder, model, sequences: torch.Tensor, config, history: Sequence[Mapping[str, float]]
+) -> None:
+    """The run's pictures in `folder`: GIFs and a frame grid of `model` on `sequences`
+    (B, T, 1, H, W), and the curves of `history` (one row per report)."""
+    folder = Path(folder)
+    past, future, prediction, reconstruction = model_outputs(model, sequences, config)
     prediction_gif(folder / "prediction.gif", past, future, prediction)
     reconstruction_gif(folder / "reconstruction.gif", past, reconstruction)
     frames_png(folder / "frames.png", past, future, prediction, reconstruction)

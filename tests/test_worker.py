@@ -107,8 +107,8 @@ def test_a_resumed_run_with_more_steps_continues_its_learning_rate_without_a_jum
 
 
 def test_time_budget_plans_the_last_step_from_the_measured_speed():
-    training = preset("smoke", max_steps=10_000, max_minutes=1.0, log_every=10).training
-    budget = TimeBudget(1.0, every=10, start_step=0)
+    training = preset("smoke", max_steps=10_000, max_minutes=1.0, log_every=10, eval_every=40).training
+    budget = TimeBudget(training, start_step=0)
     state = TrainingState(schedule=[[0, 10_000]])
     for step in range(1, 21):  # 0.5 s per step from step 5 (the reference) on
         state.step, state.training_seconds = step, 3.0 + 0.5 * max(0, step - 5)

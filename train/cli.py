@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--preset",
         choices=tuple(PRESETS),
         default=DEFAULT_PRESET,
-        help=f"starting configuration (default {DEFAULT_PRESET}: 10-13 minutes on 2 CPU cores)",
+        help=f"starting configuration (default {DEFAULT_PRESET}: 8 minutes of training, about 10 on 2 CPU cores)",
     )
     add_scaling_arguments(parser)
     parser.add_argument("--output-dir", default="runs", help="local folder or s3:// URI holding run folders")

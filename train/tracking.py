@@ -153,19 +153,9 @@ def frame_grid(model: torch.nn.Module, sequences: torch.Tensor, config: Experime
     uint8 image: input, true future, predicted future and reconstruction per sequence."""
     from PIL import Image
 
-    from lstm_ae.data import split_sequence
-    from lstm_ae.engine import autocast, unwrap
-    from lstm_ae.viz import frames_png
+    from lstm_ae.viz import frames_png, model_outputs
 
-    model = unwrap(model)
-    past, future = split_sequence(sequences, config.model.past_length, config.model.future_length)
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    with autocast(config.training.precision, device):
-        prediction = model.predict(past.to(device)).float().cpu()
-        reconstruction = model.reconstruct(past.to(device)).float().cpu()
-    model.train(was_training)
+    past, future, prediction, reconstruction = model_outputs(model, sequences, config)
     with tempfile.TemporaryDirectory(prefix="lstm_ae_frames_") as folder:
         path = Path(folder) / "frames.png"
         frames_png(path, past, future, prediction, reconstruction)

@@ -92,15 +92,18 @@ def run_ablations(base, seeds: int, settings, callbacks=()):
 def final_metrics(results, max_steps: int) -> list[dict[str, Any]]:
     """One record per trial: variant, seed, whether it finished, and its last reported metrics.
 
-    A trial finished when it reached max_steps or stopped on its patience; one cut short (time
-    budget, interruption) or errored is listed but left out of the means.
+    A trial finished when it reached max_steps, the end of its own `--max-minutes` (its last
+    report says `final`) or stopped on its patience; one cut short (the experiment's time
+    budget, an interruption) or errored is listed but left out of the means.
     """
     records = []
     for result in results:
         metrics = result.metrics or {}
         config = result.config or {}
         finished = result.error is None and (
-            (metrics.get("step") or 0) >= max_steps or metrics.get("stopped_early") is True
+            (metrics.get("step") or 0) >= max_steps
+            or metrics.get("stopped_early") is True
+            or metrics.get("final") is True
         )
         records.append(
             {

@@ -225,7 +225,8 @@ def search_and_tabulate(base, space, settings, callbacks=(), points_to_evaluate=
     folder = local_results_folder(settings)
     written = write_results(folder, rows, histories, space, metric, clock)
     publish(folder, written, settings)
-    shown = ["best", "trial", "status", *space.names, f"best_{metric}", "steps", "wall_seconds"]
+    timed = ["training_seconds"] if clock == "training_seconds" else []
+    shown = ["best", "trial", "status", *space.names, f"best_{metric}", "steps", *timed, "wall_seconds"]
     return f"\n{to_markdown(rows, shown)}\nresults: {folder / 'results.md'} (and {', '.join(written[2:])})"
 
 

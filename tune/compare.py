@@ -162,7 +162,7 @@ def ablation_rows(folder: Path, metric: str) -> list[dict[str, Any]]:
                 "source": folder.name,
                 "kind": "ablation trial",
                 "trial": f"{record.get('variant')} seed {record.get('seed')}",
-                "status": _ablation_status(record, base.get("max_steps")),
+                "status": _ablation_status(record, base.get("max_steps"), bool(base.get("max_minutes"))),
                 **{name: config.get(name) for name in CONFIG_COLUMNS},
                 **{
                     name: measured(name)
@@ -178,12 +178,14 @@ def ablation_rows(folder: Path, metric: str) -> list[dict[str, Any]]:
     return rows
 
 
-def _ablation_status(record: dict[str, Any], max_steps: int | None) -> str:
+def _ablation_status(record: dict[str, Any], max_steps: int | None, timed: bool = False) -> str:
     """A grid trial's status in results.csv's words. ablations.csv says whether a trial
     `finished` (reached max_steps or stopped on its patience; older tables lack the column);
     the step against the base's max_steps tells which. Without search.json beside the table
     (the local copy of a grid in remote storage) max_steps is unknown: `finished` alone."""
     errored, finished = bool(record.get("error")), record.get("finished")
+    if timed and finished is True and not errored:
+        return COMPLETED  # ended at its own --max-minutes (ablations.csv does not tell it from patience)
     if max_steps is None and not errored:
         return STOPPED if finished is False else COMPLETED
     return trial_status(errored, record.get("step") or 0, max_steps, stopped_early=finished is True)

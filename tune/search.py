@@ -23,6 +23,7 @@ from tune.experiment import SearchSettings, experiment_path, run_experiment
 from tune.space import SearchSpace
 
 STOPPED_BY_SCHEDULER_FOLDER = "stopped_by_scheduler"
+MAX_T_MARGIN = 1.1
 
 
 def asha_clock(base: ExperimentConfig, grace_period: int, reduction_factor: int) -> dict[str, Any]:
@@ -30,7 +31,12 @@ def asha_clock(base: ExperimentConfig, grace_period: int, reduction_factor: int)
     training = base.training
     if training.max_minutes:
         budget = 60.0 * training.max_minutes
-        return {"time_attr": "training_seconds", "max_t": budget, "grace_period": budget / reduction_factor**2}
+        # max_t above the budget: a trial ends at its own planned step, never stopped there by ASHA.
+        return {
+            "time_attr": "training_seconds",
+            "max_t": budget * MAX_T_MARGIN,
+            "grace_period": budget / reduction_factor**2,
+        }
     return {
         "time_attr": "step",
         "max_t": training.max_steps,
