@@ -107,10 +107,12 @@ def make_scheduler(
     extensions: Sequence[tuple[int, int]] = (),
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """The learning-rate schedule of `learning_rate_factor` (see there for `extensions`)."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, _factor_of_step(config, max_steps, extensions))
+
+
+def _factor_of_step(config: OptimConfig, max_steps: int, extensions: Sequence[tuple[int, int]]):
     extensions = tuple(tuple(extension) for extension in extensions)
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: learning_rate_factor(step, config, max_steps, extensions)
-    )
+    return lambda step: learning_rate_factor(step, config, max_steps, extensions)
 
 
 def reschedule(
@@ -120,10 +122,7 @@ def reschedule(
 
     The rate the optimizer uses next is the new schedule's at the scheduler's current step.
     """
-    max_steps, extensions = schedule[0][1], tuple(tuple(extension) for extension in schedule[1:])
-    scheduler.lr_lambdas = [
-        lambda step: learning_rate_factor(step, config, max_steps, extensions) for _ in scheduler.lr_lambdas
-    ]
+    scheduler.lr_lambdas = [_factor_of_step(config, schedule[0][1], schedule[1:]) for _ in scheduler.lr_lambdas]
     for group, base, factor in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
         group["lr"] = base * factor(scheduler.last_epoch)
 

@@ -108,19 +108,19 @@ def test_a_resumed_run_with_more_steps_continues_its_learning_rate_without_a_jum
 
 def test_time_budget_plans_the_last_step_from_the_measured_speed():
     training = preset("smoke", max_steps=10_000, max_minutes=1.0, log_every=10, eval_every=40).training
-    budget = TimeBudget(training, start_step=0)
+    budget = TimeBudget(training, warmup_steps=3, start_step=0)
     state = TrainingState(schedule=[[0, 10_000]])
     for step in range(1, 21):  # 0.5 s per step from step 5 (the reference) on
         state.step, state.training_seconds = step, 3.0 + 0.5 * max(0, step - 5)
-        moved = budget.replan(state, training, warmup_steps=3, world_size=1, device="cpu")
+        moved = budget.replan(state, world_size=1, device="cpu")
         assert moved == (step == 20)  # due at 10 (too few steps measured) and 20
     # 60 s budget, 10.5 s spent, 0.5 s per step: 99 more steps.
     assert state.schedule == [[0, 10_000], [20, 119]] and state.planned_minutes == 1.0
     state.step, state.training_seconds = 30, 10.5 + 5.0 + 20.0  # the steps slowed down:
     # (35.5 - 3) s over 25 steps = 1.3 s per step, 24.5 s left: 18 more steps.
-    assert budget.replan(state, training, 3, 1, "cpu") and state.schedule[-1] == [30, 48]
+    assert budget.replan(state, 1, "cpu") and state.schedule[-1] == [30, 48]
     state.step, state.training_seconds = 40, 60.5  # over budget: the end is now
-    assert budget.replan(state, training, 3, 1, "cpu") and state.schedule[-1] == [40, 40]
+    assert budget.replan(state, 1, "cpu") and state.schedule[-1] == [40, 40]
     assert state.finished
 
 

@@ -141,12 +141,12 @@ def train_function(loop_config: dict[str, Any], session: Session) -> TrainingSta
     if state.step == 0 and not settings.quiet:
         _log(rank, _describe_run(config, trainables.model, world_size, session.device))
 
-    budget = TimeBudget(training, state.step) if training.max_minutes else None
+    budget = TimeBudget(training, config.optim.warmup_steps, state.step) if training.max_minutes else None
     interval = _SinceLastReport(state.step, state.sequences_seen)
     while not state.finished:
         # 2. One optimizer step on this worker's share of the global batch.
         interval.add(_train_one_step(trainables, next(stream), config, state, rank))
-        if budget is not None and budget.replan(state, training, config.optim.warmup_steps, world_size, session.device):
+        if budget is not None and budget.replan(state, world_size, session.device):
             reschedule(trainables.scheduler, config.optim, state.schedule)
 
         last = state.step >= state.schedule[-1][1]
@@ -243,12 +243,13 @@ def _build_or_restore(config: ExperimentConfig, session: Session) -> tuple[Train
         state.resumed_from.append(state.step)
         state.schedule = state.schedule or [[0, training.max_steps]]  # checkpoints before schedules
         end = state.schedule[-1][1]
-        more_time = training.max_minutes > state.planned_minutes > 0
-        if more_time and not state.stopped_early:
-            # A time-limited run resumed with a larger budget: reopen up to max_steps, and
-            # TimeBudget plans the new end at the next report.
-            state.schedule.append([state.step, training.max_steps])
-        elif training.max_steps > end and not state.stopped_early and not state.planned_minutes:
+        # A run whose end a time budget planned trains on when given more minutes (reopened up
+        # to max_steps; TimeBudget plans the new end at the next report), others more steps.
+        if state.planned_minutes:
+            longer = training.max_minutes > state.planned_minutes
+        else:
+            longer = training.max_steps > end
+        if longer and not state.stopped_early:
             state.schedule.append([state.step, training.max_steps])
         elif training.max_steps < end:
             raise ValueError(f"max_steps {training.max_steps} is below the resumed run's {end}")
@@ -398,26 +399,28 @@ class TimeBudget:
     MIN_MEASURED_STEPS = 10
     TOLERANCE = 0.01  # of the steps left: smaller corrections are not worth a schedule entry
 
-    def __init__(self, training, start_step: int):
-        self.seconds = 60.0 * training.max_minutes
-        self.minutes = training.max_minutes
-        self.every = (training.log_every, training.eval_every)
+    def __init__(self, training, warmup_steps: int, start_step: int):
+        self.training = training
+        self.warmup_steps = warmup_steps
         self.reference_step = start_step + self.SKIPPED_STEPS
         self.reference_seconds: float | None = None
 
-    def replan(self, state: TrainingState, training, warmup_steps: int, world_size: int, device) -> bool:
+    def replan(self, state: TrainingState, world_size: int, device) -> bool:
         """Plan the schedule's end after this step if it is a planning step; True if it moved."""
+        training = self.training
         if state.step == self.reference_step:
             self.reference_seconds = state.training_seconds
         measured = state.step - self.reference_step
-        due = state.step == warmup_steps or any(state.step % every == 0 for every in self.every)
+        due = state.step == self.warmup_steps or any(
+            state.step % every == 0 for every in (training.log_every, training.eval_every)
+        )
         if self.reference_seconds is None or measured < self.MIN_MEASURED_STEPS or not due:
             return False
         seconds_per_step = (state.training_seconds - self.reference_seconds) / measured
-        remaining = max(0.0, self.seconds - state.training_seconds)
+        remaining = max(0.0, 60.0 * training.max_minutes - state.training_seconds)
         end = min(training.max_steps, state.step + int(remaining / seconds_per_step))
-        end = int(_all_reduce_min(float(end), world_size, device))
-        state.planned_minutes = self.minutes
+        end = int(_all_reduce([float(end)], world_size, device, dist.ReduceOp.MIN)[0])
+        state.planned_minutes = training.max_minutes
         current = state.schedule[-1][1]
         tolerance = self.TOLERANCE * (current - state.step)
         if end > state.step and abs(end - current) <= tolerance:
@@ -439,19 +442,16 @@ def step_seed(seed: int, rank: int, step: int) -> int:
 
 
 def _all_reduce_mean(values: list[float], world_size: int, device: torch.device) -> list[float]:
+    return [total / world_size for total in _all_reduce(values, world_size, device)]
+
+
+def _all_reduce(values: list[float], world_size: int, device: torch.device, op=None) -> list[float]:
+    """`values` combined over the workers (summed by default; `op` a dist.ReduceOp)."""
     if world_size == 1 or not dist.is_initialized():
         return values
     tensor = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(tensor)
-    return (tensor / world_size).tolist()
-
-
-def _all_reduce_min(value: float, world_size: int, device: torch.device) -> float:
-    if world_size == 1 or not dist.is_initialized():
-        return value
-    tensor = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
-    return float(tensor[0])
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM if op is None else op)
+    return tensor.tolist()
 
 
 def _validate(
@@ -494,9 +494,8 @@ def _replica_checksums(model: torch.nn.Module, world_size: int) -> list[list[flo
     return [values.tolist() for values in gathered]
 
 
-def _progress_line(row: dict[str, Any], config: ExperimentConfig, last_step: int) -> str:
-    """`last_step`: where the run ends, max_steps or the end a time budget planned."""
-    max_steps = last_step
+def _progress_line(row: dict[str, Any], config: ExperimentConfig, max_steps: int) -> str:
+    """`max_steps`: where the run ends, the config's or the end a time budget planned."""
     eta = row.get("eta_seconds", 0.0)
     line = (
         f"step {row['step']}/{max_steps} | loss {row['loss']:.2f} "

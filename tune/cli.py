@@ -215,12 +215,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 def search_and_tabulate(base, space, settings, callbacks=(), points_to_evaluate=None) -> str:
     """Run the search, write the results table and plots; returns a printable summary."""
     from tune.results import to_markdown, trial_rows, write_results
+    from tune.search import clock as search_clock
     from tune.search import run_search, stopped_by_scheduler
 
     results, path, _ = run_search(base, space, settings, callbacks, points_to_evaluate)
     metric = base.training.metric
     stopped = stopped_by_scheduler(settings)
-    clock = "training_seconds" if base.training.max_minutes else "step"  # ASHA's clock
+    clock = search_clock(base)  # ASHA's clock
     rows, histories = trial_rows(results, space, metric, base.training.max_steps, stopped, clock)
     folder = local_results_folder(settings)
     written = write_results(folder, rows, histories, space, metric, clock)
