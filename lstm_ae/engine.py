@@ -24,6 +24,7 @@ from lstm_ae.metrics import (
     add_reconstruction_metrics,
 )
 from lstm_ae.model import CompositeLSTMAutoencoder
+from lstm_ae.precision import cuda_native_bf16
 
 
 class NonFiniteLossError(RuntimeError):
@@ -42,9 +43,10 @@ class StepResult:
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """'auto' means bf16 on CUDA and fp32 elsewhere."""
+    """'auto' without measuring: bf16 on a CUDA GPU with native bf16, fp32 elsewhere. Training
+    runs resolve 'auto' once, by measurement, before they start (lstm_ae.precision)."""
     if precision == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
+        return "bf16" if device.type == "cuda" and cuda_native_bf16() else "fp32"
     return precision
 
 

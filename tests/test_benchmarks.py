@@ -44,3 +44,25 @@ def test_data_benchmark_runs_and_reports_a_ratio(capsys):
         ["--batch-size", "4", "--hidden-size", "16", "--batches", "2", "--steps", "1"]
     )
     assert capsys.readouterr().out.strip().splitlines()[-1] == f"ratio={ratio:.1f}"
+
+
+def test_train_step_benchmark_names_the_cpu_and_times_ours_where_the_reference_cannot_run():
+    # oneDNN and ATen capped at AVX2: the slow bf16 path of CPUs without native bf16, where
+    # oneDNN's bf16 LSTM (the reference) refuses to run.
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    environment = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
+    command = [sys.executable, "benchmarks/train_step.py", "--hidden-size", "16", "--batch-size", "2",
+               "--dtype", "bf16", "--repeats", "1", "--warmup", "0"]
+    completed = subprocess.run(command, cwd=root, env=environment, capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    lines = completed.stdout.splitlines()
+    assert any(line.startswith("CPU: ") and "ATen AVX2" in line for line in lines)
+    assert any(line.strip().startswith("ours: median") for line in lines)
+    cannot = [line for line in lines if line.startswith("reference: torch cannot run it in bf16 here")]
+    assert cannot or lines[-1].startswith("speedup=")
+    assert "Traceback" not in completed.stderr

@@ -11,7 +11,15 @@ from lstm_ae.config import preset
 from lstm_ae.engine import NonFiniteLossError, train_step
 from lstm_ae.model import CompositeLSTMAutoencoder
 from train.session import LocalSession
-from train.worker import TimeBudget, TrainingState, WorkerSettings, loop_config, step_seed, train_function
+from train.worker import (
+    ProgressClock,
+    TimeBudget,
+    TrainingState,
+    WorkerSettings,
+    loop_config,
+    step_seed,
+    train_function,
+)
 
 
 @pytest.fixture
@@ -106,22 +114,97 @@ def test_a_resumed_run_with_more_steps_continues_its_learning_rate_without_a_jum
     assert rates[-1] == pytest.approx(config.optim.min_lr_fraction * 1e-2, rel=0.05)
 
 
-def test_time_budget_plans_the_last_step_from_the_measured_speed():
-    training = preset("smoke", max_steps=10_000, max_minutes=1.0, log_every=10, eval_every=40).training
-    budget = TimeBudget(training, warmup_steps=3, start_step=0)
+def budget_and_state(max_minutes=1.0, log_every=1000, eval_every=1000):
+    training = preset("smoke", max_steps=10_000, max_minutes=max_minutes, log_every=log_every,
+                      eval_every=eval_every).training
     state = TrainingState(schedule=[[0, 10_000]])
-    for step in range(1, 21):  # 0.5 s per step from step 5 (the reference) on
-        state.step, state.training_seconds = step, 3.0 + 0.5 * max(0, step - 5)
-        moved = budget.replan(state, world_size=1, device="cpu")
-        assert moved == (step == 20)  # due at 10 (too few steps measured) and 20
-    # 60 s budget, 10.5 s spent, 0.5 s per step: 99 more steps.
-    assert state.schedule == [[0, 10_000], [20, 119]] and state.planned_minutes == 1.0
-    state.step, state.training_seconds = 30, 10.5 + 5.0 + 20.0  # the steps slowed down:
-    # (35.5 - 3) s over 25 steps = 1.3 s per step, 24.5 s left: 18 more steps.
-    assert budget.replan(state, 1, "cpu") and state.schedule[-1] == [30, 48]
-    state.step, state.training_seconds = 40, 60.5  # over budget: the end is now
-    assert budget.replan(state, 1, "cpu") and state.schedule[-1] == [40, 40]
-    assert state.finished
+    return TimeBudget(training, warmup_steps=3, state=state), state
+
+
+def test_time_budget_plans_as_soon_as_ten_steps_are_measured_not_at_a_report():
+    budget, state = budget_and_state(log_every=1000, eval_every=1000)
+    for step in range(1, 16):  # a fake clock: 0.2 s per step, 0.5 s from step 5 (the reference)
+        state.step, state.training_seconds = step, 0.2 * min(step, 5) + 0.5 * max(0, step - 5)
+        assert budget.replan(state, world_size=1, device="cpu") == (step == 15)
+    # 60 s budget, 6 s spent, 0.5 s per step: 108 more steps.
+    assert state.schedule == [[0, 10_000], [15, 123]] and state.planned_minutes == 1.0
+    state.step, state.training_seconds = 16, 6.5  # not due: no report, under 30 s since the plan
+    assert not budget.replan(state, 1, "cpu")
+    state.step, state.training_seconds = 40, 36.0  # 30 s after the plan: due, and slower now
+    # (36 - 1) s over 35 steps = 1 s per step, 24 s left: 24 more steps.
+    assert budget.replan(state, 1, "cpu") and state.schedule[-1] == [40, 64]
+
+
+def test_time_budget_measures_from_the_first_step_when_the_first_steps_take_long():
+    budget, state = budget_and_state()
+    state.step, state.training_seconds = 1, 2.0  # over 2% of the budget: the reference is here
+    assert not budget.replan(state, 1, "cpu")
+    state.step, state.training_seconds = 2, 19.0  # 17 s measured over one step: enough to plan
+    assert budget.replan(state, 1, "cpu") and state.schedule[-1] == [2, 4]
+
+
+def test_time_budget_ends_the_run_before_a_step_would_overshoot_by_more_than_five_percent():
+    budget, state = budget_and_state()
+    for step in range(1, 200):  # 2 s per step, then from step 20 on 5 s: the plan overshoots
+        state.step, state.training_seconds = step, 2.0 * min(step, 20) + 5.0 * max(0, step - 20)
+        budget.replan(state, 1, "cpu")
+        if state.finished:
+            break
+    assert state.schedule[1] == [9, 30]  # planned from the fast steps
+    assert state.step < 30 and state.training_seconds <= 60.0 * 1.05
+    assert state.training_seconds + 5.0 > 60.0  # and not far below it either
+    assert budget.stop_line == "time budget: 1.0 minutes of training used (--max-minutes 1); ending at step 24"
+
+
+def test_time_budget_on_a_machine_too_slow_for_it_stops_after_the_first_step_with_one_line():
+    budget, state = budget_and_state(max_minutes=1.0)
+    state.step, state.training_seconds = 1, 40.0  # one step takes 40 s of a 60-s budget
+    assert budget.replan(state, 1, "cpu") and state.finished and state.schedule[-1] == [1, 1]
+    assert budget.stop_line == (
+        "time budget: the first 1 step(s) alone took 0.7 minutes of --max-minutes 1; ending with a "
+        "checkpoint at step 1 (a smaller model, --precision fp32 or more minutes would train further)"
+    )
+
+
+def test_progress_clock_is_due_every_thirty_seconds_after_the_last_line():
+    now = [100.0]
+    progress = ProgressClock(now=lambda: now[0])
+    now[0] = 129.9
+    assert not progress.due()
+    now[0] = 130.0
+    assert progress.due()
+    progress.mark()
+    now[0] = 159.0
+    assert not progress.due()
+
+
+class FakeClock:
+    """Every reading advances the time by `tick` seconds."""
+
+    def __init__(self, tick: float):
+        self.time, self.tick = 0.0, tick
+
+    def __call__(self) -> float:
+        self.time += self.tick
+        return self.time
+
+
+def test_a_budgeted_run_under_a_fake_clock_keeps_its_budget_and_prints_progress_every_30_s(
+    smoke, monkeypatch, capsys
+):
+    import train.worker
+
+    fake = FakeClock(tick=1.0)  # a step reads the clock twice: 1 s of training per step
+    monkeypatch.setattr(train.worker, "clock", fake)
+    config = smoke.replace(max_steps=100_000, max_minutes=1.0, log_every=1000, eval_every=1000,
+                           checkpoint_every=1000, precision="fp32")
+    state, session = run(config)
+    assert state.finished and 50 <= state.training_seconds <= 60.0 * 1.05
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
+    # Between reports rank 0 prints a line every 30 s of the clock: one per <= 30 s, never more.
+    assert len(lines) >= fake.time / 30.0 - 1 and all("ETA" in line for line in lines)
+    assert len(lines) <= fake.time / 30.0 + 2
+    assert session.reports[-1]["final"] is True and session.checkpoints
 
 
 def test_a_run_with_a_time_budget_stops_annealed_before_max_steps(smoke):

@@ -5,7 +5,8 @@
     ray job submit --working-dir . -- python -m train.doctor --use-gpu --output-dir s3://bucket/lstm-ae
 
 One table row per node: its CPUs and GPUs, torch and the CUDA it was built for, the NVIDIA
-driver, bf16 support, the Ray version against the one requirements.txt pins, and whether
+driver, bf16 (native, emulated or none, with its measured matmul rate as a multiple of
+fp32's), the Ray version against the one requirements.txt pins, and whether
 `--output-dir` can be written and read back from that node (a small file, removed after).
 Without `--address` (or RAY_ADDRESS) it checks this machine without starting Ray; with one,
 it runs one small Ray task on every live node. Node types an autoscaler has not launched
@@ -25,6 +26,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from lstm_ae.precision import bf16_support
 from train.commandline import OneLineParser, add_address_argument, check_address, fail
 
 REQUIREMENTS = Path(__file__).resolve().parents[1] / "requirements.txt"
@@ -98,7 +100,7 @@ def node_report(output_dir: str | None) -> dict[str, Any]:
         "torch": torch.__version__,
         "CUDA build": torch.version.cuda or "none (CPU build)",
         "driver": nvidia_driver() or "none",
-        "bf16": bool(torch.cuda.is_bf16_supported()) if cuda else "CPU only",
+        "bf16": bf16_support("cuda" if cuda else "cpu"),
         "Ray": ray.__version__,
         "output dir": check_storage(output_dir) if output_dir else "not checked",
         "gpu_problem": gpu_problem() if not cuda else None,

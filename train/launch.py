@@ -44,6 +44,8 @@ from train.worker import HISTORY_FILE
 RAY_ENVIRONMENT = {
     "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
 }
+# oneDNN's and ATen's instruction-set caps: a run started under them trains under them.
+FORWARDED_ENVIRONMENT = ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY")
 SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"
 
 
@@ -222,8 +224,14 @@ def connect(address: str | None) -> bool:
     import ray
 
     joined = bool(address or os.environ.get("RAY_ADDRESS"))
+    # CPU capability caps set for this command reach its workers too (see README, Performance).
+    forwarded = {key: os.environ[key] for key in FORWARDED_ENVIRONMENT if key in os.environ}
     if not ray.is_initialized():
-        ray.init(address=address, runtime_env={"env_vars": dict(RAY_ENVIRONMENT)}, log_to_driver=True)
+        ray.init(
+            address=address,
+            runtime_env={"env_vars": {**RAY_ENVIRONMENT, **forwarded}},
+            log_to_driver=True,
+        )
     return joined
 
 
@@ -365,10 +373,25 @@ def write_run_folder(
         else {},
         "units": {key: UNITS[key] for key in (history[-1] if history else {}) if key in UNITS},
         "replica_checksums": history[-1].get("replica_checksums") if history else None,
+        # The precision the run trained in ('auto' resolved on the workers' hardware, and why).
+        "precision": state.get("precision") or config.training.precision,
+        "precision_choice": state.get("precision_choice", {}),
         "config": config.to_dict(),
     }
     _write_text(filesystem, f"{run_path}/result.json", json.dumps(summary, indent=2))
+    _record_precision(filesystem, run_path, summary["precision"], summary["precision_choice"])
     return RunSummary(run_path, summary)
+
+
+def _record_precision(filesystem, run_path: str, precision: str, choice: dict[str, Any]) -> None:
+    """config.json gains the resolved precision beside the config as asked (which keeps
+    'auto', so that `--resume` with the same flags matches it)."""
+    path = f"{run_path}/config.json"
+    if not path_exists(filesystem, path):
+        return
+    record = json.loads(read_text(filesystem, path))
+    record["precision"] = {"resolved": precision, **{k: v for k, v in choice.items() if k != "precision"}}
+    _write_text(filesystem, path, json.dumps(record, indent=2))
 
 
 def best_checkpoint(best_checkpoints, metric: str) -> tuple[str | None, dict[str, Any]]:

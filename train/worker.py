@@ -48,12 +48,16 @@ from lstm_ae.engine import (
 )
 from lstm_ae.metrics import METRIC_MODES, MetricAccumulator
 from lstm_ae.model import CompositeLSTMAutoencoder, parameter_count
+from lstm_ae.precision import PrecisionChoice, agreed, choose_precision
 from lstm_ae.probe import probe_with_baseline
 from lstm_ae.viz import render_run
 from train.session import RayTrainSession, Session
 from train.tracking import open_tracker
 
 HISTORY_FILE = "history.json"
+# The worker's clock: steps, validations and progress lines are timed with it (tests replace
+# it with a fake one to check the time budget and the progress cadence without sleeping).
+clock = time.perf_counter
 VISUALISED_SEQUENCES = 4
 
 
@@ -81,6 +85,10 @@ class TrainingState:
     resumed_from: list[int] = field(default_factory=list)  # steps the run restarted at
     # max_minutes the schedule's end was last planned for (0: none; see TimeBudget).
     planned_minutes: float = 0.0
+    # The precision the run trains in, resolved once at its start (see resolve_precision)
+    # and kept by every restart and resume, with the facts that decided it.
+    precision: str = ""
+    precision_choice: dict[str, Any] = field(default_factory=dict)
     # The learning-rate schedule's ends: [[0, max_steps]], then [step, new max_steps] for each
     # resume that raised max_steps (engine.learning_rate_factor keeps the rate continuous).
     schedule: list[list[int]] = field(default_factory=list)
@@ -133,16 +141,24 @@ def train_function(loop_config: dict[str, Any], session: Session) -> TrainingSta
         torch.set_num_threads(settings.threads)
     check_batch_split(training.batch_size, world_size, training.grad_accumulation_steps)
 
-    # 1. Setup: model, optimizer and schedule, restored from the latest checkpoint if any.
+    # 1. Setup: model, optimizer and schedule, restored from the latest checkpoint if any;
+    # the precision the hardware pays for, decided once for the whole run.
     trainables, state = _build_or_restore(config, session)
+    choice = resolve_precision(config, state, session)
+    config = config.replace(precision=choice.precision)
     stream = _training_stream(config, rank, world_size, state.step)
     test_set = load_test_set(config.model, config.data)
     tracker = open_tracker(loop_config, config, rank, state.step)  # rank 0's TensorBoard events
-    if state.step == 0 and not settings.quiet:
-        _log(rank, _describe_run(config, trainables.model, world_size, session.device))
+    if not settings.quiet:
+        if state.step == 0:
+            _log(rank, _describe_run(config, trainables.model, world_size, session.device))
+        _log(rank, choice.line())
+    if choice.warning:
+        _log(rank, choice.warning)
 
-    budget = TimeBudget(training, config.optim.warmup_steps, state.step) if training.max_minutes else None
+    budget = TimeBudget(training, config.optim.warmup_steps, state) if training.max_minutes else None
     interval = _SinceLastReport(state.step, state.sequences_seen)
+    progress = ProgressClock(now=clock)
     while not state.finished:
         # 2. One optimizer step on this worker's share of the global batch.
         interval.add(_train_one_step(trainables, next(stream), config, state, rank))
@@ -154,15 +170,19 @@ def train_function(loop_config: dict[str, Any], session: Session) -> TrainingSta
             last or state.step % training.eval_every == 0 or state.step % training.checkpoint_every == 0
         )
         if not (validate_now or state.step % training.log_every == 0):
+            if rank == 0 and not settings.quiet and progress.due():  # rank 0's own losses
+                row = _with_eta(interval.row(state, interval.losses()), state, budget)
+                print(_progress_line(row, config, state.schedule[-1][1]), flush=True)
+                progress.mark()
             continue
-        row = interval.row(state, _all_reduce_mean(interval.losses(), world_size, session.device))
+        row = _with_eta(interval.row(state, _all_reduce_mean(interval.losses(), world_size, session.device)), state, budget)
 
         # 3. Validation (every worker a shard) and early stopping.
         if validate_now:
-            evaluation_start = time.perf_counter()
+            evaluation_start = clock()
             row.update(_validate(trainables.model, test_set, config, rank, world_size, session.device))
             _update_early_stopping(state, row, training.metric, training.patience)
-            state.elapsed_seconds += time.perf_counter() - evaluation_start
+            state.elapsed_seconds += clock() - evaluation_start
             if state.stopped_early:
                 row["stopped_early"] = True
         final = state.finished
@@ -172,6 +192,9 @@ def train_function(loop_config: dict[str, Any], session: Session) -> TrainingSta
         tracker.log(row, trainables.model, test_set)
         if rank == 0 and not settings.quiet:
             print(_progress_line(row, config, state.schedule[-1][1]), flush=True)
+            progress.mark()
+            if final and budget is not None and budget.stop_line:
+                print(budget.stop_line, flush=True)
 
         # 4. Report, with a checkpoint every checkpoint_every steps and at the end.
         checkpoint_now = validate_now and (final or state.step % training.checkpoint_every == 0)
@@ -194,7 +217,7 @@ def _train_one_step(
 ):
     """One optimizer step on this worker's frames (B, T, C, H, W); advances `state`."""
     training = config.training
-    step_start = time.perf_counter()
+    step_start = clock()
     torch.manual_seed(step_seed(training.seed, rank, state.step))  # dropout masks
     result = train_step(
         trainables.model,
@@ -208,7 +231,7 @@ def _train_one_step(
     )
     state.step += 1
     state.sequences_seen += training.batch_size
-    seconds = time.perf_counter() - step_start
+    seconds = clock() - step_start
     state.elapsed_seconds += seconds
     state.training_seconds += seconds
     return result
@@ -223,6 +246,27 @@ def check_batch_split(batch_size: int, num_workers: int, micro_batches: int) -> 
             f"batch_size {batch_size} must split evenly over {num_workers} workers x "
             f"{micro_batches} micro-batches"
         )
+
+
+def resolve_precision(config: ExperimentConfig, state: TrainingState, session: Session) -> PrecisionChoice:
+    """The run's precision: kept from its start when it resumes or restarts; else chosen on
+    this worker's hardware (lstm_ae.precision) and agreed by all workers (any fp32 wins).
+    Recorded in `state`, so checkpoints, result.json and every resume carry it."""
+    training = config.training
+    if state.precision:
+        return PrecisionChoice(
+            state.precision, "kept from the run's start", **{
+                key: value for key, value in state.precision_choice.items()
+                if key not in ("precision", "reason", "warning")
+            }
+        )
+    rows = training.batch_size // session.world_size // training.grad_accumulation_steps
+    model = config.model
+    choice = choose_precision(training.precision, session.device, model.hidden_size, model.frame_size, rows)
+    everyone = _all_reduce([float(choice.precision == "bf16")], session.world_size, session.device, dist.ReduceOp.MIN)
+    choice = agreed(choice, everyone[0] == 1.0)
+    state.precision, state.precision_choice = choice.precision, choice.to_dict()
+    return choice
 
 
 def _build_or_restore(config: ExperimentConfig, session: Session) -> tuple[Trainables, TrainingState]:
@@ -347,7 +391,7 @@ class _SinceLastReport:
 
     start_step: int
     start_sequences: int
-    start_time: float = field(default_factory=time.perf_counter)
+    start_time: float = field(default_factory=lambda: clock())
     totals: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0, 0.0])
     steps: int = 0
     learning_rate: float = 0.0
@@ -365,7 +409,7 @@ class _SinceLastReport:
 
     def row(self, state: TrainingState, losses: list[float]) -> dict[str, Any]:
         max_steps = state.schedule[-1][1]
-        seconds = time.perf_counter() - self.start_time
+        seconds = clock() - self.start_time
         sequences_per_second = (state.sequences_seen - self.start_sequences) / max(seconds, 1e-9)
         seconds_per_step = seconds / max(1, state.step - self.start_step)
         return {
@@ -387,46 +431,120 @@ class TimeBudget:
     """Fits a run into `max_minutes` of training steps (`TrainingState.training_seconds`;
     validations are not counted, so how often a run validates does not change what it learns).
 
-    From the speed measured since this process started (skipping its first
-    `SKIPPED_STEPS`, which can run slow while memory is first touched), it plans the step at
-    which the budget runs out: at the end of the warm-up, then at every report. The plan becomes the
-    learning-rate schedule's end (`TrainingState.schedule`, which keeps the rate
-    continuous), so the run ends annealed instead of cut off mid-decay; `max_steps` stays an
-    upper bound. Every worker takes the earliest end any of them planned.
+    From the speed measured since this process started (skipping its first `SKIPPED_STEPS`
+    or `SKIPPED_SHARE` of the budget, whichever ends first: they can run slow while memory is
+    first touched), it plans the step at which the budget runs out as soon as `MIN_MEASURED_STEPS`
+    steps or `MIN_MEASURED_SECONDS` of them are measured, whichever comes first, then again at
+    every report and every `REPLAN_SECONDS`. The plan becomes the learning-rate schedule's end
+    (`TrainingState.schedule`, which keeps the rate continuous), so the run ends annealed
+    instead of cut off mid-decay; `max_steps` stays an upper bound. Whatever the plan says, the
+    run ends once its training time reaches the budget, or when one more step would pass it
+    by more than `OVERSHOOT`: slow first steps on a slow machine cannot overrun it.
+    Every worker takes the earliest end any of them wants (one all-reduce per step).
     """
 
     SKIPPED_STEPS = 5
+    SKIPPED_SHARE = 0.02
     MIN_MEASURED_STEPS = 10
+    MIN_MEASURED_SECONDS = 15.0
+    REPLAN_SECONDS = 30.0
+    OVERSHOOT = 0.05
     TOLERANCE = 0.01  # of the steps left: smaller corrections are not worth a schedule entry
 
-    def __init__(self, training, warmup_steps: int, start_step: int):
+    def __init__(self, training, warmup_steps: int, state: TrainingState):
         self.training = training
         self.warmup_steps = warmup_steps
-        self.reference_step = start_step + self.SKIPPED_STEPS
-        self.reference_seconds: float | None = None
+        self.budget_seconds = 60.0 * training.max_minutes
+        self.start = (state.step, state.training_seconds)
+        self.reference: tuple[int, float] | None = None  # (step, training seconds) speed is measured from
+        self.last_plan_seconds: float | None = None
+        self.stop_line: str | None = None  # why the budget ended the run, once it did
+
+    def seconds_per_step(self, state: TrainingState) -> float | None:
+        """The measured seconds per step, once enough steps are measured (None before)."""
+        if self.reference is None:
+            skipped_steps, skipped_seconds = state.step - self.start[0], state.training_seconds - self.start[1]
+            if skipped_steps >= self.SKIPPED_STEPS or skipped_seconds >= self.SKIPPED_SHARE * self.budget_seconds:
+                self.reference = (state.step, state.training_seconds)
+            return None
+        steps, seconds = state.step - self.reference[0], state.training_seconds - self.reference[1]
+        if steps >= self.MIN_MEASURED_STEPS or (steps >= 1 and seconds >= self.MIN_MEASURED_SECONDS):
+            return seconds / steps
+        return None
+
+    def seconds_left(self, state: TrainingState) -> float:
+        return max(0.0, self.budget_seconds - state.training_seconds)
 
     def replan(self, state: TrainingState, world_size: int, device) -> bool:
-        """Plan the schedule's end after this step if it is a planning step; True if it moved."""
-        training = self.training
-        if state.step == self.reference_step:
-            self.reference_seconds = state.training_seconds
-        measured = state.step - self.reference_step
-        due = state.step == self.warmup_steps or any(
-            state.step % every == 0 for every in (training.log_every, training.eval_every)
-        )
-        if self.reference_seconds is None or measured < self.MIN_MEASURED_STEPS or not due:
+        """After every step: plan (or end) the schedule where the budget says; True if it moved."""
+        training, used = self.training, state.training_seconds
+        per_step = self.seconds_per_step(state)
+        # For the overshoot check any estimate will do, even one over the first, slow steps.
+        estimate = per_step or (used - self.start[1]) / max(1, state.step - self.start[0])
+        wanted = math.inf  # this worker's wish for the schedule's end (inf: no change)
+        if used + estimate > (1 + self.OVERSHOOT) * self.budget_seconds or used >= self.budget_seconds:
+            wanted = state.step
+        elif per_step is not None and self._due(state):
+            wanted = min(training.max_steps, state.step + int(self.seconds_left(state) / per_step))
+        wanted = _all_reduce([float(wanted)], world_size, device, dist.ReduceOp.MIN)[0]
+        if math.isinf(wanted):
             return False
-        seconds_per_step = (state.training_seconds - self.reference_seconds) / measured
-        remaining = max(0.0, 60.0 * training.max_minutes - state.training_seconds)
-        end = min(training.max_steps, state.step + int(remaining / seconds_per_step))
-        end = int(_all_reduce([float(end)], world_size, device, dist.ReduceOp.MIN)[0])
+        end, current = int(wanted), state.schedule[-1][1]
+        if current <= state.step:  # already ending at this step
+            return False
         state.planned_minutes = training.max_minutes
-        current = state.schedule[-1][1]
-        tolerance = self.TOLERANCE * (current - state.step)
-        if end > state.step and abs(end - current) <= tolerance:
-            return False
+        if end <= state.step:
+            self.stop_line = self._stop_line(state)
+        else:
+            self.last_plan_seconds = used
+            if abs(end - current) <= self.TOLERANCE * (current - state.step):
+                return False
         state.schedule.append([state.step, end])
         return True
+
+    def _due(self, state: TrainingState) -> bool:
+        training = self.training
+        return (
+            self.last_plan_seconds is None
+            or state.step == self.warmup_steps
+            or any(state.step % every == 0 for every in (training.log_every, training.eval_every))
+            or state.training_seconds - self.last_plan_seconds >= self.REPLAN_SECONDS
+        )
+
+    def _stop_line(self, state: TrainingState) -> str:
+        minutes, steps = state.training_seconds / 60.0, state.step - self.start[0]
+        budget = f"--max-minutes {self.training.max_minutes:g}"
+        if self.last_plan_seconds is None:  # never planned: the first steps alone used the budget
+            return (
+                f"time budget: the first {steps} step(s) alone took {minutes:.1f} minutes of {budget}; "
+                f"ending with a checkpoint at step {state.step} (a smaller model, --precision fp32 "
+                "or more minutes would train further)"
+            )
+        return f"time budget: {minutes:.1f} minutes of training used ({budget}); ending at step {state.step}"
+
+
+class ProgressClock:
+    """When rank 0 prints a progress line between reports: `EVERY_SECONDS` after the last line
+    (or the start), so a slow run shows progress at least that often."""
+
+    EVERY_SECONDS = 30.0
+
+    def __init__(self, now=time.monotonic, every_seconds: float = EVERY_SECONDS):
+        self.now, self.every_seconds = now, every_seconds
+        self.last = now()
+
+    def due(self) -> bool:
+        return self.now() - self.last >= self.every_seconds
+
+    def mark(self) -> None:
+        self.last = self.now()
+
+
+def _with_eta(row: dict[str, Any], state: TrainingState, budget: TimeBudget | None) -> dict[str, Any]:
+    """The row's ETA, no later than the time budget's end (before its first plan too)."""
+    if budget is not None:
+        row["eta_seconds"] = min(row["eta_seconds"], budget.seconds_left(state))
+    return row
 
 
 DROPOUT_SEEDS = 1  # stream_seed's purpose tag for torch's per-step seed
