@@ -8,10 +8,12 @@ from faults import FailOnceSession, InjectedFailure
 
 from lstm_ae.checkpoint import load_checkpoint
 from lstm_ae.config import preset
-from lstm_ae.engine import NonFiniteLossError, train_step
+from lstm_ae.engine import NonFiniteLossError, step_seed, train_step
 from lstm_ae.model import CompositeLSTMAutoencoder
+from train.budget import TimeBudget
 from train.session import LocalSession
-from train.worker import TimeBudget, TrainingState, WorkerSettings, loop_config, step_seed, train_function
+from train.state import TrainingState
+from train.worker import WorkerSettings, loop_config, train_function
 
 
 @pytest.fixture

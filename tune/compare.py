@@ -38,18 +38,10 @@ from lstm_ae.metrics import (
     VAL_MSE_FRAME,
     is_finite_number,
 )
+from lstm_ae.tables import read_table, to_csv, to_html, to_markdown
 from train.commandline import OneLineParser, fail
-from tune.results import (
-    BEST_MARK,
-    COMPLETED,
-    STOPPED,
-    read_table,
-    sort_rows,
-    to_csv,
-    to_html,
-    to_markdown,
-    trial_status,
-)
+from tune.results import BEST_MARK, COMPLETED, STOPPED, sort_rows, trial_status
+from tune.variants import VARIANTS
 
 CONFIG_COLUMNS = ("hidden_size", "num_layers", "learning_rate", "reconstruction_weight", "decoder_mode")
 REFERENCE = "reference"
@@ -144,8 +136,6 @@ def experiment_rows(folder: Path, metric: str) -> list[dict[str, Any]]:
 
 def ablation_rows(folder: Path, metric: str) -> list[dict[str, Any]]:
     """One row per trial of an ablation grid (ablations.csv): the variant's config on the base."""
-    from tune.ablations import VARIANTS
-
     search, base = _experiment_record(folder)
     rows = []
     for record in read_table(folder / "ablations.csv"):
