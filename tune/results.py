@@ -31,6 +31,7 @@ from lstm_ae.tables import to_csv, to_markdown
 from tune.space import SearchSpace
 
 BEST_MARK = "*"
+REFERENCE = "reference"  # the kind of a comparison row that is a reference (the paper, a baseline)
 COMPLETED, STOPPED_BY_SCHEDULER, STOPPED_BY_PATIENCE, STOPPED, ERRORED = (
     "completed",
     "stopped early (ASHA)",
