@@ -231,6 +231,17 @@ class TrainingConfig:
         )
 
 
+def check_batch_split(batch_size: int, num_workers: int, micro_batches: int) -> None:
+    """The global batch must split evenly over workers and micro-batches (ValueError if not)."""
+    if num_workers < 1:
+        raise ValueError(f"num_workers must be at least 1, got {num_workers}")
+    if batch_size % (num_workers * micro_batches):
+        raise ValueError(
+            f"batch_size {batch_size} must split evenly over {num_workers} workers x "
+            f"{micro_batches} micro-batches"
+        )
+
+
 SECTIONS = {
     "model": ModelConfig,
     "data": DataConfig,

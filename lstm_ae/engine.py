@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from lstm_ae.config import ModelConfig, OptimConfig
-from lstm_ae.data import split_sequence
+from lstm_ae.data import split_sequence, stream_seed
 from lstm_ae.metrics import (
     MetricAccumulator,
     add_baselines,
@@ -127,6 +127,15 @@ def reschedule(
     scheduler.lr_lambdas = [_factor_of_step(config, schedule[0][1], schedule[1:]) for _ in scheduler.lr_lambdas]
     for group, base, factor in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
         group["lr"] = base * factor(scheduler.last_epoch)
+
+
+DROPOUT_SEEDS = 1  # stream_seed's purpose tag for torch's per-step seed
+
+
+def step_seed(seed: int, rank: int, step: int) -> int:
+    """torch's seed for one training step: different on every worker, and the same when a
+    resumed run replays the step (its dropout masks then match an uninterrupted run's)."""
+    return stream_seed(seed, rank, step, DROPOUT_SEEDS)
 
 
 def train_step(

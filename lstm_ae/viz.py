@@ -14,6 +14,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from lstm_ae.data import split_sequence
+from lstm_ae.engine import autocast, unwrap
 from lstm_ae.metrics import BASELINE_COPY_LAST_MSE_FRAME, BASELINE_ZEROS_MSE_FRAME, is_finite_number
 
 GIF_SCALE = 3  # pixels per frame pixel
@@ -160,9 +162,6 @@ RUN_PICTURES = ("prediction.gif", "reconstruction.gif", "frames.png", "curves.pn
 def model_outputs(model, sequences: torch.Tensor, config) -> tuple[torch.Tensor, ...]:
     """(past, future, prediction, reconstruction) of `model` in evaluation mode on `sequences`
     (B, T, 1, H, W), on the CPU: what the pictures show."""
-    from lstm_ae.data import split_sequence
-    from lstm_ae.engine import autocast, unwrap
-
     model = unwrap(model)
     model_config = config.model
     past, future = split_sequence(sequences, model_config.past_length, model_config.future_length)

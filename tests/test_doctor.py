@@ -9,7 +9,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from train.doctor import COLUMNS, gpu_problem, pinned_ray_version, problems
+from lstm_ae.hardware import gpu_problem
+from train.doctor import COLUMNS, pinned_ray_version, problems
 
 
 def doctor(*flags: str) -> subprocess.CompletedProcess:

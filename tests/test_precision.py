@@ -20,7 +20,8 @@ from lstm_ae.precision import (
     model_products,
 )
 from train.session import LocalSession
-from train.worker import HISTORY_FILE, WorkerSettings, loop_config, train_function
+from train.state import HISTORY_FILE
+from train.worker import WorkerSettings, loop_config, train_function
 
 
 def test_a_cpu_without_native_bf16_trains_in_fp32_and_says_why():

@@ -96,10 +96,10 @@ def test_a_restarted_run_shows_each_step_once(smoke, tmp_path):
 
 
 def test_remote_storage_gets_the_events_copied_up(smoke, tmp_path, monkeypatch):
-    import train.launch
+    import train.tracking
 
     bucket = pyarrow.fs.SubTreeFileSystem(str(tmp_path), pyarrow.fs.LocalFileSystem())  # not local to pyarrow
-    monkeypatch.setattr(train.launch, "storage_filesystem", lambda storage: (bucket, "bucket/runs/remote"))
+    monkeypatch.setattr(train.tracking, "storage_filesystem", lambda storage: (bucket, "bucket/runs/remote"))
     session = train_with_events(smoke, "s3://bucket/runs/remote")
     log = events(tmp_path / "bucket" / "runs" / "remote")
     assert {tensorboard_tag(key) for key in numeric_keys(session.reports)} <= set(log.Tags()["scalars"])
@@ -176,10 +176,10 @@ def test_train_and_tune_runs_sit_side_by_side_in_tensorboard_and_in_mlflow(ray_c
     from mlflow.tracking import MlflowClient
 
     from train.launch import RunSettings, Scaling, run_training
-    from train.tracking import trial_mlflow_callback
     from tune.cli import search_and_tabulate
     from tune.experiment import SearchSettings
     from tune.space import parse_space
+    from tune.tracking import trial_mlflow_callback
 
     config = preset("smoke", hidden_size=16, cache_dir=str(tmp_path / "data"))
     mlflow = MLflowSettings(absolute_tracking_uri(str(tmp_path / "mlruns")), "lstm-ae")

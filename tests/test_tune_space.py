@@ -9,7 +9,8 @@ import sys
 import pytest
 
 from lstm_ae.config import preset
-from tune.results import BEST_MARK, parameter_importances, sort_rows, to_csv, to_html, to_markdown
+from lstm_ae.tables import to_csv, to_html, to_markdown
+from tune.results import BEST_MARK, parameter_importances, sort_rows
 from tune.space import SpaceError, default_space, load_space, parse_space
 
 

@@ -6,20 +6,16 @@ import pytest
 import torch
 from faults import FailOnceSession, InjectedFailure
 
+import train.clock
 from lstm_ae.checkpoint import load_checkpoint
 from lstm_ae.config import preset
-from lstm_ae.engine import NonFiniteLossError, train_step
+from lstm_ae.engine import NonFiniteLossError, step_seed, train_step
 from lstm_ae.model import CompositeLSTMAutoencoder
+from train.budget import TimeBudget
+from train.progress import ProgressClock
 from train.session import LocalSession
-from train.worker import (
-    ProgressClock,
-    TimeBudget,
-    TrainingState,
-    WorkerSettings,
-    loop_config,
-    step_seed,
-    train_function,
-)
+from train.state import TrainingState
+from train.worker import WorkerSettings, loop_config, train_function
 
 
 @pytest.fixture
@@ -192,10 +188,8 @@ class FakeClock:
 def test_a_budgeted_run_under_a_fake_clock_keeps_its_budget_and_prints_progress_every_30_s(
     smoke, monkeypatch, capsys
 ):
-    import train.worker
-
     fake = FakeClock(tick=1.0)  # a step reads the clock twice: 1 s of training per step
-    monkeypatch.setattr(train.worker, "clock", fake)
+    monkeypatch.setattr(train.clock, "now", fake)
     config = smoke.replace(max_steps=100_000, max_minutes=1.0, log_every=1000, eval_every=1000,
                            checkpoint_every=1000, precision="fp32")
     state, session = run(config)

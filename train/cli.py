@@ -35,7 +35,16 @@ from train.commandline import (
     fail,
     root_cause,
 )
-from train.launch import RESUMABLE_FIELDS, RunFolderError, SavedRun
+from train.launch import (
+    RESUMABLE_FIELDS,
+    RunFolderError,
+    RunSettings,
+    SavedRun,
+    Scaling,
+    default_run_name,
+    run_training,
+    saved_run,
+)
 from train.tracking import add_mlflow_arguments, mlflow_settings
 
 MLFLOW_EXPERIMENT = "lstm-ae"  # the MLflow experiment of train runs, unless --mlflow-experiment
@@ -107,8 +116,6 @@ def resolve_config(arguments: argparse.Namespace, saved: SavedRun | None) -> Exp
 
 def main(argv: Sequence[str] | None = None) -> int:
     arguments = build_parser().parse_args(argv)
-    from train.launch import RunSettings, Scaling, default_run_name, run_training, saved_run
-
     name = arguments.name or default_run_name(arguments.preset)
     settings = RunSettings(
         name=name,

@@ -21,6 +21,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lstm_ae.config import ConfigError
+
 HEAD_RESOURCE = "lstm_ae_head"  # the cluster files give only the head node this resource
 AUTOSCALING_CONFIG_VARIABLE = "LSTM_AE_AUTOSCALING_CONFIG"
 BOOTSTRAP_CONFIG = "~/ray_bootstrap_config.yaml"
@@ -137,8 +139,6 @@ def node_types_from_file(path: Path) -> list[NodeGroup] | None:
 def check_can_hold(capacity: ClusterCapacity, bundle: dict[str, float], count: int, what: str) -> None:
     """Raise ConfigError when the cluster, even fully scaled, holds fewer than `count`
     bundles: Ray would otherwise wait forever for resources that never come."""
-    from lstm_ae.config import ConfigError
-
     fits = capacity.fits(bundle)
     if fits < 0 or fits >= count:
         return

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path, PurePosixPath
 from typing import NoReturn
 
-from lstm_ae.config import ConfigError, ExperimentConfig
+from lstm_ae.config import ConfigError, ExperimentConfig, check_batch_split
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -71,8 +71,6 @@ def check_scaling_arguments(arguments: argparse.Namespace) -> None:
 
 def check_split(config: ExperimentConfig, num_workers: int) -> None:
     """The global batch splits evenly over the workers and micro-batches (ConfigError if not)."""
-    from train.worker import check_batch_split
-
     try:
         check_batch_split(config.training.batch_size, num_workers, config.training.grad_accumulation_steps)
     except ValueError as error:

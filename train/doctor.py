@@ -26,8 +26,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from lstm_ae.hardware import gpu_problem, nvidia_driver
 from lstm_ae.precision import bf16_support
+from lstm_ae.tables import to_markdown
+from train.cluster import cluster_capacity
 from train.commandline import OneLineParser, add_address_argument, check_address, fail
+from train.launch import connect
+from train.storage import storage_filesystem
 
 REQUIREMENTS = Path(__file__).resolve().parents[1] / "requirements.txt"
 COLUMNS = ("node", "CPUs", "GPUs", "torch", "CUDA build", "driver", "bf16", "Ray", "output dir")
@@ -39,39 +44,8 @@ def pinned_ray_version() -> str | None:
     return match.group(2) if match else None
 
 
-def nvidia_driver() -> str | None:
-    """The NVIDIA kernel driver's version, or None where there is none."""
-    try:
-        text = Path("/proc/driver/nvidia/version").read_text()
-    except OSError:
-        return None
-    match = re.search(r"Kernel Module\s+([\d.]+)", text) or re.search(r"\b(\d{3,}\.\d+(?:\.\d+)?)\b", text)
-    return match.group(1) if match else "present"
-
-
-def gpu_problem(torch_module=None) -> str | None:
-    """Why this process's torch cannot use a GPU (naming the node, the torch build and the
-    driver), or None when it can."""
-    import torch
-
-    torch_module = torch_module or torch
-    if torch_module.cuda.is_available():
-        return None
-    build = torch_module.version.cuda
-    driver = nvidia_driver()
-    return (
-        f"node {socket.gethostname()}: torch {torch_module.__version__} "
-        + (f"(built for CUDA {build})" if build else "(a CPU-only build)")
-        + " cannot use a GPU: "
-        + (f"NVIDIA driver {driver}" if driver else "no NVIDIA driver")
-        + (" is too old for that CUDA or sees no GPU" if driver and build else "")
-    )
-
-
 def check_storage(output_dir: str) -> str:
     """Write, read back and remove a small file under `output_dir`: 'ok' or the reason."""
-    from train.launch import storage_filesystem
-
     try:
         filesystem, root = storage_filesystem(output_dir)
         filesystem.create_dir(root, recursive=True)
@@ -112,8 +86,6 @@ def cluster_reports(output_dir: str | None) -> tuple[list[dict[str, Any]], list[
     """Every live node's row (one task pinned to each), and the node types not launched yet."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    from train.cluster import cluster_capacity
 
     report = ray.remote(num_cpus=0)(node_report)
     nodes = [node for node in ray.nodes() if node.get("Alive")]
@@ -160,8 +132,6 @@ def problems(rows: list[dict[str, Any]], use_gpu: bool, unlaunched: list[str]) -
 
 
 def to_table(rows: list[dict[str, Any]]) -> str:
-    from tune.results import to_markdown
-
     return to_markdown([{column: row.get(column, "") for column in COLUMNS} for row in rows])
 
 
@@ -178,8 +148,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         fail(str(error))
     unlaunched: list[str] = []
     if address:
-        from train.launch import connect
-
         connect(address)
         rows, unlaunched = cluster_reports(arguments.output_dir)
     else:

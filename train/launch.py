@@ -33,8 +33,10 @@ from lstm_ae.data import STANDARD_FILE, load_test_set
 from lstm_ae.metrics import METRIC_MODES, UNITS
 from lstm_ae.viz import RUN_PICTURES
 from train.cluster import ClusterCapacity, check_can_hold, cluster_capacity, waiting_line
+from train.state import HISTORY_FILE
+from train.storage import path_exists, read_text, storage_filesystem, storage_path, write_text
 from train.tracking import TRACKING_KEY, MLflowSettings, MLflowTrainRun
-from train.worker import HISTORY_FILE
+from train.worker import WorkerSettings, loop_config, train_loop_per_worker
 
 # Quieter Ray: no duplicated worker prints. Ray Train's preemption watcher stays on (its
 # default): when Ray drains a node (a spot notice where the autoscaler turns it into a
@@ -88,37 +90,7 @@ def default_run_name(preset_name: str) -> str:
     return f"lstm-ae-{preset_name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-# ------------------------------------------------------------------------------- storage
-
-
-def storage_filesystem(storage: str):
-    """(pyarrow filesystem, path) for a local folder or a URI such as s3://bucket/prefix."""
-    import pyarrow.fs
-
-    if "://" in storage:
-        return pyarrow.fs.FileSystem.from_uri(storage)
-    return pyarrow.fs.LocalFileSystem(), str(Path(storage).expanduser().resolve())
-
-
-def storage_path(storage: str) -> str:
-    """What Ray's RunConfig(storage_path=...) takes: an absolute folder, or the URI itself."""
-    return storage if "://" in storage else str(Path(storage).expanduser().resolve())
-
-
-def path_exists(filesystem, path: str) -> bool:
-    import pyarrow.fs
-
-    return filesystem.get_file_info(path).type != pyarrow.fs.FileType.NotFound
-
-
-def read_text(filesystem, path: str) -> str:
-    with filesystem.open_input_stream(path) as stream:
-        return stream.read().decode()
-
-
-def _write_text(filesystem, path: str, text: str) -> None:
-    with filesystem.open_output_stream(path) as stream:
-        stream.write(text.encode())
+# ------------------------------------------------------------------------------- resuming
 
 
 def check_run_folder(settings: RunSettings) -> None:
@@ -262,8 +234,6 @@ def run_training(
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from train.worker import WorkerSettings, loop_config, train_loop_per_worker
-
     check_run_folder(settings)
     config = with_absolute_paths(config)
     load_test_set(config.model, config.data)  # check (and build, and cache) the validation set here
@@ -304,7 +274,7 @@ def run_training(
     filesystem, root = storage_filesystem(settings.storage)
     run_path = f"{root}/{settings.name}"
     filesystem.create_dir(run_path, recursive=True)
-    _write_text(
+    write_text(
         filesystem,
         f"{run_path}/config.json",
         json.dumps({"config": config.to_dict(), "scaling": asdict(scaling)}, indent=2),
@@ -334,7 +304,7 @@ def write_run_folder(
     checkpoint_fs = result.checkpoint.filesystem
     state = json.loads(read_text(checkpoint_fs, f"{checkpoint_path}/{HISTORY_FILE}"))
     history = state["history"]
-    _write_text(filesystem, f"{run_path}/metrics.csv", history_csv(history))
+    write_text(filesystem, f"{run_path}/metrics.csv", history_csv(history))
     for picture in RUN_PICTURES:
         source = f"{checkpoint_path}/{picture}"
         if path_exists(checkpoint_fs, source):
@@ -378,7 +348,7 @@ def write_run_folder(
         "precision_choice": state.get("precision_choice", {}),
         "config": config.to_dict(),
     }
-    _write_text(filesystem, f"{run_path}/result.json", json.dumps(summary, indent=2))
+    write_text(filesystem, f"{run_path}/result.json", json.dumps(summary, indent=2))
     _record_precision(filesystem, run_path, summary["precision"], summary["precision_choice"])
     return RunSummary(run_path, summary)
 
@@ -391,7 +361,7 @@ def _record_precision(filesystem, run_path: str, precision: str, choice: dict[st
         return
     record = json.loads(read_text(filesystem, path))
     record["precision"] = {"resolved": precision, **{k: v for k, v in choice.items() if k != "precision"}}
-    _write_text(filesystem, path, json.dumps(record, indent=2))
+    write_text(filesystem, path, json.dumps(record, indent=2))
 
 
 def best_checkpoint(best_checkpoints, metric: str) -> tuple[str | None, dict[str, Any]]:

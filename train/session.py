@@ -12,12 +12,15 @@ how it reports and finds its checkpoint:
 from __future__ import annotations
 
 import contextlib
+import logging
 import tempfile
 from collections.abc import Iterator
 from typing import Any, Protocol
 
 import torch
 from torch import nn
+
+from lstm_ae.hardware import gpu_problem
 
 
 class Session(Protocol):
@@ -55,8 +58,6 @@ class RayTrainSession:
         import ray.train.torch
 
         if ray.get_gpu_ids():  # this worker holds a GPU: never train on the CPU by surprise
-            from train.doctor import gpu_problem
-
             problem = gpu_problem()
             if problem:
                 raise RuntimeError(problem)
@@ -80,6 +81,18 @@ class RayTrainSession:
 
         checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
         ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=checkpoint_name(step))
+
+
+def quiet_report_logging() -> None:
+    """Ray 2.60 logs every report's full metrics and every checkpoint's path at INFO (from
+    the worker or trial process); our own progress line and results table say the same."""
+    for name in ("ray.train._internal.storage", "ray.train.v2._internal.execution.storage"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
 
 
 class LocalSession:

@@ -24,9 +24,8 @@ and at the end the run folder's pictures and result.json as artefacts.
 - `python -m train`: `MLflowTrainRun` opens the run on the driver (a resumed run continues
   its MLflow run), `MLflowReportCallback` (a Ray Train callback, run by Train's controller)
   logs each report, and the driver adds the artefacts and closes the run.
-- `python -m tune`: `TrialMLflowCallback`, Ray's own `MLflowLoggerCallback` with the full
-  config (not only the sampled values), the training step as MLflow's step, and the final
-  checkpoint's pictures beside the trial folder that Ray uploads.
+- `python -m tune`: `tune.tracking.TrialMLflowCallback`, Ray Tune's logger callback, built on
+  the settings and helpers here.
 """
 
 from __future__ import annotations
@@ -44,16 +43,18 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 
 from lstm_ae.config import ConfigError, ExperimentConfig
 from lstm_ae.metrics import BASELINE_COPY_LAST_MSE_FRAME, BASELINE_ZEROS_MSE_FRAME, VAL_MSE_FRAME
+from lstm_ae.viz import RUN_PICTURES, frames_png, model_outputs
+from train.storage import path_exists, storage_filesystem
 
 TRACKING_KEY = "tracking"  # the loop_config entry that asks for TensorBoard events
 FRAMES_TAG = "frames"
 IMAGE_SEQUENCES = 2  # validation sequences in the TensorBoard frame grid
 MLFLOW_PACKAGE = "mlflow-skinny"
 MLFLOW_RUN_TAG = "lstm_ae.run"  # the train run an MLflow run records
-MLFLOW_SEARCH_TAG = "lstm_ae.search"  # the Tune experiment an MLflow run (a trial) belongs to
 RUN_ARTEFACTS = ("result.json", "config.json", "metrics.csv")  # beside viz.RUN_PICTURES
 
 
@@ -77,8 +78,6 @@ class TensorBoardLog:
     def __init__(self, destination: str, config: ExperimentConfig, start_step: int = 0):
         import pyarrow.fs
         from torch.utils.tensorboard import SummaryWriter
-
-        from train.launch import storage_filesystem
 
         filesystem, path = storage_filesystem(destination)
         local = isinstance(filesystem, pyarrow.fs.LocalFileSystem)
@@ -151,10 +150,6 @@ def open_tracker(loop_config: dict[str, Any], config: ExperimentConfig, rank: in
 def frame_grid(model: torch.nn.Module, sequences: torch.Tensor, config: ExperimentConfig) -> np.ndarray:
     """`lstm_ae.viz.frames_png` of `model` on `sequences` (B, T, 1, H, W), as an (H, W, 3)
     uint8 image: input, true future, predicted future and reconstruction per sequence."""
-    from PIL import Image
-
-    from lstm_ae.viz import frames_png, model_outputs
-
     past, future, prediction, reconstruction = model_outputs(model, sequences, config)
     with tempfile.TemporaryDirectory(prefix="lstm_ae_frames_") as folder:
         path = Path(folder) / "frames.png"
@@ -230,7 +225,8 @@ def _experiment_id(client, name: str) -> str:
     return experiment.experiment_id if experiment is not None else client.create_experiment(name)
 
 
-def _numbers(metrics: dict[str, Any]) -> dict[str, float]:
+def numeric_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    """The numbers of a report row (not its flags, lists or text), as MLflow logs them."""
     return {
         key: float(value)
         for key, value in metrics.items()
@@ -267,9 +263,6 @@ class MLflowTrainRun:
 
     def finish(self, filesystem=None, run_path: str | None = None, failed: bool = False) -> None:
         """Add the run folder's pictures and records as artefacts, and close the run."""
-        from lstm_ae.viz import RUN_PICTURES
-        from train.launch import path_exists
-
         client = _mlflow_client(self.settings.tracking_uri)
         if filesystem is not None:
             with tempfile.TemporaryDirectory(prefix="lstm_ae_mlflow_") as folder:
@@ -297,83 +290,11 @@ def _report_callback_class():
             from mlflow.entities import Metric
 
             row, now = metrics[0], int(time.time() * 1000)
-            values = [Metric(key, value, now, int(row["step"])) for key, value in _numbers(row).items()]
+            values = [
+                Metric(key, value, now, int(row["step"])) for key, value in numeric_metrics(row).items()
+            ]
             client = _mlflow_client(self.tracking_uri)
             for start in range(0, len(values), 1000):  # MLflow takes at most 1000 per batch
                 client.log_batch(self.run_id, metrics=values[start : start + 1000])
 
     return MLflowReportCallback
-
-
-def trial_mlflow_callback(
-    settings: MLflowSettings, base: ExperimentConfig, experiment_name: str, storage: str
-):
-    """Ray Tune's MLflow logger for a search or the ablations (see `TrialMLflowCallback`)."""
-    return _trial_callback_class()(settings, base.to_dict(), experiment_name, storage)
-
-
-@functools.cache
-def _trial_callback_class():
-    """`TrialMLflowCallback`, made on first use (it imports Ray Tune and mlflow)."""
-    from ray.air.integrations.mlflow import MLflowLoggerCallback
-    from ray.tune.result import AUTO_RESULT_KEYS
-
-    class TrialMLflowCallback(MLflowLoggerCallback):
-        """Ray's `MLflowLoggerCallback` (one MLflow run per trial, the trial folder uploaded at
-        the end), with the trial's full config as parameters, the training step as MLflow's
-        step, and the final checkpoint's pictures as artefacts."""
-
-        def __init__(self, settings: MLflowSettings, base: dict, experiment_name: str, storage: str):
-            super().__init__(
-                tracking_uri=settings.tracking_uri,
-                experiment_name=settings.experiment,
-                tags={MLFLOW_SEARCH_TAG: experiment_name},
-                save_artifact=True,
-            )
-            self.base, self.storage = base, storage
-
-        def setup(self, *args, **kwargs) -> None:
-            allow_file_store(self.tracking_uri)  # in the process Tune runs its callbacks in
-            super().setup(*args, **kwargs)
-
-        def log_trial_start(self, trial) -> None:
-            from tune.variants import expand_variant
-
-            super().log_trial_start(trial)  # creates the run, logs the sampled values
-            config = ExperimentConfig.from_dict(self.base).replace(**expand_variant(trial.config))
-            rest = {key: value for key, value in config.values_by_field().items() if key not in trial.config}
-            self.mlflow_util.log_params(run_id=self._trial_runs[trial], params_to_log=rest)
-
-        def log_trial_result(self, iteration: int, trial, result: dict) -> None:
-            # The row's numbers, as a train run logs them; not Tune's bookkeeping (pid, time, ...).
-            metrics = {key: value for key, value in _numbers(result).items() if key not in AUTO_RESULT_KEYS}
-            step = result.get("step", iteration)
-            self.mlflow_util.log_metrics(run_id=self._trial_runs[trial], metrics_to_log=metrics, step=step)
-
-        def log_trial_end(self, trial, failed: bool = False) -> None:
-            if trial in self._trial_runs:
-                with tempfile.TemporaryDirectory(prefix="lstm_ae_mlflow_") as folder:
-                    if _copy_pictures(trial, self.storage, folder):
-                        self.mlflow_util.save_artifacts(run_id=self._trial_runs[trial], dir=folder)
-            super().log_trial_end(trial, failed)
-
-    return TrialMLflowCallback
-
-
-def _copy_pictures(trial, storage: str, folder: str) -> bool:
-    """The pictures of the trial's final checkpoint (its own, or its TorchTrainer's) into
-    `folder`; False where it has none."""
-    from lstm_ae.viz import RUN_PICTURES
-    from train.launch import path_exists, storage_filesystem
-
-    path = (trial.last_result or {}).get("checkpoint_path")  # multi-worker trials (TuneReportCallback)
-    filesystem = storage_filesystem(storage)[0]
-    if path is None and trial.checkpoint is not None:
-        filesystem, path = trial.checkpoint.filesystem, trial.checkpoint.path
-    copied = False
-    for name in RUN_PICTURES if path else ():
-        if path_exists(filesystem, f"{path}/{name}"):
-            with filesystem.open_input_stream(f"{path}/{name}") as stream:
-                (Path(folder) / name).write_bytes(stream.read())
-            copied = True
-    return copied

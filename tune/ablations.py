@@ -22,6 +22,8 @@ from lstm_ae.metrics import (
     VAL_RECONSTRUCTION_MSE_FRAME,
     is_finite_number,
 )
+from lstm_ae.tables import to_csv, to_markdown
+from tune.experiment import run_experiment
 from tune.variants import VARIANTS, Variant  # noqa: F401  (Variant: part of this module's interface)
 
 NEGLIGIBLE = 0.005  # relative difference below which a claim's two variants count as equal
@@ -76,7 +78,6 @@ CLAIMS = (
 
 def run_ablations(base, seeds: int, settings, callbacks=()):
     """Run (or resume) the grid; returns (ResultGrid, experiment path, plan)."""
-    from tune.experiment import run_experiment
 
     def grid_setup(ray_tune):
         space = {
@@ -176,8 +177,6 @@ def verdicts(summary) -> list[tuple[Claim, str]]:
 
 
 def ablation_markdown(summary, seeds: int) -> str:
-    from tune.results import to_markdown
-
     rows = [
         {
             "variant": variant.label,
@@ -240,8 +239,6 @@ def plot_ablations(path: Path, summary) -> None:
 
 def write_ablations(folder: Path, records, seeds: int) -> str:
     """ablations.csv (every trial), ablations.md (the table and verdicts), ablations.png."""
-    from tune.results import to_csv
-
     folder.mkdir(parents=True, exist_ok=True)
     summary = summarize(records)
     (folder / "ablations.csv").write_text(to_csv(records))

@@ -29,6 +29,7 @@ from lstm_ae.config import (
     config_overrides,
 )
 from lstm_ae.data import DataError
+from lstm_ae.tables import to_markdown
 from train.commandline import (
     OneLineParser,
     add_address_argument,
@@ -37,8 +38,13 @@ from train.commandline import (
     fail,
     root_cause,
 )
-from train.tracking import add_mlflow_arguments, mlflow_settings, trial_mlflow_callback
+from train.storage import storage_path
+from train.tracking import add_mlflow_arguments, mlflow_settings
+from tune.ablations import VARIANTS, final_metrics, run_ablations, write_ablations
+from tune.experiment import ExperimentFolderError, SearchSettings, experiment_path, saved_experiment
+from tune.results import trial_rows, write_results
 from tune.space import SpaceError, default_space, load_space
+from tune.tracking import trial_mlflow_callback
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -143,8 +149,6 @@ def resumed_experiment(arguments: argparse.Namespace, record: dict) -> tuple:
 
 def main(argv: Sequence[str] | None = None) -> int:
     arguments = build_parser().parse_args(argv)
-    from tune.experiment import ExperimentFolderError, SearchSettings, saved_experiment
-
     name = (
         arguments.name
         or f"lstm-ae-{arguments.experiment}-{arguments.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -186,8 +190,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         max_failures=arguments.max_failures,
     )
     if arguments.experiment == "ablations":
-        from tune.ablations import VARIANTS
-
         print(
             f"ablations {name}: {len(VARIANTS)} variants x {arguments.seeds} seeds of preset {arguments.preset}"
         )
@@ -214,7 +216,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def search_and_tabulate(base, space, settings, callbacks=(), points_to_evaluate=None) -> str:
     """Run the search, write the results table and plots; returns a printable summary."""
-    from tune.results import to_markdown, trial_rows, write_results
     from tune.search import clock as search_clock
     from tune.search import run_search, stopped_by_scheduler
 
@@ -233,8 +234,6 @@ def search_and_tabulate(base, space, settings, callbacks=(), points_to_evaluate=
 
 def ablations_and_tabulate(base, seeds: int, settings, callbacks=()) -> str:
     """Run the ablation grid and write its table and plot; returns a printable summary."""
-    from tune.ablations import final_metrics, run_ablations, write_ablations
-
     results, _, _ = run_ablations(base, seeds, settings, callbacks)
     folder = local_results_folder(settings)
     markdown = write_ablations(folder, final_metrics(results, base.training.max_steps), seeds)
@@ -245,8 +244,6 @@ def ablations_and_tabulate(base, seeds: int, settings, callbacks=()) -> str:
 def local_results_folder(settings) -> Path:
     if "://" in settings.storage:
         return Path("runs") / settings.name
-    from train.launch import storage_path
-
     return Path(storage_path(settings.storage)) / settings.name
 
 
@@ -254,8 +251,6 @@ def publish(folder: Path, names: list[str], settings) -> None:
     """Copy the results next to the experiment when it lives in remote storage."""
     if "://" not in settings.storage:
         return
-    from tune.experiment import experiment_path
-
     filesystem, path = experiment_path(settings)
     for name in names:
         with filesystem.open_output_stream(f"{path}/{name}") as stream:

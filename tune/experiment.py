@@ -27,11 +27,17 @@ from pathlib import PurePosixPath
 from typing import Any
 
 from lstm_ae.config import ExperimentConfig
+from lstm_ae.data import load_test_set
 from lstm_ae.metrics import METRIC_MODES
-from train.cluster import HEAD_RESOURCE, ClusterCapacity
-from train.launch import connect, storage_filesystem, storage_path, with_absolute_paths
+from train.cluster import HEAD_RESOURCE, ClusterCapacity, check_can_hold, cluster_capacity, waiting_line
+from train.launch import connect, with_absolute_paths
+from train.session import quiet_report_logging
+from train.storage import path_exists, read_text, storage_filesystem, storage_path
 from train.tracking import TRACKING_KEY
+from train.worker import WorkerSettings, loop_config, train_function, train_loop_per_worker
+from tune.session import TuneSession
 from tune.space import Dimension, SearchSpace
+from tune.variants import expand_variant
 
 SEARCH_FILE = "search.json"
 DRIVER_SHARE = 0.01  # what a trial that only launches a TorchTrainer asks for
@@ -147,9 +153,6 @@ def trial(sampled: dict[str, Any], base: dict[str, Any], plan: dict[str, Any]) -
     """One Tune trial: train the base config with the sampled values."""
     import ray.tune
 
-    from train.worker import WorkerSettings, loop_config, quiet_report_logging, train_function
-    from tune.variants import expand_variant
-
     quiet_report_logging()
     plan = TrialPlan(**plan)
     config = ExperimentConfig.from_dict(base).replace(**expand_variant(sampled))
@@ -161,15 +164,11 @@ def trial(sampled: dict[str, Any], base: dict[str, Any], plan: dict[str, Any]) -
     trial_folder = PurePosixPath(ray.tune.get_context().get_trial_dir()).name
     worker_config[TRACKING_KEY] = {"tensorboard": f"{plan.experiment_folder}/{trial_folder}"}
     if plan.workers_per_trial == 1:
-        from tune.session import TuneSession
-
         train_function(worker_config, TuneSession(plan.use_gpu))
         return
     import ray.train
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
-
-    from train.worker import train_loop_per_worker
 
     metric = config.training.metric
     TorchTrainer(
@@ -203,8 +202,6 @@ def experiment_path(settings: SearchSettings) -> tuple[Any, str]:
 
 def saved_experiment(settings: SearchSettings) -> dict[str, Any] | None:
     """The record (search.json) an experiment was started with, or None where there is none."""
-    from train.launch import path_exists, read_text
-
     filesystem, path = experiment_path(settings)
     if not path_exists(filesystem, f"{path}/{SEARCH_FILE}"):
         return None
@@ -237,10 +234,6 @@ def run_experiment(
     Returns (ResultGrid, experiment path, plan).
     """
     from ray import tune as ray_tune  # (this project's package is `tune` too)
-
-    from lstm_ae.data import load_test_set
-    from train.cluster import check_can_hold, cluster_capacity, waiting_line
-    from train.launch import path_exists
 
     filesystem, path = experiment_path(settings)
     base = with_absolute_paths(base)

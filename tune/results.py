@@ -12,11 +12,8 @@ are sorted by the best metric; the best row is marked. Written to the experiment
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
-
-import pandas as pd
 
 from lstm_ae.metrics import (
     BASELINE_COPY_LAST_MSE_FRAME,
@@ -30,9 +27,11 @@ from lstm_ae.metrics import (
     VAL_SSIM,
     is_finite_number,
 )
+from lstm_ae.tables import to_csv, to_markdown
 from tune.space import SearchSpace
 
 BEST_MARK = "*"
+REFERENCE = "reference"  # the kind of a comparison row that is a reference (the paper, a baseline)
 COMPLETED, STOPPED_BY_SCHEDULER, STOPPED_BY_PATIENCE, STOPPED, ERRORED = (
     "completed",
     "stopped early (ASHA)",
@@ -176,59 +175,6 @@ def sort_rows(rows: list[dict[str, Any]], column: str, mode: str) -> list[dict[s
     for index, row in enumerate(rows):
         row["best"] = BEST_MARK if index == 0 and is_finite_number(row.get(column)) else ""
     return [{"best": row.pop("best"), **row} for row in rows]
-
-
-# ------------------------------------------------------------------------------ tables
-
-
-def table_frame(rows: list[dict[str, Any]], columns: list[str] | None = None) -> pd.DataFrame:
-    """The rows as a DataFrame of Python values: `columns` in that order (default: every key, in
-    order of first appearance); a missing or NaN value is None. Object columns keep 6 an int."""
-    frame = pd.DataFrame(rows, columns=columns, dtype=object)
-    return frame.where(frame.notna(), None)
-
-
-def read_table(path: Path) -> list[dict[str, Any]]:
-    """The rows of a table that to_csv wrote: numbers as int or float, a blank cell None."""
-    frame = pd.read_csv(path, dtype_backend="numpy_nullable").astype(object)
-    return frame.where(frame.notna(), None).to_dict("records")
-
-
-def _format(value: Any) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            return str(value)
-        return (
-            f"{value:.4g}"
-            if abs(value) < 1e-2 or abs(value) >= 1e5
-            else f"{value:.2f}".rstrip("0").rstrip(".")
-        )
-    return str(value)
-
-
-def to_markdown(rows: list[dict[str, Any]], columns: list[str] | None = None) -> str:
-    """A Markdown table, numbers as _format writes them. Our own writer: pandas' to_markdown
-    needs the tabulate package, which this project does not install."""
-    cells = table_frame(rows, columns).map(_format)
-
-    def line(values) -> str:
-        return "| " + " | ".join(value.replace("|", "\\|") for value in values) + " |"
-
-    lines = [line(cells.columns), "|" + "|".join(" --- " for _ in cells.columns) + "|"]
-    lines += [line(values) for values in cells.itertuples(index=False)]
-    return "\n".join(lines) + "\n"
-
-
-def to_csv(rows: list[dict[str, Any]], columns: list[str] | None = None) -> str:
-    """CSV of the rows: full-precision numbers, a missing value blank (read_table reads it back)."""
-    return table_frame(rows, columns).to_csv(index=False)
-
-
-def to_html(rows: list[dict[str, Any]], columns: list[str] | None = None) -> str:
-    """An HTML table, numbers as in the Markdown table."""
-    return table_frame(rows, columns).map(_format).to_html(index=False, border=0) + "\n"
 
 
 # ------------------------------------------------------------------------------ plots

@@ -18,7 +18,7 @@ from typing import Any
 from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
 from lstm_ae.config import ExperimentConfig
-from train.launch import path_exists, storage_filesystem
+from train.storage import path_exists, storage_filesystem
 from tune.experiment import SearchSettings, experiment_path, run_experiment
 from tune.space import SearchSpace
 

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lstm_ae.hardware import gpu_problem
 from train.session import checkpoint_folder
 
 
@@ -18,8 +19,6 @@ class TuneSession:
 
     def __init__(self, use_gpu: bool = False):
         if use_gpu:  # never train on the CPU by surprise
-            from train.doctor import gpu_problem
-
             problem = gpu_problem()
             if problem:
                 raise RuntimeError(problem)

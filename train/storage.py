@@ -1,0 +1,37 @@
+"""Where runs live: a local folder or any pyarrow filesystem URI (`s3://bucket/prefix`),
+which a multi-node cluster needs so that every node reaches the checkpoints. The driver,
+the tracking, the doctor and Tune's experiments read and write through these helpers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def storage_filesystem(storage: str):
+    """(pyarrow filesystem, path) for a local folder or a URI such as s3://bucket/prefix."""
+    import pyarrow.fs
+
+    if "://" in storage:
+        return pyarrow.fs.FileSystem.from_uri(storage)
+    return pyarrow.fs.LocalFileSystem(), str(Path(storage).expanduser().resolve())
+
+
+def storage_path(storage: str) -> str:
+    """What Ray's RunConfig(storage_path=...) takes: an absolute folder, or the URI itself."""
+    return storage if "://" in storage else str(Path(storage).expanduser().resolve())
+
+
+def path_exists(filesystem, path: str) -> bool:
+    import pyarrow.fs
+
+    return filesystem.get_file_info(path).type != pyarrow.fs.FileType.NotFound
+
+
+def read_text(filesystem, path: str) -> str:
+    with filesystem.open_input_stream(path) as stream:
+        return stream.read().decode()
+
+
+def write_text(filesystem, path: str, text: str) -> None:
+    with filesystem.open_output_stream(path) as stream:
+        stream.write(text.encode())
