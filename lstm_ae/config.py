@@ -436,8 +436,9 @@ FIELD_HELP: dict[str, str] = {
     "batch_size": "global batch size, split evenly over the workers",
     "max_steps": "optimizer steps to train for (an upper bound when --max-minutes is set)",
     "max_minutes": "wall-clock budget of the training steps in minutes (0: none; validation "
-    "not counted): the last step is planned from the measured speed after the warm-up and "
-    "re-planned at every report, and the learning-rate schedule ends there",
+    "not counted): the last step is planned from the speed of the first steps (10 steps or 15 s) "
+    "and re-planned at every report and every 30 s, the learning-rate schedule ends there, and "
+    "the run never passes the budget by more than 5%",
     "log_every": "steps between progress lines and reports",
     "eval_every": "steps between validations",
     "checkpoint_every": "steps between checkpoints",

@@ -251,10 +251,11 @@ def bf16_support(device: torch.device | str = "cpu") -> str:
         return "emulated" if torch.cuda.is_bf16_supported() else "none"
     pilot = model_products(*PILOT_SIZE)
     bf16, fp32 = matmul_gflops(pilot, torch.bfloat16, device), matmul_gflops(pilot, torch.float32, device)
+    ratio = f"{bf16 / fp32:.2g}x fp32"
+    if cpu_native_bf16() and bf16 < PILOT_CUTOFF * fp32:  # e.g. oneDNN capped by ONEDNN_MAX_CPU_ISA
+        return f"native in the CPU, unused by torch here ({ratio})"
     if cpu_native_bf16():
-        kind = "native"
-    elif torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        kind = "emulated"  # oneDNN emulates bf16 on AVX-512 CPUs without AVX512_BF16
-    else:
-        kind = "none"
-    return f"{kind} ({bf16 / fp32:.2g}x fp32)"
+        return f"native ({ratio})"
+    if torch.ops.mkldnn._is_mkldnn_bf16_supported():  # oneDNN emulates bf16 on AVX-512 without AVX512_BF16
+        return f"emulated ({ratio})"
+    return f"none ({ratio})"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import re
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -29,6 +31,22 @@ def test_the_doctor_prints_this_machine_and_checks_the_output_dir(tmp_path):
     assert cells[COLUMNS.index("Ray")] == pinned_ray_version() == "2.60.0"
     assert cells[COLUMNS.index("output dir")] == "ok"
     assert list((tmp_path / "runs").iterdir()) == []  # the probe file is removed again
+    bf16 = cells[COLUMNS.index("bf16")]
+    assert re.fullmatch(r"(native|emulated|none|native in the CPU, unused by torch here) \([\d.e+-]+x fp32\)", bf16)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CPU node's bf16 column")
+def test_the_doctor_names_the_slow_bf16_path_of_a_cpu_capped_at_avx2():
+    # Capped at AVX2, a CPU's bf16 matmuls take the generic slow path (README, Performance).
+    environment = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
+    completed = subprocess.run(
+        [sys.executable, "-m", "train.doctor"], capture_output=True, text=True, timeout=120, env=environment
+    )
+    row = completed.stdout.splitlines()[2]
+    cell = [cell.strip() for cell in row.strip("|").split("|")][COLUMNS.index("bf16")]
+    kind, ratio = re.fullmatch(r"(.+) \(([\d.e+-]+)x fp32\)", cell).groups()
+    assert float(ratio) < 0.5
+    assert kind in ("native in the CPU, unused by torch here", "emulated", "none")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU answer")
