@@ -10,7 +10,17 @@ Each trial trains one config with the same training function as `train`:
   experiment folder in `train_runs/<trial id>` and resumes there if the trial is retried.
   Ray places that trainer's controller on the trial's node, so the trial asks for the head
   node's `lstm_ae_head` resource where the cluster has it: a reclaimed spot node then
-  takes workers with it, never a controller.
+  takes workers with it, never a controller. The trainer waits up to
+  `worker_group_start_timeout_s` (10 minutes unless $RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S
+  is set for the search) for its workers' placement group while an autoscaler adds nodes.
+
+Tune ends a trial by stopping and then killing its actor, also while a TorchTrainer is still
+running in it (ASHA stops a trial at its last report, at max_t, and at a rung). The trainer's
+controller dies with the trial without removing its workers' placement group, which Ray
+keeps reserved as long as the search's driver lives; Ray Train's own cleaner for this asks
+the dashboard's State API, which a cluster without a dashboard lacks. So while trials run,
+`DeadTrainerReaper` releases the placement groups of this search's dead Train controllers
+within seconds: a search never sits on reserved, unused CPUs.
 
 Trials report after every validation. A failed trial (a lost node) is retried from its
 latest checkpoint up to `max_failures` times. The experiment folder is Tune's own,
@@ -22,6 +32,8 @@ from __future__ import annotations
 
 import json
 import os
+import threading
+import time
 from dataclasses import asdict, dataclass
 from pathlib import PurePosixPath
 from typing import Any
@@ -36,6 +48,11 @@ from tune.space import Dimension, SearchSpace
 SEARCH_FILE = "search.json"
 DRIVER_SHARE = 0.01  # what a trial that only launches a TorchTrainer asks for
 GPU_WORKER_CPUS = 2.0
+# Ray Train gives up on a worker group's placement group after this many seconds and asks
+# again (Ray's default, 60 s, is shorter than a cloud node takes to start).
+WORKER_GROUP_START_TIMEOUT_VARIABLE = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+WORKER_GROUP_START_TIMEOUT_S = 600.0
+TRAIN_CONTROLLER_CLASS = "TrainController"  # Ray Train V2's controller actor
 
 
 class ExperimentFolderError(ValueError):
@@ -74,6 +91,7 @@ class TrialPlan:
     driver_resources: dict[str, float]  # multi-worker trials only
     train_storage: str
     experiment_folder: str  # <storage>/<name>: each trial's TensorBoard events go to its folder there
+    worker_group_start_timeout_s: float = WORKER_GROUP_START_TIMEOUT_S  # multi-worker trials only
 
     @property
     def threads(self) -> int:
@@ -140,6 +158,9 @@ def plan_trials(settings: SearchSettings, cluster: ClusterCapacity, num_trials: 
         driver_resources=driver,
         train_storage=f"{storage_path(settings.storage)}/{settings.name}/train_runs",
         experiment_folder=f"{storage_path(settings.storage)}/{settings.name}",
+        worker_group_start_timeout_s=float(
+            os.environ.get(WORKER_GROUP_START_TIMEOUT_VARIABLE) or WORKER_GROUP_START_TIMEOUT_S
+        ),
     )
 
 
@@ -171,6 +192,8 @@ def trial(sampled: dict[str, Any], base: dict[str, Any], plan: dict[str, Any]) -
 
     from train.worker import train_loop_per_worker
 
+    # Read in this process when the trainer starts and passed on to its controller.
+    os.environ[WORKER_GROUP_START_TIMEOUT_VARIABLE] = f"{plan.worker_group_start_timeout_s:g}"
     metric = config.training.metric
     TorchTrainer(
         train_loop_per_worker,
@@ -193,6 +216,97 @@ def trial(sampled: dict[str, Any], base: dict[str, Any], plan: dict[str, Any]) -
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
         ),
     ).fit()
+
+
+class DeadTrainerReaper:
+    """While a search runs, release the placement groups its dead Ray Train controllers hold.
+
+    A placement group made by an actor lives until that actor *and* its job (here the
+    search's driver) are dead: Ray core's `PlacementGroupSpecBuilder` marks the creator
+    actor dead up front only for groups a driver made, and the GCS removes a group once
+    `IsPlacementGroupLifetimeDone`. So when Tune kills a trial while its TorchTrainer runs,
+    the workers' group stays CREATED with nothing on it. Every `interval_s` this removes the
+    groups of this job whose maker was a Train controller that is now dead. It reads the GCS
+    tables through Ray's private state accessor; where that is missing or changed, it says
+    so once and stops.
+    """
+
+    def __init__(self, interval_s: float = 2.0, settle_s: float = 30.0):
+        self.interval_s = interval_s
+        self.settle_s = settle_s  # at the end: how long to wait for the last controllers to go
+        self.released: list[str] = []  # one line per placement group released
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="dead-trainer-reaper", daemon=True)
+        self._job = ""
+        self._broken = False
+
+    def __enter__(self) -> DeadTrainerReaper:
+        import ray
+
+        self._job = ray.get_runtime_context().get_job_id()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exception) -> None:
+        """Stop, then release what the controllers Tune killed at the end still hold."""
+        self._stop.set()
+        self._thread.join(timeout=30)
+        deadline = time.monotonic() + self.settle_s
+        while self.sweep() and time.monotonic() < deadline:
+            time.sleep(0.5)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.sweep()
+
+    def sweep(self) -> int:
+        """Release what dead Train controllers of this job hold; returns how many of its
+        controllers are still alive (0 where the state cannot be read)."""
+        if self._broken or not self._job:
+            return 0
+        try:
+            lines, alive = self._sweep()
+        except Exception as error:  # private API: absent or changed in another Ray version
+            self._broken = True
+            print(f"note: cannot look for placement groups of ended trials ({error!r})", flush=True)
+            return 0
+        for line in lines:
+            print(line, flush=True)
+        self.released.extend(lines)
+        return alive
+
+    def _sweep(self) -> tuple[list[str], int]:
+        import ray
+        from ray._private.state import state
+        from ray.core.generated import gcs_pb2
+        from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+        accessor = state._connect_and_get_accessor()
+        groups, actors = gcs_pb2.PlacementGroupTableData, gcs_pb2.ActorTableData
+        controllers = {}  # actor id -> alive, for this job's Train controllers
+        for raw in accessor.get_actor_table(ray.JobID.from_hex(self._job), None):
+            actor = actors.FromString(raw)
+            if actor.class_name == TRAIN_CONTROLLER_CLASS:
+                controllers[actor.actor_id] = actor.state != actors.DEAD
+        lines = []
+        for raw in accessor.get_placement_group_table():
+            group = groups.FromString(raw)
+            if (
+                group.state == groups.REMOVED
+                or group.is_detached
+                or controllers.get(group.creator_actor_id, True)  # not a dead controller's
+            ):
+                continue
+            remove_placement_group(PlacementGroup(ray.PlacementGroupID(group.placement_group_id)))
+            bundles = ", ".join(
+                "{" + ", ".join(f"{k}: {v:g}" for k, v in sorted(b.unit_resources.items())) + "}"
+                for b in group.bundles
+            )
+            lines.append(
+                f"released placement group {group.placement_group_id.hex()[:12]} ({bundles}) "
+                "of a trial's Ray Train controller that ended with the trial"
+            )
+        return lines, sum(controllers.values())
 
 
 def experiment_path(settings: SearchSettings) -> tuple[Any, str]:
@@ -302,5 +416,9 @@ def run_experiment(
                 verbose=1,
             ),
         )
-    results = tuner.fit()
+    if plan.workers_per_trial == 1:
+        results = tuner.fit()
+    else:
+        with DeadTrainerReaper():
+            results = tuner.fit()
     return results, path, plan
