@@ -1,31 +1,41 @@
 """Prove the suite's cluster behaviour on Ray's own simulated multi-node clusters, on one machine.
 
-    scripts/cluster_sim.sh          # about 5 minutes on 2 cores; CI runs it
+    scripts/cluster_sim.sh                       # all scenes, about 6 minutes on 2 cores; CI runs it
+    scripts/cluster_sim.sh --only data-parallel  # one scene (autoscaling, data-parallel, node-loss)
 
-Three scenes, each driven through the project's own commands (`python -m tune`,
+Four scenes, each driven through the project's own commands (`python -m tune`,
 `python -m train` with `--address`), tiny models on the embedded digits:
 
 1. autoscaling search: a head that takes no trials and a worker type that autoscales from 0
    nodes (Ray's `fake_multinode` provider under its v1 autoscaler, `RAY_FAKE_CLUSTER=1`).
    4 single-worker trials; the autoscaler must launch >= 2 nodes, >= 2 trials must overlap
    in time (from Tune's own per-trial records) and all 4 must complete.
-2. node loss under training (`ray.cluster_utils.Cluster`, nodes with logical resources): a
+2. data-parallel autoscaling search (issue 20): the same kind of cluster with up to 4
+   one-CPU nodes, 4 trials of 2 workers each (a TorchTrainer per trial), so 2 trials' worker
+   groups fit at once. Every trial must complete, and Tune's per-trial records must show 2
+   trials at once, never more. Before the fix the second pair waited forever: ASHA ended the
+   first pair at their last report, their controllers died with the trials and left their
+   workers' placement groups reserved.
+3. node loss under training (`ray.cluster_utils.Cluster`, nodes with logical resources): a
    2-worker run over 2 one-CPU nodes; after its first checkpoint a node running a worker is
    killed; the run must finish from its latest checkpoint with the step and sequence counts
    of an uninterrupted run.
-3. node loss under a search trial: the node running a trial is killed; Tune must retry the
+4. node loss under a search trial: the node running a trial is killed; Tune must retry the
    trial from its checkpoint and complete every trial.
 
-The last line reads
-`sim: max_concurrent_trials=N nodes_launched=M train_node_loss=recovered tune_node_loss=recovered`;
-the exit status is non-zero if any scene fails.
+The last line reads `sim: max_concurrent_trials=N nodes_launched=M data_parallel_trials=4/4
+data_parallel_at_once=2 train_node_loss=recovered tune_node_loss=recovered` (`skipped` for
+a scene left out with --only); the exit status is non-zero if any scene fails.
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import csv
 import json
 import os
+import secrets
 import socket
 import subprocess
 import sys
@@ -74,16 +84,20 @@ def run_command(
 ) -> subprocess.CompletedProcess:
     say("$ " + " ".join(arguments))
     with open(log, "w") as output:
-        completed = subprocess.run(
-            arguments, env=env, cwd=ROOT, stdout=output, stderr=subprocess.STDOUT, timeout=timeout
-        )
+        try:
+            completed = subprocess.run(
+                arguments, env=env, cwd=ROOT, stdout=output, stderr=subprocess.STDOUT, timeout=timeout
+            )
+        except subprocess.TimeoutExpired:
+            print(log.read_text()[-3000:], flush=True)
+            raise SceneFailed(f"{arguments[2]} still ran after {timeout:.0f} s (log {log})") from None
     if completed.returncode != 0:
         print(log.read_text()[-3000:], flush=True)
         raise SceneFailed(f"{arguments[2]} exited {completed.returncode} (log {log})")
     return completed
 
 
-# ------------------------------------------------------------------------ 1. autoscaling search
+# ------------------------------------------------------------------------ 1 and 2. autoscaling searches
 
 
 def autoscaling_config(port: int, max_nodes: int) -> dict:
@@ -152,34 +166,53 @@ def completed_rows(experiment: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(file))
 
 
-def scene_autoscaling_search(work: Path, env: dict[str, str]) -> tuple[int, int]:
+def token_environment(env: dict[str, str]) -> dict[str, str]:
+    """A token for Ray's token authentication where this machine has none yet (`ray start`
+    with RAY_AUTH_MODE=token refuses to start without one); nothing is written to ~/.ray."""
+    if env.get("RAY_AUTH_TOKEN") or env.get("RAY_AUTH_TOKEN_PATH"):
+        return {}
+    if (Path.home() / ".ray" / "auth_token").is_file():
+        return {}
+    return {"RAY_AUTH_TOKEN": secrets.token_hex(16)}
+
+
+@contextlib.contextmanager
+def autoscaling_cluster(work: Path, env: dict[str, str], max_nodes: int, tag: str):
+    """A fake_multinode cluster under Ray's autoscaler, from 0 to `max_nodes` one-CPU worker
+    nodes; yields (address, environment for commands against it) and stops it afterwards."""
     port = free_port()
-    config_file = work / "autoscaling.json"
-    config_file.write_text(json.dumps(autoscaling_config(port, max_nodes=3), indent=2))
+    config_file = work / f"{tag}.json"
+    config_file.write_text(json.dumps(autoscaling_config(port, max_nodes=max_nodes), indent=2))
     scene_env = {
         **env,
         "RAY_FAKE_CLUSTER": "1",
         "AUTOSCALER_UPDATE_INTERVAL_S": "1",
         "LSTM_AE_AUTOSCALING_CONFIG": str(config_file),  # how the driver learns the node types
         "RAY_AUTH_MODE": "token",  # `ray start` turns token authentication on; clients must use it too
+        **token_environment(env),
     }
     start = [
         ray_binary(), "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=0",
         f"--resources={json.dumps({HEAD_RESOURCE: 1})}", f"--autoscaling-config={config_file}",
         "--include-dashboard=false", "--disable-usage-stats",
     ]  # fmt: skip
-    run_command(start, scene_env, work / "ray_start.log", timeout=180)
     try:
+        run_command(start, scene_env, work / f"{tag}_ray_start.log", timeout=180)
+        yield f"127.0.0.1:{port}", scene_env
+    finally:
+        subprocess.run([ray_binary(), "stop", "--force"], env=scene_env, capture_output=True, timeout=120)
+
+
+def scene_autoscaling_search(work: Path, env: dict[str, str]) -> tuple[int, int]:
+    with autoscaling_cluster(work, env, max_nodes=3, tag="autoscaling") as (address, scene_env):
         search = [
             sys.executable, "-m", "tune", *TINY, "--num-samples", "4", "--max-steps", "30",
             "--eval-every", "10", "--checkpoint-every", "10", "--grace-period", "3",
-            "--address", f"127.0.0.1:{port}", "--output-dir", str(work / "runs"), "--name", "autoscaling",
+            "--address", address, "--output-dir", str(work / "runs"), "--name", "autoscaling",
             "--cache-dir", str(work / "data"),
         ]  # fmt: skip
         run_command(search, scene_env, work / "autoscaling_search.log", timeout=600)
-        nodes = launched_nodes(f"127.0.0.1:{port}", scene_env)
-    finally:
-        subprocess.run([ray_binary(), "stop", "--force"], env=scene_env, capture_output=True, timeout=120)
+        nodes = launched_nodes(address, scene_env)
     experiment = work / "runs" / "autoscaling"
     at_once = most_at_once(trial_intervals(experiment))
     statuses = [row["status"] for row in completed_rows(experiment)]
@@ -189,6 +222,41 @@ def scene_autoscaling_search(work: Path, env: dict[str, str]) -> tuple[int, int]
     if nodes < 2 or at_once < 2 or statuses != ["completed"] * 4:
         raise SceneFailed("the autoscaling search did not fill the cluster (see above)")
     return at_once, nodes
+
+
+def scene_data_parallel_search(work: Path, env: dict[str, str]) -> tuple[str, int]:
+    """Issue 20: more 2-worker trials than the autoscaling cluster holds at once."""
+    trials, workers, max_nodes = 4, 2, 4
+    holds = max_nodes // workers  # one-CPU nodes: a worker each
+    started = time.time()
+    log = work / "data_parallel_search.log"
+    with autoscaling_cluster(work, env, max_nodes=max_nodes, tag="data_parallel") as (address, scene_env):
+        search = [
+            sys.executable, "-m", "tune", *TINY, "--num-samples", str(trials),
+            "--num-workers-per-trial", str(workers), "--max-steps", "20", "--eval-every", "10",
+            "--checkpoint-every", "10", "--grace-period", "3",
+            "--address", address, "--output-dir", str(work / "runs"), "--name", "data-parallel",
+            "--cache-dir", str(work / "data"),
+        ]  # fmt: skip
+        run_command(search, scene_env, log, timeout=420)
+    output = log.read_text()
+    plan = next((line for line in output.splitlines() if line.startswith("plan:")), "no plan line")
+    released = output.count("released placement group")
+    experiment = work / "runs" / "data-parallel"
+    at_once = most_at_once(trial_intervals(experiment))
+    rows = completed_rows(experiment)
+    statuses = [row["status"] for row in rows]
+    steps = sorted({int(row["steps"]) for row in rows})
+    done = statuses.count("completed")
+    say(f"data-parallel search: {plan}")
+    say(
+        f"data-parallel search: {done}/{trials} trials completed (steps {steps}), {at_once} at once "
+        f"(the cluster holds {holds}), {released} placement group(s) of ended trials released, "
+        f"{time.time() - started:.0f} s"
+    )
+    if statuses != ["completed"] * trials or steps != [20] or not 2 <= at_once <= holds:
+        raise SceneFailed("the data-parallel search did not run every trial within the cluster (see above)")
+    return f"{done}/{trials}", at_once
 
 
 def launched_nodes(address: str, env: dict[str, str]) -> int:
@@ -203,7 +271,7 @@ def launched_nodes(address: str, env: dict[str, str]) -> int:
     return int(output.stdout.strip().splitlines()[-1])
 
 
-# ------------------------------------------------------------------------ 2 and 3. node loss
+# ------------------------------------------------------------------------ 3 and 4. node loss
 
 
 def ray_processes(node) -> list[str]:
@@ -344,41 +412,51 @@ def scene_tune_node_loss(cluster, work: Path, env: dict[str, str]) -> str:
     return "recovered"
 
 
-def main() -> int:
+SCENES = ("autoscaling", "data-parallel", "node-loss")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Cluster behaviour on Ray's simulated clusters.")
+    parser.add_argument("--only", choices=SCENES, action="append", help="run this scene (repeatable)")
+    scenes = set(parser.parse_args(argv).only or SCENES)
+    if os.environ.get("SIM_SKIP_AUTOSCALING"):  # for iterating on the node-loss scenes
+        scenes.discard("autoscaling")
     work = Path(tempfile.mkdtemp(prefix="lstm_ae_sim_"))
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_DISABLE_USAGE_STATS": "1"}
-    say(f"working in {work}")
+    say(f"working in {work}; scenes: {', '.join(scene for scene in SCENES if scene in scenes)}")
     started = time.time()
+    at_once = nodes = dp_trials = dp_at_once = train_loss = tune_loss = "skipped"
     try:
-        if os.environ.get("SIM_SKIP_AUTOSCALING"):  # for iterating on the node-loss scenes
-            at_once, nodes = 0, 0
-        else:
+        if "autoscaling" in scenes:
             at_once, nodes = scene_autoscaling_search(work, env)
+        if "data-parallel" in scenes:
+            dp_trials, dp_at_once = scene_data_parallel_search(work, env)
+        if "node-loss" in scenes:
+            from ray.cluster_utils import Cluster
 
-        from ray.cluster_utils import Cluster
-
-        cluster = Cluster(
-            initialize_head=True,
-            head_node_args={
-                "num_cpus": 0,
-                "resources": {HEAD_RESOURCE: 1},
-                "include_dashboard": False,
-            },
-        )
-        try:
-            for _ in range(3):  # 1 CPU each: a 2-worker run spreads over two of them
-                add_worker_node(cluster)
-            cluster.wait_for_nodes()
-            train_loss = scene_train_node_loss(cluster, work, env)
-            tune_loss = scene_tune_node_loss(cluster, work, env)
-        finally:
-            cluster.shutdown()
+            cluster = Cluster(
+                initialize_head=True,
+                head_node_args={
+                    "num_cpus": 0,
+                    "resources": {HEAD_RESOURCE: 1},
+                    "include_dashboard": False,
+                },
+            )
+            try:
+                for _ in range(3):  # 1 CPU each: a 2-worker run spreads over two of them
+                    add_worker_node(cluster)
+                cluster.wait_for_nodes()
+                train_loss = scene_train_node_loss(cluster, work, env)
+                tune_loss = scene_tune_node_loss(cluster, work, env)
+            finally:
+                cluster.shutdown()
     except SceneFailed as error:
         say(f"FAILED: {error}")
         return 1
     say(f"all scenes passed in {time.time() - started:.0f} s")
     print(
         f"sim: max_concurrent_trials={at_once} nodes_launched={nodes} "
+        f"data_parallel_trials={dp_trials} data_parallel_at_once={dp_at_once} "
         f"train_node_loss={train_loss} tune_node_loss={tune_loss}",
         flush=True,
     )

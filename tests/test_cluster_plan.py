@@ -45,6 +45,17 @@ def test_max_concurrent_and_the_number_of_trials_cap_the_plan():
     assert plan_trials(settings(), cluster, num_trials=3).max_concurrent == 3
 
 
+def test_trainers_wait_ten_minutes_for_their_workers_unless_the_search_environment_says_otherwise(
+    monkeypatch,
+):
+    cluster = ClusterCapacity(live=[HEAD], launchable=[HEAD, CPU_WORKER_TYPE])
+    two_workers = settings(workers_per_trial=2)
+    monkeypatch.delenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", raising=False)
+    assert plan_trials(two_workers, cluster, num_trials=4).worker_group_start_timeout_s == 600
+    monkeypatch.setenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "90")
+    assert plan_trials(two_workers, cluster, num_trials=4).worker_group_start_timeout_s == 90
+
+
 def test_a_fixed_cluster_without_the_head_resource_places_drivers_anywhere():
     cluster = ClusterCapacity(live=[NodeGroup({"CPU": 2.0}, 1)])
     plan = plan_trials(settings(workers_per_trial=2), cluster, num_trials=4)

@@ -131,6 +131,14 @@ def test_a_trial_with_two_workers_runs_a_torch_trainer_and_reports(ray_cluster, 
     assert row["status"] == COMPLETED and int(row["steps"]) == 6 and int(row["sequences_seen"]) == 24
     assert float(row["best_val_mse_frame"]) > 0
     assert "train_runs" in row["best_checkpoint"] and Path(row["best_checkpoint"]).is_dir()
+    # ASHA stopped the trial at its last report, killing its TorchTrainer's controller before
+    # that shut down its workers: their placement group must not stay reserved (issue 20).
+    held = [
+        group
+        for group in ray_cluster.util.placement_group_table().values()
+        if group["state"] != "REMOVED" and len(group["bundles"]) == 2
+    ]
+    assert held == []
 
 
 def test_compare_puts_experiments_and_a_train_run_in_one_table_with_references(

@@ -10,7 +10,17 @@ Each trial trains one config with the same training function as `train`:
   experiment folder in `train_runs/<trial id>` and resumes there if the trial is retried.
   Ray places that trainer's controller on the trial's node, so the trial asks for the head
   node's `lstm_ae_head` resource where the cluster has it: a reclaimed spot node then
-  takes workers with it, never a controller.
+  takes workers with it, never a controller. The trainer waits up to
+  `worker_group_start_timeout_s` (10 minutes unless $RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S
+  is set for the search) for its workers' placement group while an autoscaler adds nodes.
+
+Tune ends a trial by stopping and then killing its actor, also while a TorchTrainer is still
+running in it (ASHA stops a trial at its last report, at max_t, and at a rung). The trainer's
+controller dies with the trial without removing its workers' placement group, which Ray
+keeps reserved as long as the search's driver lives; Ray Train's own cleaner for this asks
+the dashboard's State API, which a cluster without a dashboard lacks. So while trials run,
+`DeadTrainerReaper` releases the placement groups of this search's dead Train controllers
+within seconds: a search never sits on reserved, unused CPUs.
 
 Trials report after every validation. A failed trial (a lost node) is retried from its
 latest checkpoint up to `max_failures` times. The experiment folder is Tune's own,
@@ -35,6 +45,7 @@ from train.session import quiet_report_logging
 from train.storage import path_exists, read_text, storage_filesystem, storage_path
 from train.tracking import TRACKING_KEY
 from train.worker import WorkerSettings, loop_config, train_function, train_loop_per_worker
+from tune.reaper import DeadTrainerReaper
 from tune.session import TuneSession
 from tune.space import Dimension, SearchSpace
 from tune.variants import expand_variant
@@ -42,6 +53,10 @@ from tune.variants import expand_variant
 SEARCH_FILE = "search.json"
 DRIVER_SHARE = 0.01  # what a trial that only launches a TorchTrainer asks for
 GPU_WORKER_CPUS = 2.0
+# Ray Train gives up on a worker group's placement group after this many seconds and asks
+# again (Ray's default, 60 s, is shorter than a cloud node takes to start).
+WORKER_GROUP_START_TIMEOUT_VARIABLE = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+WORKER_GROUP_START_TIMEOUT_S = 600.0
 
 
 class ExperimentFolderError(ValueError):
@@ -80,6 +95,7 @@ class TrialPlan:
     driver_resources: dict[str, float]  # multi-worker trials only
     train_storage: str
     experiment_folder: str  # <storage>/<name>: each trial's TensorBoard events go to its folder there
+    worker_group_start_timeout_s: float = WORKER_GROUP_START_TIMEOUT_S  # multi-worker trials only
 
     @property
     def threads(self) -> int:
@@ -146,6 +162,9 @@ def plan_trials(settings: SearchSettings, cluster: ClusterCapacity, num_trials: 
         driver_resources=driver,
         train_storage=f"{storage_path(settings.storage)}/{settings.name}/train_runs",
         experiment_folder=f"{storage_path(settings.storage)}/{settings.name}",
+        worker_group_start_timeout_s=float(
+            os.environ.get(WORKER_GROUP_START_TIMEOUT_VARIABLE) or WORKER_GROUP_START_TIMEOUT_S
+        ),
     )
 
 
@@ -170,6 +189,8 @@ def trial(sampled: dict[str, Any], base: dict[str, Any], plan: dict[str, Any]) -
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    # Read in this process when the trainer starts and passed on to its controller.
+    os.environ[WORKER_GROUP_START_TIMEOUT_VARIABLE] = f"{plan.worker_group_start_timeout_s:g}"
     metric = config.training.metric
     TorchTrainer(
         train_loop_per_worker,
@@ -295,5 +316,9 @@ def run_experiment(
                 verbose=1,
             ),
         )
-    results = tuner.fit()
+    if plan.workers_per_trial == 1:
+        results = tuner.fit()
+    else:
+        with DeadTrainerReaper():
+            results = tuner.fit()
     return results, path, plan
