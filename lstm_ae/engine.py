@@ -13,6 +13,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from lstm_ae.config import ModelConfig, OptimConfig
@@ -169,19 +170,55 @@ def train_step(
         totals += torch.stack(
             [output.loss.detach(), output.reconstruction_loss.detach(), output.prediction_loss.detach()]
         )
-    losses = (totals / count).tolist()
+    totals /= count
     max_norm = grad_clip_norm if grad_clip_norm > 0 else math.inf
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
-    if not (math.isfinite(losses[0]) and math.isfinite(grad_norm)):
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    losses, grad_norm, rank_losses = _agreed_check_values(model, totals, grad_norm)
+    if not (all(math.isfinite(loss) for loss in rank_losses) and math.isfinite(grad_norm)):
         optimizer.zero_grad(set_to_none=True)
-        raise NonFiniteLossError(
-            f"non-finite loss at step {step}: loss={losses[0]}, gradient norm={grad_norm}"
-        )
+        raise NonFiniteLossError(_non_finite_message(step, rank_losses, grad_norm))
     learning_rate = optimizer.param_groups[0]["lr"]
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return StepResult(losses[0], losses[1], losses[2], grad_norm, learning_rate)
+
+
+def _agreed_check_values(
+    model: nn.Module, totals: Tensor, grad_norm: Tensor
+) -> tuple[list[float], float, list[float]]:
+    """This rank's mean losses, the gradient norm, and every rank's loss, in one transfer.
+
+    Under DistributedDataParallel the gradients (hence their norm) are the same on every
+    rank but each rank's loss is its own: a rank deciding alone would raise while the others
+    step on into their next all-reduce and wait there until the collective times out. So the
+    losses of all ranks are gathered (an all-reduce of a vector holding this rank's loss in
+    its own slot) and every rank takes the same decision from the same numbers.
+    """
+    group = getattr(model, "process_group", None)  # DDP's group; None for a bare model
+    world_size = dist.get_world_size(group) if group is not None and dist.is_initialized() else 1
+    if world_size == 1:
+        values = torch.cat([totals, grad_norm.reshape(1).to(totals)]).tolist()
+        return values[:3], values[3], values[:1]
+    rank = dist.get_rank(group)
+    everyone = torch.zeros(world_size, device=totals.device, dtype=totals.dtype)
+    everyone[rank] = totals[0]
+    dist.all_reduce(everyone, group=group)  # other slots are 0: a sum is a gather (inf, nan stay)
+    values = torch.cat([totals, grad_norm.reshape(1).to(totals), everyone]).tolist()
+    return values[:3], values[3], values[4:]
+
+
+def _non_finite_message(step: int, rank_losses: list[float], grad_norm: float) -> str:
+    """One line, the same on every rank (it names the ranks whose loss went bad)."""
+    if len(rank_losses) == 1:
+        return f"non-finite loss at step {step}: loss={rank_losses[0]}, gradient norm={grad_norm}"
+    bad = [rank for rank, loss in enumerate(rank_losses) if not math.isfinite(loss)]
+    where = f"on rank {', '.join(map(str, bad))} of {len(rank_losses)}" if bad else "on no rank"
+    losses = ", ".join(str(loss) for loss in rank_losses)
+    return (
+        f"non-finite loss at step {step}: loss {where} (per rank: {losses}), gradient norm={grad_norm}; "
+        "every rank stops here"
+    )
 
 
 @torch.no_grad()
