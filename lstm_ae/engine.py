@@ -17,7 +17,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from lstm_ae.config import ModelConfig, OptimConfig
-from lstm_ae.data import split_sequence, stream_seed
+from lstm_ae.data import as_unit_float, split_sequence, stream_seed
 from lstm_ae.metrics import (
     MetricAccumulator,
     add_baselines,
@@ -149,7 +149,8 @@ def train_step(
     grad_clip_norm: float,
     step: int,
 ) -> StepResult:
-    """One optimizer step over one or more micro-batches of sequences (B, T, C, H, W).
+    """One optimizer step over one or more micro-batches of sequences (B, T, C, H, W), float
+    in [0, 1] or uint8 pixels (converted on the model's device).
 
     Raises NonFiniteLossError naming the step if the loss or gradient norm is NaN or
     infinite; the parameters are then left as they were before the step.
@@ -158,9 +159,9 @@ def train_step(
     totals = torch.zeros(3, device=device)
     count = len(micro_batches)
     for index, frames in enumerate(micro_batches):
-        past, future = split_sequence(
-            frames.to(device, non_blocking=True), config.past_length, config.future_length
-        )
+        # uint8 batches (the training stream's) become floats on the device, after the copy.
+        frames = as_unit_float(frames.to(device, non_blocking=True))
+        past, future = split_sequence(frames, config.past_length, config.future_length)
         last = index == count - 1
         sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
         with sync:
