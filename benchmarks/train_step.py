@@ -22,6 +22,11 @@ T_d = max(T_past, T_future) decoder steps:
                     conditioned: 2 * T_d * 2*D*G        (ground truth: no input gradient)
     step FLOPs    = B * (encoder + decoders run)
 
+On CUDA the benchmark compares like with like and prints the flags that decide it: fp32 is
+IEEE fp32 on both sides (PyTorch lets cuDNN, hence the reference's nn.LSTM, use TF32 by
+default, but not matmuls), or TF32 on both with `--tf32`. Under bf16 autocast the reference's
+cuDNN LSTM computes in fp16 (the line names what it computed in): its speed is an fp16 one.
+
 The machine's matmul peak is measured in the same run (best of a few large square matmuls
 in the benchmark's dtype), and the achieved rate is reported as a share of it.
 """
@@ -93,6 +98,46 @@ def matmul_peak(dtype: torch.dtype, device: torch.device, repeats: int = 5) -> f
     return best
 
 
+def set_fp32_math(tf32: bool) -> None:
+    """Like with like on CUDA: fp32 matmuls (ours) and cuDNN's RNNs and convolutions (the
+    reference's nn.LSTM) both in IEEE fp32, or both allowed TF32. PyTorch's defaults differ:
+    matmuls IEEE, cuDNN TF32."""
+    mode = "tf32" if tf32 else "ieee"
+    if hasattr(torch.backends.cuda.matmul, "fp32_precision"):  # torch >= 2.9
+        torch.backends.cuda.matmul.fp32_precision = mode
+        torch.backends.cudnn.rnn.fp32_precision = mode
+        torch.backends.cudnn.conv.fp32_precision = mode
+    else:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        torch.backends.cudnn.allow_tf32 = tf32
+
+
+def cuda_numerics(reference: torch.nn.Module | None, past, dtype: str) -> str:
+    """The flags that decide what fp32 means on CUDA, and the dtype the reference's cuDNN LSTM
+    computes in under this benchmark's autocast (PyTorch's autocast runs it in fp16, not bf16)."""
+    if hasattr(torch.backends.cuda.matmul, "fp32_precision"):
+        flags = (
+            f"matmul fp32_precision={torch.backends.cuda.matmul.fp32_precision}, "
+            f"cudnn rnn fp32_precision={torch.backends.cudnn.rnn.fp32_precision}"
+        )
+    else:
+        flags = (
+            f"matmul allow_tf32={torch.backends.cuda.matmul.allow_tf32}, "
+            f"cudnn allow_tf32={torch.backends.cudnn.allow_tf32}"
+        )
+    line = (
+        f"CUDA numerics: {flags}, cudnn enabled={torch.backends.cudnn.enabled} "
+        f"(version {torch.backends.cudnn.version()}), bf16 reduced-precision reduction="
+        f"{torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction}"
+    )
+    if reference is not None:
+        lstm = next(module for module in reference.modules() if isinstance(module, torch.nn.LSTM))
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == "bf16"):
+            computed = lstm(past[:1].flatten(2).to(lstm.weight_ih_l0.dtype))[0].dtype
+        line += f"; reference nn.LSTM computes in {str(computed).replace('torch.', '')} here"
+    return line
+
+
 def make_step(model, optimizer, past, future, dtype: str, device: torch.device):
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16")
 
@@ -123,9 +168,16 @@ def main(argv: list[str] | None = None) -> float:
     parser.add_argument("--repeats", type=int, default=5, help="timed steps of each implementation")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps of each implementation first")
     parser.add_argument("--skip-reference", action="store_true", help="time only the project's model")
+    parser.add_argument(
+        "--tf32",
+        action="store_true",
+        help="CUDA fp32: let both implementations' matmuls and cuDNN use TF32 (default: both IEEE fp32)",
+    )
     arguments = parser.parse_args(argv)
 
     device = torch.device(arguments.device)
+    if device.type == "cuda":
+        set_fp32_math(arguments.tf32)
     config = ModelConfig(
         hidden_size=arguments.hidden_size,
         num_layers=arguments.num_layers,
@@ -158,6 +210,8 @@ def main(argv: list[str] | None = None) -> float:
         f"{torch.get_num_threads()} threads"
     )
     print(describe_cpu() if device.type == "cpu" else f"GPU: {torch.cuda.get_device_name(device)}")
+    if device.type == "cuda":
+        print(cuda_numerics(reference if not arguments.skip_reference else None, past, arguments.dtype))
     print("ours = lstm_ae.model.CompositeLSTMAutoencoder (hand-written LSTM backward, fused AdamW)")
     print("reference = benchmarks/reference_model.py (nn.LSTM + Linear unrolled per step, Adam)")
     for name, step in list(steps.items()):

@@ -19,7 +19,10 @@ from __future__ import annotations
 
 import functools
 import os
+import queue
 import tempfile
+import threading
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -203,7 +206,19 @@ def stream_seed(seed: int, rank: int, step: int, *purpose: int) -> int:
 
 def to_unit_float(frames: Tensor) -> Tensor:
     """uint8 frames (..., H, W) -> float32 (..., 1, H, W) in [0, 1] (adds the channel axis)."""
-    return frames.unsqueeze(-3).to(torch.float32).mul_(1.0 / 255.0)
+    return as_unit_float(frames.unsqueeze(-3))
+
+
+def as_unit_float(frames: Tensor) -> Tensor:
+    """uint8 pixels -> float32 in [0, 1], on the device they are on; float frames unchanged.
+
+    The training stream hands out uint8 batches (a quarter of the bytes to copy to a GPU);
+    `lstm_ae.engine.train_step` converts them here, after the copy, with the same arithmetic
+    as `to_unit_float`, so the values are the same bits as the host's conversion.
+    """
+    if frames.dtype != torch.uint8:
+        return frames
+    return frames.to(torch.float32).mul_(1.0 / 255.0)
 
 
 class GeneratedSequences(IterableDataset):
@@ -230,9 +245,14 @@ class GeneratedSequences(IterableDataset):
 
     def batch(self, step: int) -> tuple[Tensor, Tensor]:
         """The (frames, labels) batch of one step; frames are (B, T, 1, H, W) float."""
+        frames, labels = self.pixel_batch(step)
+        return as_unit_float(frames), labels
+
+    def pixel_batch(self, step: int) -> tuple[Tensor, Tensor]:
+        """The batch of one step as drawn: frames (B, T, 1, H, W) uint8, labels (B, num_digits)."""
         generator = torch.Generator().manual_seed(stream_seed(self.seed, self.rank, step))
         frames, labels = self.generator.sample(self.batch_size, generator)
-        return to_unit_float(frames), labels
+        return frames.unsqueeze(2), labels
 
     def __iter__(self) -> Iterator:
         info = torch.utils.data.get_worker_info()
@@ -242,6 +262,81 @@ class GeneratedSequences(IterableDataset):
             frames, labels = self.batch(step)
             yield (frames, labels) if self.with_labels else frames
             step += workers
+
+
+class PrefetchedBatches:
+    """The training stream's batches from `start_step` on, drawn `depth` steps ahead on a
+    background thread, so that drawing them overlaps the training step.
+
+    Items are uint8 frames (B, T, 1, H, W) (convert with `as_unit_float`, on the device after
+    the copy); with `pin_memory` (CUDA) they are in page-locked memory, ready for a
+    `non_blocking` copy. The batch of step s is `stream.pixel_batch(s)`, a function of
+    (seed, rank, s) alone, so the thread changes no value: the batches are those of the
+    stream without prefetching, and a run resumed at step s draws exactly what it would have.
+    An error on the thread is raised by the `next()` that would have returned its batch.
+    `close()` stops the thread (it also stops when this object is garbage-collected).
+    """
+
+    def __init__(self, stream: GeneratedSequences, start_step: int = 0, depth: int = 2, pin_memory: bool = False):
+        if depth < 1:
+            raise ValueError(f"depth must be at least 1, got {depth}")
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        # The thread must not hold this object (the finalizer stops it when this object goes).
+        self._thread = threading.Thread(
+            target=_prefetch,
+            args=(stream, start_step, pin_memory, self._queue, self._stop),
+            name=f"prefetch-rank{stream.rank}",
+            daemon=True,
+        )
+        self._finalizer = weakref.finalize(self, self._stop.set)
+        self._thread.start()
+
+    def __iter__(self) -> PrefetchedBatches:
+        return self
+
+    def __next__(self) -> Tensor:
+        if self._stop.is_set():
+            raise StopIteration
+        item = self._queue.get()
+        if isinstance(item, BaseException):
+            self.close()
+            raise item
+        return item
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def __enter__(self) -> PrefetchedBatches:
+        return self
+
+    def __exit__(self, *exception) -> None:
+        self.close()
+
+
+def _prefetch(
+    stream: GeneratedSequences, step: int, pin_memory: bool, batches: queue.Queue, stop: threading.Event
+) -> None:
+    """The prefetching thread: draw, pin, and queue batches until told to stop."""
+    try:
+        while not stop.is_set():
+            frames = stream.pixel_batch(step)[0]
+            item = frames.pin_memory() if pin_memory else frames
+            while not stop.is_set():
+                try:
+                    batches.put(item, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+            step += 1
+    except BaseException as error:  # handed to the consumer, raised by its next()
+        while not stop.is_set():
+            try:
+                batches.put(error, timeout=0.1)
+                return
+            except queue.Full:
+                continue
 
 
 def split_sequence(frames: Tensor, past_length: int, future_length: int) -> tuple[Tensor, Tensor]:

@@ -13,10 +13,11 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from lstm_ae.config import ModelConfig, OptimConfig
-from lstm_ae.data import split_sequence, stream_seed
+from lstm_ae.data import as_unit_float, split_sequence, stream_seed
 from lstm_ae.metrics import (
     MetricAccumulator,
     add_baselines,
@@ -148,7 +149,8 @@ def train_step(
     grad_clip_norm: float,
     step: int,
 ) -> StepResult:
-    """One optimizer step over one or more micro-batches of sequences (B, T, C, H, W).
+    """One optimizer step over one or more micro-batches of sequences (B, T, C, H, W), float
+    in [0, 1] or uint8 pixels (converted on the model's device).
 
     Raises NonFiniteLossError naming the step if the loss or gradient norm is NaN or
     infinite; the parameters are then left as they were before the step.
@@ -157,9 +159,9 @@ def train_step(
     totals = torch.zeros(3, device=device)
     count = len(micro_batches)
     for index, frames in enumerate(micro_batches):
-        past, future = split_sequence(
-            frames.to(device, non_blocking=True), config.past_length, config.future_length
-        )
+        # uint8 batches (the training stream's) become floats on the device, after the copy.
+        frames = as_unit_float(frames.to(device, non_blocking=True))
+        past, future = split_sequence(frames, config.past_length, config.future_length)
         last = index == count - 1
         sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
         with sync:
@@ -169,19 +171,55 @@ def train_step(
         totals += torch.stack(
             [output.loss.detach(), output.reconstruction_loss.detach(), output.prediction_loss.detach()]
         )
-    losses = (totals / count).tolist()
+    totals /= count
     max_norm = grad_clip_norm if grad_clip_norm > 0 else math.inf
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
-    if not (math.isfinite(losses[0]) and math.isfinite(grad_norm)):
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    losses, grad_norm, rank_losses = _agreed_check_values(model, totals, grad_norm)
+    if not (all(math.isfinite(loss) for loss in rank_losses) and math.isfinite(grad_norm)):
         optimizer.zero_grad(set_to_none=True)
-        raise NonFiniteLossError(
-            f"non-finite loss at step {step}: loss={losses[0]}, gradient norm={grad_norm}"
-        )
+        raise NonFiniteLossError(_non_finite_message(step, rank_losses, grad_norm))
     learning_rate = optimizer.param_groups[0]["lr"]
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return StepResult(losses[0], losses[1], losses[2], grad_norm, learning_rate)
+
+
+def _agreed_check_values(
+    model: nn.Module, totals: Tensor, grad_norm: Tensor
+) -> tuple[list[float], float, list[float]]:
+    """This rank's mean losses, the gradient norm, and every rank's loss, in one transfer.
+
+    Under DistributedDataParallel the gradients (hence their norm) are the same on every
+    rank but each rank's loss is its own: a rank deciding alone would raise while the others
+    step on into their next all-reduce and wait there until the collective times out. So the
+    losses of all ranks are gathered (an all-reduce of a vector holding this rank's loss in
+    its own slot) and every rank takes the same decision from the same numbers.
+    """
+    group = getattr(model, "process_group", None)  # DDP's group; None for a bare model
+    world_size = dist.get_world_size(group) if group is not None and dist.is_initialized() else 1
+    if world_size == 1:
+        values = torch.cat([totals, grad_norm.reshape(1).to(totals)]).tolist()
+        return values[:3], values[3], values[:1]
+    rank = dist.get_rank(group)
+    everyone = torch.zeros(world_size, device=totals.device, dtype=totals.dtype)
+    everyone[rank] = totals[0]
+    dist.all_reduce(everyone, group=group)  # other slots are 0: a sum is a gather (inf, nan stay)
+    values = torch.cat([totals, grad_norm.reshape(1).to(totals), everyone]).tolist()
+    return values[:3], values[3], values[4:]
+
+
+def _non_finite_message(step: int, rank_losses: list[float], grad_norm: float) -> str:
+    """One line, the same on every rank (it names the ranks whose loss went bad)."""
+    if len(rank_losses) == 1:
+        return f"non-finite loss at step {step}: loss={rank_losses[0]}, gradient norm={grad_norm}"
+    bad = [rank for rank, loss in enumerate(rank_losses) if not math.isfinite(loss)]
+    where = f"on rank {', '.join(map(str, bad))} of {len(rank_losses)}" if bad else "on no rank"
+    losses = ", ".join(str(loss) for loss in rank_losses)
+    return (
+        f"non-finite loss at step {step}: loss {where} (per rank: {losses}), gradient norm={grad_norm}; "
+        "every rank stops here"
+    )
 
 
 @torch.no_grad()

@@ -7,6 +7,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks import data as data_benchmark
+from benchmarks import prefetch as prefetch_benchmark
 from benchmarks import train_step
 from lstm_ae.config import ModelConfig
 from lstm_ae.model import CompositeLSTMAutoencoder
@@ -44,6 +45,11 @@ def test_data_benchmark_runs_and_reports_a_ratio(capsys):
         ["--batch-size", "4", "--hidden-size", "16", "--batches", "2", "--steps", "1"]
     )
     assert capsys.readouterr().out.strip().splitlines()[-1] == f"ratio={ratio:.1f}"
+
+
+def test_prefetch_benchmark_runs_and_reports_the_hidden_share(capsys):
+    hidden = prefetch_benchmark.main(["--batch-size", "2", "--hidden-size", "16", "--pairs", "2", "--warmup", "0"])
+    assert capsys.readouterr().out.strip().splitlines()[-1] == f"hidden={hidden:.2f}"
 
 
 def test_train_step_benchmark_names_the_cpu_and_times_ours_where_the_reference_cannot_run():

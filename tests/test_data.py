@@ -13,6 +13,8 @@ from lstm_ae.data import (
     DataError,
     Digits,
     GeneratedSequences,
+    PrefetchedBatches,
+    as_unit_float,
     build_test_set,
     load_digits,
     load_test_set,
@@ -112,6 +114,43 @@ def test_dataloader_workers_split_the_stream(train_generator):
     batches = [next(loader) for _ in range(4)]
     expected = [stream.batch(step)[0] for step in range(4)]
     assert all(torch.equal(a, b) for a, b in zip(batches, expected))
+
+
+def test_prefetched_batches_are_the_streams_and_resume_exactly(train_generator):
+    """Drawn ahead on a thread, the batches are the same bits as the stream's for the same
+    (seed, rank, step); started at step 3 they continue where the uninterrupted ones are."""
+    stream = GeneratedSequences(train_generator, 4, seed=5, rank=1)
+    expected = [stream.batch(step)[0] for step in range(6)]
+    with PrefetchedBatches(stream, depth=2) as prefetched:
+        batches = [next(prefetched) for _ in range(6)]
+    assert all(batch.dtype == torch.uint8 and batch.shape == (4, 20, 1, 64, 64) for batch in batches)
+    assert all(torch.equal(as_unit_float(a), b) for a, b in zip(batches, expected))
+    with PrefetchedBatches(stream, start_step=3) as resumed:
+        assert all(torch.equal(as_unit_float(next(resumed)), expected[step]) for step in range(3, 6))
+    other_rank = GeneratedSequences(train_generator, 4, seed=5, rank=0)
+    with PrefetchedBatches(other_rank) as prefetched:
+        assert not torch.equal(as_unit_float(next(prefetched)), expected[0])
+
+
+def test_prefetching_stops_on_close_and_hands_over_the_threads_error(train_generator):
+    prefetched = PrefetchedBatches(GeneratedSequences(train_generator, 2, seed=0), depth=1)
+    next(prefetched)
+    prefetched.close()
+    assert not prefetched._thread.is_alive()
+    with pytest.raises(StopIteration):
+        next(prefetched)
+
+    class Broken(GeneratedSequences):
+        def pixel_batch(self, step):
+            if step == 2:
+                raise RuntimeError("drawing step 2 failed")
+            return super().pixel_batch(step)
+
+    broken = PrefetchedBatches(Broken(train_generator, 2, seed=0))
+    next(broken), next(broken)
+    with pytest.raises(RuntimeError, match="drawing step 2 failed"):
+        next(broken)
+    assert not broken._thread.is_alive()
 
 
 def moving_square_sequence(frames: int = 20, speed: int = 1) -> torch.Tensor:

@@ -89,3 +89,88 @@ def test_two_data_parallel_processes_update_the_weights_as_one_process_on_the_gl
         assert error <= tolerance * scale, (
             f"{name}: data-parallel update differs by {error / scale:.2e} of its size"
         )
+
+
+class GlooSession:
+    """One rank of a run on a gloo process group, without Ray: DDP, checkpoints in a folder
+    (rank 0 writes them), and a loss made infinite on `poisoned_rank` at `poisoned_step`
+    (plus inf: the gradients stay finite, so only this rank's loss shows it)."""
+
+    def __init__(
+        self, rank: int, world_size: int, checkpoint_root: str, poisoned_rank: int, poisoned_step: int
+    ):
+        self.world_rank, self.world_size = rank, world_size
+        self.device = torch.device("cpu")
+        self.checkpoint_root = checkpoint_root
+        self.poisoned_rank, self.poisoned_step = poisoned_rank, poisoned_step
+        self.checkpoints: list[int] = []
+
+    def prepare_model(self, model):
+        forward_calls = [0]
+
+        def poison(module, inputs, output):
+            forward_calls[0] += 1  # one training forward per step (no accumulation)
+            if self.world_rank == self.poisoned_rank and forward_calls[0] - 1 == self.poisoned_step:
+                output.loss = output.loss + float("inf")
+            return output
+
+        model.register_forward_hook(poison)
+        return DistributedDataParallel(model)
+
+    def latest_checkpoint(self):
+        import contextlib
+
+        return contextlib.nullcontext(None)
+
+    def report(self, metrics, checkpoint_dir, step):
+        import shutil
+
+        if checkpoint_dir:
+            shutil.copytree(checkpoint_dir, f"{self.checkpoint_root}/checkpoint_{step:08d}")
+            self.checkpoints.append(step)
+
+
+def _poisoned_run(rank: int, world_size: int, store: str, folder: str, poisoned_step: int) -> None:
+    """`train_function` on one rank of a gloo group; writes the error it stopped with."""
+    from pathlib import Path
+
+    from lstm_ae.engine import NonFiniteLossError
+    from train.worker import WorkerSettings, loop_config, train_function
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size)
+    torch.set_num_threads(1)
+    outcome = Path(folder) / f"rank{rank}.txt"
+    try:
+        config = preset(
+            "smoke", hidden_size=16, checkpoint_every=2, eval_every=2, log_every=1, probe_sequences=0,
+            cache_dir=f"{folder}/data",
+        )
+        session = GlooSession(rank, world_size, folder, poisoned_rank=1, poisoned_step=poisoned_step)
+        try:
+            train_function(loop_config(config, WorkerSettings(threads=1, quiet=True)), session)
+            outcome.write_text("finished")
+        except NonFiniteLossError as error:
+            outcome.write_text(f"NonFiniteLossError: {error}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_loss_gone_bad_on_one_rank_stops_every_rank_with_the_same_error(tmp_path):
+    """Rank 1's loss is infinite at step 3 while every gradient is finite: both ranks stop at
+    that step with the same one-line error (no rank steps on into a collective that hangs),
+    and no checkpoint is written after the bad step."""
+    import torch.multiprocessing as multiprocessing
+
+    from lstm_ae.data import build_test_set
+
+    config = preset("smoke", hidden_size=16, cache_dir=str(tmp_path / "data"))
+    build_test_set(config.model, config.data)  # once, not by both ranks at the same time
+    multiprocessing.spawn(
+        _poisoned_run, args=(2, str(tmp_path / "store"), str(tmp_path), 3), nprocs=2, join=True
+    )
+    errors = [(tmp_path / f"rank{rank}.txt").read_text() for rank in range(2)]
+    assert errors[0] == errors[1], errors
+    assert errors[0].startswith("NonFiniteLossError: non-finite loss at step 3: loss on rank 1 of 2")
+    assert "\n" not in errors[0]
+    checkpoints = sorted(path.name for path in tmp_path.glob("checkpoint_*"))
+    assert checkpoints == ["checkpoint_00000002"]  # step 2's, before the bad step; none after

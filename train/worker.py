@@ -7,7 +7,8 @@ call `train_function` with their own session. Each worker:
    weights), restores the latest checkpoint if the run is resuming or recovering;
 2. draws its own training sequences: the batch of step s on rank r comes from the seed
    (seed, r, s), so workers never share sequences and a resumed run sees exactly the
-   batches it would have seen;
+   batches it would have seen; they are drawn ahead, on a background thread, while the
+   previous step trains (`lstm_ae.data.PrefetchedBatches`);
 3. trains on `batch_size / world_size` sequences per step (split into
    `grad_accumulation_steps` micro-batches); DDP all-reduces the gradients;
 4. every `log_every` steps reports losses and throughput, every `eval_every` steps the
@@ -33,7 +34,7 @@ import torch.distributed as dist
 
 from lstm_ae.checkpoint import load_checkpoint, restore, save_checkpoint
 from lstm_ae.config import ExperimentConfig, check_batch_split
-from lstm_ae.data import BouncingDigits, GeneratedSequences, load_test_set
+from lstm_ae.data import BouncingDigits, GeneratedSequences, PrefetchedBatches, load_test_set
 from lstm_ae.engine import (
     NonFiniteLossError,
     evaluate,
@@ -108,7 +109,12 @@ def train_function(loop_config: dict[str, Any], session: Session) -> TrainingSta
     # This worker's batches: step s on rank r is drawn from the seed (seed, r, s).
     per_worker = training.batch_size // world_size
     generator = BouncingDigits.from_config(config.model, config.data, "train")
-    stream = iter(GeneratedSequences(generator, per_worker, training.seed, rank, start_step=state.step))
+    # Drawn on a background thread, ahead of the step (uint8; page-locked for a GPU's copy).
+    stream = PrefetchedBatches(
+        GeneratedSequences(generator, per_worker, training.seed, rank),
+        start_step=state.step,
+        pin_memory=session.device.type == "cuda",
+    )
     test_set = load_test_set(config.model, config.data)
     tracker = open_tracker(loop_config, config, rank, state.step)  # rank 0's TensorBoard events
     if state.step == 0 and not settings.quiet:
@@ -168,6 +174,7 @@ def train_function(loop_config: dict[str, Any], session: Session) -> TrainingSta
         interval = SinceLastReport(state.step, state.sequences_seen)  # throughput excludes validation
 
     tracker.close()
+    stream.close()
     if state.resumed_from and state.resumed_from[-1] == state.step and state.history:
         # Restored a finished run (a restart after its last checkpoint): its checkpoint is
         # already reported; report the last row again without one (Ray needs unique names).
