@@ -3,17 +3,14 @@
 `train_loop_per_worker` is what Ray Train's `TorchTrainer` runs on every worker; Tune trials
 call `train_function` with their own session. Each worker:
 
-1. builds the model from the config (same seed everywhere; DDP also broadcasts rank 0's
-   weights), restores the latest checkpoint if the run is resuming or recovering;
-2. draws its own training sequences: the batch of step s on rank r comes from the seed
-   (seed, r, s), so workers never share sequences and a resumed run sees exactly the
-   batches it would have seen; they are drawn ahead, on a background thread, while the
-   previous step trains (`lstm_ae.data.PrefetchedBatches`);
-3. trains on `batch_size / world_size` sequences per step (split into
-   `grad_accumulation_steps` micro-batches); DDP all-reduces the gradients;
-4. every `log_every` steps reports losses and throughput, every `eval_every` steps the
-   validation metrics (each worker evaluates a shard, the sums are all-reduced), every
-   `checkpoint_every` steps and at the end a checkpoint (written by rank 0);
+1. builds the model (same seed everywhere; DDP broadcasts rank 0's weights), restores the
+   latest checkpoint if resuming or recovering, and settles the run's precision;
+2. draws its own batches: step s on rank r from the seed (seed, r, s), so workers never share
+   sequences and a resumed run sees exactly the batches it would have seen;
+3. trains on `batch_size / world_size` sequences per step (in `grad_accumulation_steps`
+   micro-batches); DDP all-reduces the gradients;
+4. reports every `log_every` steps, validates every `eval_every` (each worker a shard, sums
+   all-reduced), checkpoints every `checkpoint_every` and at the end (rank 0 writes);
 5. stops early after `patience` validations without improvement.
 
 Rank 0 prints a progress line per report and at least every 30 s. The run's history (one
@@ -106,23 +103,13 @@ def train_function(loop_config: dict[str, Any], session: Session) -> TrainingSta
     trainables, state = _build_or_restore(config, session)
     choice = resolve_precision(config, state, world_size, session.device)
     config = config.replace(precision=choice.precision)
-    # This worker's batches: step s on rank r is drawn from the seed (seed, r, s).
-    per_worker = training.batch_size // world_size
-    generator = BouncingDigits.from_config(config.model, config.data, "train")
-    # Drawn on a background thread, ahead of the step (uint8; page-locked for a GPU's copy).
-    stream = PrefetchedBatches(
-        GeneratedSequences(generator, per_worker, training.seed, rank),
-        start_step=state.step,
-        pin_memory=session.device.type == "cuda",
-    )
+    stream = _training_batches(config, rank, world_size, state.step, session.device)
     test_set = load_test_set(config.model, config.data)
     tracker = open_tracker(loop_config, config, rank, state.step)  # rank 0's TensorBoard events
     if state.step == 0 and not settings.quiet:
         _log(rank, describe_run(config, trainables.model, world_size, session.device))
-    if not settings.quiet:
-        _log(rank, choice.line())
-    if choice.warning:
-        _log(rank, choice.warning)
+    _log(rank, None if settings.quiet else choice.line())
+    _log(rank, choice.warning)
 
     budget = TimeBudget(training, config.optim.warmup_steps, state) if training.max_minutes else None
     interval = SinceLastReport(state.step, state.sequences_seen)
@@ -221,6 +208,15 @@ def _build_or_restore(config: ExperimentConfig, session: Session) -> tuple[Train
     return Trainables(model, optimizer, scheduler), state
 
 
+def _training_batches(config: ExperimentConfig, rank: int, world_size: int, start_step: int, device):
+    """This worker's batches: step s on rank r is drawn from the seed (seed, r, s), on a
+    background thread ahead of the step (uint8; page-locked for a GPU's copy)."""
+    generator = BouncingDigits.from_config(config.model, config.data, "train")
+    per_worker = config.training.batch_size // world_size
+    sequences = GeneratedSequences(generator, per_worker, config.training.seed, rank)
+    return PrefetchedBatches(sequences, start_step=start_step, pin_memory=device.type == "cuda")
+
+
 def _train_one_step(
     trainables: Trainables, frames, config: ExperimentConfig, state: TrainingState, rank: int
 ):
@@ -309,6 +305,6 @@ def _reported(row: dict[str, Any], final: bool) -> dict[str, Any]:
     return metrics
 
 
-def _log(rank: int, message: str) -> None:
-    if rank == 0:
+def _log(rank: int, message: str | None) -> None:
+    if rank == 0 and message:
         print(message, flush=True)
