@@ -485,7 +485,7 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
                 type=parse,
                 default=None,
                 metavar=kind.__name__.upper(),
-                help=f"{FIELD_HELP.get(f.name, f.name)} ({defaults_text})",
+                help=f"{FIELD_HELP.get(f.name, f.name)} ({defaults_text})".replace("%", "%%"),  # argparse formats help
             )
 
 
