@@ -72,13 +72,17 @@ def checkpoint_file(path: str | os.PathLike) -> Path:
     return path / CHECKPOINT_FILE if path.is_dir() else path
 
 
-def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read and validate a checkpoint; CheckpointError names the problem in one line."""
+def load_checkpoint(
+    path: str | os.PathLike, map_location: str | torch.device = "cpu", mmap: bool = False
+) -> dict[str, Any]:
+    """Read and validate a checkpoint; CheckpointError names the problem in one line.
+
+    `mmap` maps the tensors instead of reading them: a cheap check that the file loads."""
     file = checkpoint_file(path)
     if not file.is_file():
         raise CheckpointError(f"checkpoint not found: {file}")
     try:
-        state = torch.load(file, map_location=map_location, weights_only=True)
+        state = torch.load(file, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError:
         raise CheckpointError(
             f"{file} is not a readable checkpoint: not a torch.save file of tensors and plain values "

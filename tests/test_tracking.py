@@ -128,6 +128,24 @@ def test_the_mlflow_flags_without_mlflow_exit_2_naming_the_package(monkeypatch, 
         )
 
 
+def test_a_tracking_uri_mlflow_cannot_use_exits_2_in_one_line_before_ray_starts(tmp_path, capsys):
+    pytest.importorskip("mlflow")
+    from train.cli import main as train_main
+    from tune.cli import main as tune_main
+
+    (tmp_path / "a-file").write_text("not a folder")
+    for uri, message in (
+        ("ftp://nowhere/x", "cannot track to ftp: URIs"),
+        (f"file:{tmp_path / 'a-file' / 'mlruns'}", "a-file is a file"),
+    ):
+        for main in (train_main, tune_main):
+            with pytest.raises(SystemExit) as exit:
+                main(["--preset", "smoke", "--output-dir", str(tmp_path), "--mlflow-tracking-uri", uri])
+            error = capsys.readouterr().err
+            assert exit.value.code == 2 and error.count("\n") == 1 and message in error, error
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["a-file"]  # nothing written
+
+
 def test_a_relative_tracking_folder_becomes_an_absolute_file_uri(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert absolute_tracking_uri("file:mlruns") == (tmp_path / "mlruns").as_uri()

@@ -102,6 +102,32 @@ def test_a_stopped_run_resumes_to_the_same_end(config, uninterrupted, tmp_path):
     assert all(torch.equal(weights[name], expected[name]) for name in expected)
 
 
+def test_a_resume_skips_a_truncated_newest_checkpoint_and_ends_as_an_uninterrupted_run(
+    config, uninterrupted, tmp_path, capsys
+):
+    crashing = FaultyTrainLoop(at_step=6, marker=tmp_path / "failed-once.marker")
+    settings = RunSettings(name="damaged", storage=str(tmp_path), max_failures=0)
+    with pytest.raises(Exception, match="injected failure at step 6"):  # checkpoints at steps 2 and 4
+        run_training(config, TWO_WORKERS, settings, train_loop=crashing)
+    damaged = tmp_path / "damaged" / "checkpoint_00000004" / "checkpoint.pt"
+    damaged.write_bytes(damaged.read_bytes()[:100])  # a node lost mid-upload, a full disk
+    capsys.readouterr()
+    resumed = run_training(
+        config, TWO_WORKERS, RunSettings(name="damaged", storage=str(tmp_path), resume=True)
+    )
+    lines = [line for line in capsys.readouterr().out.splitlines() if "damaged checkpoint" in line]
+    assert len(lines) == 1 and "checkpoint_00000004" in lines[0] and "resuming from step 2" in lines[0]
+    assert resumed.result["steps"] == uninterrupted.result["steps"] == 6
+    assert resumed.result["sequences_seen"] == uninterrupted.result["sequences_seen"] == 24
+    assert resumed.result["resumed_from"] == [2]
+    kept = tmp_path / "damaged" / "damaged_checkpoint_00000004" / "checkpoint.pt"
+    assert kept.stat().st_size == 100  # set aside, never deleted
+    assert "damaged_" not in resumed.result["best_checkpoint"]
+    assert Path(resumed.result["best_checkpoint"], "checkpoint.pt").is_file()
+    weights, expected = final_weights(resumed), final_weights(uninterrupted)
+    assert all(torch.equal(weights[name], expected[name]) for name in expected)
+
+
 def test_the_command_line_joins_a_running_cluster(ray_cluster, config, tmp_path):
     address = ray_cluster.get_runtime_context().gcs_address
     command = [

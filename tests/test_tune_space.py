@@ -44,6 +44,22 @@ def test_yaml_space_parses_every_distribution(tmp_path):
     assert space.dimensions[1].to_optuna().high == 2
 
 
+def test_numbers_in_exponent_form_are_numbers_as_in_yaml_1_2(tmp_path):
+    # PyYAML alone (YAML 1.1) reads 1e-4 as the string '1e-4'.
+    (tmp_path / "space.yaml").write_text(
+        "learning_rate: {loguniform: [1e-4, 1e-2]}\n"
+        "weight_decay: {loguniform: [1E-6, 1.0e-3]}\n"
+        "hidden_size: {choice: [64, 128]}\n"
+        "decoder_mode: {choice: [free, conditioned]}\n"
+    )
+    space = load_space(tmp_path / "space.yaml")
+    learning_rate, weight_decay, hidden_size, decoder_mode = space.dimensions
+    assert learning_rate.values == (1e-4, 1e-2) and weight_decay.values == (1e-6, 1e-3)
+    assert hidden_size.values == (64, 128) and all(isinstance(value, int) for value in hidden_size.values)
+    assert decoder_mode.values == ("free", "conditioned")
+    assert "log-uniform in [0.0001, 0.01]" in space.describe()
+
+
 @pytest.mark.parametrize(
     "entries, message",
     [

@@ -13,6 +13,7 @@ is validated before Ray starts, and a bad value exits with status 2 and one line
 from __future__ import annotations
 
 import argparse
+import contextlib
 from collections.abc import Sequence
 from dataclasses import replace
 
@@ -34,6 +35,8 @@ from train.commandline import (
     check_split,
     fail,
     root_cause,
+    stopped_by_interrupt,
+    watch_interrupts,
 )
 from train.launch import (
     RESUMABLE_FIELDS,
@@ -41,6 +44,8 @@ from train.launch import (
     RunSettings,
     SavedRun,
     Scaling,
+    claim_run_folder,
+    continue_line,
     default_run_name,
     run_training,
     saved_run,
@@ -124,6 +129,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         max_failures=arguments.max_failures,
         address=arguments.address,
     )
+    with watch_interrupts() as watch, contextlib.ExitStack() as claim:
+        try:
+            return run_command(arguments, settings, claim, watch.interrupted)
+        except BaseException:
+            if not watch.interrupted():
+                raise
+        # Ray Train's own handler stopped the run; what it raises does not say so.
+        stopped_by_interrupt(f"run {name}", continue_line(settings))
+
+
+def run_command(
+    arguments: argparse.Namespace, settings: RunSettings, claim: contextlib.ExitStack, interrupted
+) -> int:
+    """Check everything, claim the run folder (held until `claim` closes), then train.
+    `interrupted()`: whether Ctrl-C came (then an error is the interrupt's, not reported)."""
+    name = settings.name
     try:
         if arguments.resume and arguments.name is None:
             raise ConfigError("--resume needs the --name of the run to continue")
@@ -133,9 +154,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         check_scaling_arguments(arguments)
         settings = replace(settings, mlflow=mlflow_settings(arguments, MLFLOW_EXPERIMENT))
-        saved = saved_run(settings) if arguments.resume else None
-        config = resolve_config(arguments, saved)
-        check_split(config, arguments.num_workers)
+        saved = None
+        if not arguments.resume:  # a new run's flags are checked before its folder exists
+            config = resolve_config(arguments, None)
+            check_split(config, arguments.num_workers)
+        claim.enter_context(claim_run_folder(settings))  # before reading or writing the folder
+        if arguments.resume:
+            saved = saved_run(settings)
+            config = resolve_config(arguments, saved)
+            check_split(config, arguments.num_workers)
         scaling = Scaling(arguments.num_workers, arguments.use_gpu, arguments.cpus_per_worker)
     except (ConfigError, RunFolderError, ValueError) as error:
         fail(str(error))
@@ -146,12 +173,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return 0
     origin = "resumed from its saved config" if arguments.resume else f"preset {arguments.preset}"
-    print(f"run {name}: {origin}, {arguments.num_workers} worker(s), output {arguments.output_dir}")
+    print(f"run {name}: {origin}, {arguments.num_workers} worker(s), output {arguments.output_dir}", flush=True)
     try:
         summary = run_training(config, scaling, settings)
     except (RunFolderError, DataError, ConfigError) as error:
         fail(str(error))
     except Exception as error:  # Ray's TrainingFailedError and friends: one line, not a traceback
+        if interrupted():
+            raise
         fail(f"training failed: {root_cause(error)}", status=1)
     print_summary(summary)
     return 0

@@ -1,16 +1,22 @@
 """What the command lines (`train`, `train.predict`, `train.probe`, `tune`, `tune.compare`)
 share: one-line errors, the scaling and device flags, the batch-split and address checks,
-and finding a run's checkpoint.
+Ctrl-C, and finding a run's checkpoint.
 
 Bad input never shows a traceback: it exits with status 2 and one line naming the problem.
+Ctrl-C (SIGINT) exits with status 130 and one line saying how to continue.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import json
+import os
+import signal
 import socket
 import sys
+from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 from typing import NoReturn
 
@@ -27,6 +33,52 @@ class OneLineParser(argparse.ArgumentParser):
 def fail(message: str, status: int = 2) -> NoReturn:
     print(f"error: {message}", file=sys.stderr, flush=True)
     raise SystemExit(status)
+
+
+INTERRUPTED_STATUS = 130  # 128 + SIGINT, as shells report a command stopped by Ctrl-C
+
+
+class InterruptWatch:
+    """Notices a SIGINT even when Ray replaces the handler: Ray Train's and Ray Tune's own
+    handlers (installed inside `fit`) stop the run gracefully and then return or raise
+    something that does not say why. The interpreter writes the number of every signal it
+    handles to the wakeup file descriptor, whoever's handler runs; this watch reads it."""
+
+    def __init__(self) -> None:
+        self._reader, self._writer = os.pipe()
+        for descriptor in (self._reader, self._writer):
+            flags = fcntl.fcntl(descriptor, fcntl.F_GETFL)
+            fcntl.fcntl(descriptor, fcntl.F_SETFL, flags | os.O_NONBLOCK)
+        self._previous = signal.set_wakeup_fd(self._writer, warn_on_full_buffer=False)
+        self._seen = False
+
+    def interrupted(self) -> bool:
+        """Whether a SIGINT arrived since the watch began."""
+        with contextlib.suppress(BlockingIOError, OSError):
+            while chunk := os.read(self._reader, 512):
+                self._seen = self._seen or signal.SIGINT in chunk
+        return self._seen
+
+    def close(self) -> None:
+        self.interrupted()
+        signal.set_wakeup_fd(self._previous)
+        os.close(self._reader)
+        os.close(self._writer)
+
+
+@contextlib.contextmanager
+def watch_interrupts() -> Iterator[InterruptWatch]:
+    watch = InterruptWatch()
+    try:
+        yield watch
+    finally:
+        watch.close()
+
+
+def stopped_by_interrupt(what: str, resume_line: str) -> NoReturn:
+    """Exit 130 with one line saying how to continue."""
+    print(f"{what} stopped by Ctrl-C (SIGINT); {resume_line}", file=sys.stderr, flush=True)
+    raise SystemExit(INTERRUPTED_STATUS)
 
 
 def root_cause(error: BaseException) -> str:

@@ -2,7 +2,10 @@
 
 The run folder is Ray Train's own folder, `<storage>/<name>/`, where Ray keeps the
 checkpoints (`checkpoint_<step>/`, the best `keep_checkpoints` by the validation metric plus
-the latest). After training the driver adds, from the final checkpoint:
+the latest). The run claims it before Ray starts (`claim.json`, `train/claim.py`) and gives
+it back at the end; a resume first sets aside checkpoints that do not load
+(`damaged_checkpoint_<step>/`, `train/recovery.py`). After training the driver adds, from
+the final checkpoint:
 
     config.json      the experiment config and how it was scaled
     metrics.csv      one row per report (losses, throughput, validation metrics)
@@ -28,11 +31,14 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from lstm_ae.checkpoint import CheckpointError
 from lstm_ae.config import ConfigError, ExperimentConfig
 from lstm_ae.data import STANDARD_FILE, load_test_set
 from lstm_ae.metrics import METRIC_MODES, UNITS
 from lstm_ae.viz import RUN_PICTURES
+from train.claim import claimed
 from train.cluster import ClusterCapacity, check_can_hold, cluster_capacity, waiting_line
+from train.recovery import SNAPSHOT_FILE, left_empty, repair_snapshot
 from train.state import HISTORY_FILE
 from train.storage import path_exists, read_text, storage_filesystem, storage_path, write_text
 from train.tracking import TRACKING_KEY, MLflowSettings, MLflowTrainRun
@@ -48,7 +54,6 @@ RAY_ENVIRONMENT = {
 }
 # oneDNN's and ATen's instruction-set caps: a run started under them trains under them.
 FORWARDED_ENVIRONMENT = ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY")
-SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"
 
 
 class RunFolderError(ValueError):
@@ -91,6 +96,22 @@ def default_run_name(preset_name: str) -> str:
 
 
 # ------------------------------------------------------------------------------- resuming
+
+
+def claim_run_folder(settings: RunSettings):
+    """The claim on the run folder, held for the `with` block (FolderClaimedError if a live
+    run holds it; a nested claim by the same process is a no-op)."""
+    filesystem, root = storage_filesystem(settings.storage)
+    return claimed(filesystem, f"{root}/{settings.name}")
+
+
+def continue_line(settings: RunSettings) -> str:
+    """How to go on with a stopped run: resume it once it has a checkpoint, else start it again."""
+    filesystem, root = storage_filesystem(settings.storage)
+    flags = f"--name {settings.name}" + (f" --output-dir {settings.storage}" if settings.storage != "runs" else "")
+    if path_exists(filesystem, f"{root}/{settings.name}/{SNAPSHOT_FILE}"):
+        return f"continue it with: python -m train {flags} --resume"
+    return f"it had no checkpoint yet: start it again with python -m train {flags} and the same flags"
 
 
 def check_run_folder(settings: RunSettings) -> None:
@@ -231,10 +252,21 @@ def run_training(
 
     `train_loop` replaces `train.worker.train_loop_per_worker` (tests wrap it to inject faults).
     """
+    with claim_run_folder(settings):
+        check_run_folder(settings)
+        filesystem, root = storage_filesystem(settings.storage)
+        if settings.resume:
+            try:  # Ray's resume then starts from the newest checkpoint that loads
+                repair_snapshot(filesystem, f"{root}/{settings.name}")
+            except CheckpointError as error:
+                raise RunFolderError(str(error)) from None
+        return _train(config, scaling, settings, train_loop)
+
+
+def _train(config, scaling: Scaling, settings: RunSettings, train_loop) -> RunSummary:
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    check_run_folder(settings)
     config = with_absolute_paths(config)
     load_test_set(config.model, config.data)  # check (and build, and cache) the validation set here
     capacity = cluster_capacity(joined=connect(settings.address))
@@ -285,6 +317,10 @@ def run_training(
         if mlflow_run is not None:
             mlflow_run.finish(failed=True)
         raise
+    try:  # drop the empty folders workers left for checkpoints they skipped as damaged
+        repair_snapshot(filesystem, run_path, load=False)
+    except (CheckpointError, OSError) as error:
+        print(f"warning: could not tidy the run's checkpoint list: {error}", flush=True)
     summary = write_run_folder(result, config, scaling, time.time() - started, settings)
     if mlflow_run is not None:
         mlflow_run.finish(filesystem, run_path)
@@ -365,8 +401,13 @@ def _record_precision(filesystem, run_path: str, precision: str, choice: dict[st
 
 
 def best_checkpoint(best_checkpoints, metric: str) -> tuple[str | None, dict[str, Any]]:
-    """(path, reported row) of the best kept checkpoint by `metric` (Ray keeps their metrics)."""
-    scored = [(checkpoint, row) for checkpoint, row in best_checkpoints if metric in row]
+    """(path, reported row) of the best kept checkpoint by `metric` (Ray keeps their metrics);
+    a checkpoint set aside as damaged (its folder left empty) never counts."""
+    scored = [
+        (checkpoint, row)
+        for checkpoint, row in best_checkpoints
+        if metric in row and not left_empty(checkpoint.filesystem, checkpoint.path)
+    ]
     if not scored:
         return None, {}
     choose = min if METRIC_MODES[metric] == "min" else max

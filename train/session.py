@@ -7,6 +7,10 @@ how it reports and finds its checkpoint:
   `prepare_model`). This is `python -m train`, and each multi-worker Tune trial.
 - `tune.session.TuneSession`: a Tune trial that runs the function directly in its own
   process (one worker per trial), reporting through `ray.tune.*`.
+
+Every session hands the function the newest checkpoint that loads (`train.recovery`): a
+damaged one is skipped with one line and set aside, and checkpoints written afterwards take
+a fresh name where the skipped one's would repeat.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import torch
 from torch import nn
 
 from lstm_ae.hardware import gpu_problem
+from train.recovery import fresh_checkpoint_name, newest_loadable
 
 
 class Session(Protocol):
@@ -31,7 +36,7 @@ class Session(Protocol):
     def prepare_model(self, model: nn.Module) -> nn.Module: ...
 
     def latest_checkpoint(self) -> contextlib.AbstractContextManager[str | None]:
-        """A local folder holding the checkpoint to resume from, or None."""
+        """A local folder holding the newest checkpoint that loads, to resume from, or None."""
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: str | None, step: int) -> None:
         """Report metrics (every rank, same number of calls); rank 0 may attach a checkpoint folder."""
@@ -50,6 +55,12 @@ def checkpoint_name(step: int) -> str:
     return f"checkpoint_{step:08d}"
 
 
+def _ray_folder(filesystem, path: str):
+    import ray.train
+
+    return ray.train.Checkpoint(path=path, filesystem=filesystem).as_directory()
+
+
 class RayTrainSession:
     """A Ray Train worker: rank and device from the Train context, DDP from prepare_model."""
 
@@ -65,6 +76,7 @@ class RayTrainSession:
         self.world_rank = context.get_world_rank()
         self.world_size = context.get_world_size()
         self.device = ray.train.torch.get_device()
+        self.skipped: set[str] = set()  # damaged checkpoints skipped on restoring
 
     def prepare_model(self, model: nn.Module) -> nn.Module:
         import ray.train.torch
@@ -74,13 +86,19 @@ class RayTrainSession:
     def latest_checkpoint(self):
         import ray.train
 
-        return checkpoint_folder(ray.train.get_checkpoint())
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            return checkpoint_folder(None)
+        return newest_loadable(
+            checkpoint.filesystem, checkpoint.path, self.world_rank, self.skipped, open_folder=_ray_folder
+        )
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: str | None, step: int) -> None:
         import ray.train
 
         checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
-        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=checkpoint_name(step))
+        name = fresh_checkpoint_name(checkpoint_name(step), self.skipped)
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
 
 
 def quiet_report_logging() -> None:
@@ -104,12 +122,16 @@ class LocalSession:
         self.checkpoint_root = checkpoint_root or tempfile.mkdtemp(prefix="lstm_ae_local_")
         self.reports: list[dict[str, Any]] = []
         self.checkpoints: list[str] = []
+        self.skipped: set[str] = set()
 
     def prepare_model(self, model: nn.Module) -> nn.Module:
         return model.to(self.device)
 
     def latest_checkpoint(self):
-        return contextlib.nullcontext(self.checkpoints[-1] if self.checkpoints else None)
+        import pyarrow.fs
+
+        latest = self.checkpoints[-1] if self.checkpoints else None
+        return newest_loadable(pyarrow.fs.LocalFileSystem(), latest, self.world_rank, self.skipped)
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: str | None, step: int) -> None:
         import shutil
@@ -117,6 +139,6 @@ class LocalSession:
 
         self.reports.append(dict(metrics))
         if checkpoint_dir:
-            target = Path(self.checkpoint_root) / checkpoint_name(step)
+            target = Path(self.checkpoint_root) / fresh_checkpoint_name(checkpoint_name(step), self.skipped)
             shutil.copytree(checkpoint_dir, target, dirs_exist_ok=True)
             self.checkpoints.append(str(target))

@@ -195,16 +195,84 @@ def mlflow_settings(arguments: argparse.Namespace, default_experiment: str) -> M
         raise ConfigError(
             f"--mlflow-tracking-uri needs the mlflow package: pip install {MLFLOW_PACKAGE}"
         ) from None
-    return MLflowSettings(absolute_tracking_uri(uri), experiment or default_experiment)
+    tracking_uri = absolute_tracking_uri(uri)
+    check_tracking_uri(tracking_uri, uri)
+    return MLflowSettings(tracking_uri, experiment or default_experiment)
+
+
+NAMED_URIS = ("databricks", "databricks-uc", "uc")  # MLflow URIs that are names, not folders
 
 
 def absolute_tracking_uri(uri: str) -> str:
     """A folder or a relative `file:` URI made absolute; other URIs as given."""
     if uri.startswith("file:") and not uri.startswith("file://"):
         uri = uri[len("file:") :]
-    elif ":" in uri and not Path(uri).exists():
+    elif (":" in uri and not Path(uri).exists()) or uri in NAMED_URIS:
         return uri  # http://..., databricks, sqlite:///...
     return Path(uri).expanduser().resolve().as_uri()
+
+
+def _mlflow_schemes() -> set[str] | None:
+    """The URI schemes the installed mlflow has both a tracking store and a model-registry
+    store for (an MlflowClient needs both); None where this mlflow does not say."""
+    try:
+        from mlflow.tracking._tracking_service import utils as tracking_utils
+
+        schemes = set(tracking_utils._tracking_store_registry._registry)
+    except (ImportError, AttributeError):
+        return None
+    try:
+        from mlflow.tracking._model_registry import utils as registry_utils
+
+        schemes &= set(registry_utils._get_store_registry()._registry)
+    except (ImportError, AttributeError):
+        pass  # older mlflow: the tracking stores alone
+    return schemes
+
+
+def check_tracking_uri(tracking_uri: str, given: str | None = None) -> None:
+    """ConfigError (one line) where the installed mlflow could not log to `tracking_uri`: a
+    scheme it has no store for, or a `file:` folder that cannot be created. Nothing is
+    created or contacted (a server's address is first tried when the run starts)."""
+    import urllib.parse
+
+    import mlflow
+    from mlflow.utils.uri import get_uri_scheme
+
+    given = given or tracking_uri
+    try:
+        scheme = get_uri_scheme(tracking_uri)
+    except Exception as error:  # noqa: BLE001 (mlflow's own parse errors vary by version)
+        raise ConfigError(f"--mlflow-tracking-uri {given}: not a URI mlflow reads ({error})") from None
+    schemes = _mlflow_schemes()
+    if schemes is not None and scheme not in schemes:
+        named = sorted(scheme for scheme in schemes if scheme not in ("", "file"))
+        raise ConfigError(
+            f"--mlflow-tracking-uri {given}: mlflow {mlflow.__version__} cannot track to {scheme or 'this'}: URIs "
+            f"(it takes a folder or file:FOLDER, or {', '.join(named)})"
+        )
+    parsed = urllib.parse.urlparse(tracking_uri)
+    if scheme in ("", "file"):
+        folder = Path(urllib.parse.unquote(parsed.path if scheme else tracking_uri)).expanduser()
+        problem = _uncreatable(folder)
+        if problem:
+            raise ConfigError(f"--mlflow-tracking-uri {given}: cannot create the folder {folder} ({problem})")
+
+
+def _uncreatable(folder: Path) -> str | None:
+    """Why `folder` cannot be used or made as a folder, or None."""
+    if folder.exists():
+        return None if folder.is_dir() else "a file is in the way"
+    ancestor = folder.parent
+    while not ancestor.exists():
+        if ancestor == ancestor.parent:
+            return "no existing folder above it"
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        return f"{ancestor} is a file"
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        return f"{ancestor} is not writable"
+    return None
 
 
 def allow_file_store(tracking_uri: str) -> None:

@@ -15,6 +15,7 @@ results.csv / results.md (one row per trial, best first) and plots.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 from collections.abc import Sequence
@@ -30,6 +31,7 @@ from lstm_ae.config import (
 )
 from lstm_ae.data import DataError
 from lstm_ae.tables import to_markdown
+from train.claim import FolderClaimedError, claimed
 from train.commandline import (
     OneLineParser,
     add_address_argument,
@@ -37,11 +39,19 @@ from train.commandline import (
     check_split,
     fail,
     root_cause,
+    stopped_by_interrupt,
+    watch_interrupts,
 )
-from train.storage import storage_path
+from train.storage import path_exists, storage_path
 from train.tracking import add_mlflow_arguments, mlflow_settings
 from tune.ablations import VARIANTS, final_metrics, run_ablations, write_ablations
-from tune.experiment import ExperimentFolderError, SearchSettings, experiment_path, saved_experiment
+from tune.experiment import (
+    SEARCH_FILE,
+    ExperimentFolderError,
+    SearchSettings,
+    experiment_path,
+    saved_experiment,
+)
 from tune.results import trial_rows, write_results
 from tune.space import SpaceError, default_space, load_space
 from tune.tracking import trial_mlflow_callback
@@ -153,6 +163,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         arguments.name
         or f"lstm-ae-{arguments.experiment}-{arguments.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
     )
+    with watch_interrupts() as watch, contextlib.ExitStack() as claim:
+        try:
+            return run_command(arguments, name, claim, watch.interrupted)
+        except BaseException:
+            if not watch.interrupted():
+                raise
+        stopped_by_interrupt(f"{arguments.experiment} {name}", continue_line(arguments, name))
+
+
+def continue_line(arguments: argparse.Namespace, name: str) -> str:
+    """How to go on with an interrupted experiment: restore it once Tune saved its state."""
+    filesystem, path = experiment_path(SearchSettings(name=name, storage=arguments.output_dir))
+    flags = f"--name {name}" + (f" --output-dir {arguments.output_dir}" if arguments.output_dir != "runs" else "")
+    if arguments.experiment != "search":
+        flags += f" --experiment {arguments.experiment}"
+    if path_exists(filesystem, f"{path}/{SEARCH_FILE}"):
+        return f"continue it with: python -m tune {flags} --resume"
+    return f"it had not started yet: start it again with python -m tune {flags} and the same flags"
+
+
+def run_command(arguments: argparse.Namespace, name: str, claim: contextlib.ExitStack, interrupted) -> int:
+    """Check everything, claim the experiment folder (held until `claim` closes), then run."""
     record = None
     try:
         if arguments.resume and arguments.name is None:
@@ -160,18 +192,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         check_positive(arguments)
         check_scaling_arguments(arguments)
         mlflow = mlflow_settings(arguments, name)
+        if not arguments.resume:  # a new experiment's flags are checked before its folder exists
+            base, space = new_experiment(arguments)
+        filesystem, path = experiment_path(SearchSettings(name=name, storage=arguments.output_dir))
+        claim.enter_context(claimed(filesystem, path, "experiment folder"))
         if arguments.resume:
             record = saved_experiment(SearchSettings(name=name, storage=arguments.output_dir))
-        if record is not None:
-            base, space, arguments.seeds = resumed_experiment(arguments, record)
-        else:
-            base = config_from_arguments(arguments, arguments.preset)
-            space = load_space(arguments.space) if arguments.space else default_space(arguments.preset)
-        check_split(base, arguments.num_workers_per_trial)
-        if space is not None:
-            space.check(base, arguments.num_workers_per_trial)
+            if record is not None:
+                base, space, arguments.seeds = resumed_experiment(arguments, record)
+            else:
+                base, space = new_experiment(arguments)  # the driver says there is nothing to resume
         first = [space.base_point(base)] if arguments.base_first and space is not None else None
-    except (ConfigError, SpaceError, ExperimentFolderError) as error:
+    except (ConfigError, SpaceError, ExperimentFolderError, FolderClaimedError) as error:
         fail(str(error))
     settings = SearchSettings(
         name=name,
@@ -203,23 +235,44 @@ def main(argv: Sequence[str] | None = None) -> int:
     callbacks = [trial_mlflow_callback(mlflow, base, name, settings.storage)] if mlflow else []
     try:
         if arguments.experiment == "ablations":
-            summary = ablations_and_tabulate(base, arguments.seeds, settings, callbacks)
+            summary = ablations_and_tabulate(base, arguments.seeds, settings, callbacks, interrupted)
         else:
-            summary = search_and_tabulate(base, space, settings, callbacks, first)
-    except (ExperimentFolderError, DataError, ConfigError, SpaceError) as error:
+            summary = search_and_tabulate(base, space, settings, callbacks, first, interrupted)
+    except (ExperimentFolderError, DataError, ConfigError, SpaceError, FolderClaimedError) as error:
         fail(str(error))
     except Exception as error:  # Ray errors: one line, not a traceback
+        if interrupted():
+            raise
         fail(f"search failed: {root_cause(error)}", status=1)
     print(summary)
     return 0
 
 
-def search_and_tabulate(base, space, settings, callbacks=(), points_to_evaluate=None) -> str:
-    """Run the search, write the results table and plots; returns a printable summary."""
+def new_experiment(arguments: argparse.Namespace) -> tuple:
+    """(base, space) of a new experiment from the flags, checked."""
+    base = config_from_arguments(arguments, arguments.preset)
+    space = load_space(arguments.space) if arguments.space else default_space(arguments.preset)
+    check_split(base, arguments.num_workers_per_trial)
+    if space is not None:
+        space.check(base, arguments.num_workers_per_trial)
+    return base, space
+
+
+class Interrupted(KeyboardInterrupt):
+    """Tune stopped the experiment on Ctrl-C and returned as if it had ended."""
+
+
+def search_and_tabulate(
+    base, space, settings, callbacks=(), points_to_evaluate=None, interrupted=lambda: False
+) -> str:
+    """Run the search, write the results table and plots; returns a printable summary.
+    `interrupted()` true after Tune returns: the search was stopped by Ctrl-C (Interrupted)."""
     from tune.search import clock as search_clock
     from tune.search import run_search, stopped_by_scheduler
 
     results, path, _ = run_search(base, space, settings, callbacks, points_to_evaluate)
+    if interrupted():
+        raise Interrupted
     metric = base.training.metric
     stopped = stopped_by_scheduler(settings)
     clock = search_clock(base)  # ASHA's clock
@@ -232,9 +285,11 @@ def search_and_tabulate(base, space, settings, callbacks=(), points_to_evaluate=
     return f"\n{to_markdown(rows, shown)}\nresults: {folder / 'results.md'} (and {', '.join(written[2:])})"
 
 
-def ablations_and_tabulate(base, seeds: int, settings, callbacks=()) -> str:
+def ablations_and_tabulate(base, seeds: int, settings, callbacks=(), interrupted=lambda: False) -> str:
     """Run the ablation grid and write its table and plot; returns a printable summary."""
     results, _, _ = run_ablations(base, seeds, settings, callbacks)
+    if interrupted():
+        raise Interrupted
     folder = local_results_folder(settings)
     markdown = write_ablations(folder, final_metrics(results, base.training.max_steps), seeds)
     publish(folder, ["ablations.csv", "ablations.md", "ablations.png"], settings)

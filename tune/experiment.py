@@ -24,7 +24,8 @@ within seconds: a search never sits on reserved, unused CPUs.
 
 Trials report after every validation. A failed trial (a lost node) is retried from its
 latest checkpoint up to `max_failures` times. The experiment folder is Tune's own,
-`<storage>/<name>/`, with `search.json` (what the experiment was started with).
+`<storage>/<name>/`, with `search.json` (what the experiment was started with); the
+experiment claims it before Ray starts (`claim.json`, see `train/claim.py`).
 Each trial's folder also holds the TensorBoard events its rank 0 writes (`train/tracking.py`).
 """
 
@@ -39,6 +40,7 @@ from typing import Any
 from lstm_ae.config import ExperimentConfig
 from lstm_ae.data import load_test_set
 from lstm_ae.metrics import METRIC_MODES
+from train.claim import claimed
 from train.cluster import HEAD_RESOURCE, ClusterCapacity, check_can_hold, cluster_capacity, waiting_line
 from train.launch import connect, with_absolute_paths
 from train.session import quiet_report_logging
@@ -254,6 +256,12 @@ def run_experiment(
     `callbacks` are Tune callbacks (tests use them to watch or interrupt the driver).
     Returns (ResultGrid, experiment path, plan).
     """
+    filesystem, path = experiment_path(settings)
+    with claimed(filesystem, path, "experiment folder"):  # before Ray starts, until the end
+        return _run_claimed(base, settings, setup, record, callbacks, num_trials)
+
+
+def _run_claimed(base: ExperimentConfig, settings: SearchSettings, setup, record, callbacks, num_trials):
     from ray import tune as ray_tune  # (this project's package is `tune` too)
 
     filesystem, path = experiment_path(settings)

@@ -28,6 +28,8 @@ from lstm_ae.metrics import (
     is_finite_number,
 )
 from lstm_ae.tables import to_csv, to_markdown
+from train.recovery import left_empty
+from train.storage import storage_filesystem
 from tune.space import SearchSpace
 
 BEST_MARK = "*"
@@ -144,22 +146,33 @@ def _best_checkpoint(result, reported: list[dict[str, Any]], metric: str) -> str
     A multi-worker trial runs a Train run inside it whose TuneReportCallback reports each
     checkpoint only as a `checkpoint_path` metric: Tune holds none of them, so the best is
     the best of those rows (blank, NaN in the dataframe, on reports without a checkpoint).
+    A checkpoint set aside as damaged (its folder left empty, `train/recovery.py`) never counts.
     """
     mode = METRIC_MODES[metric]
     if result.best_checkpoints:
-        try:
-            return result.get_best_checkpoint(metric, mode).path
-        except RuntimeError:  # no kept checkpoint carries the metric
-            return None
-    candidates = [
-        (row["checkpoint_path"], row[metric])
-        for row in reported
-        if isinstance(row.get("checkpoint_path"), str)
-    ]
+        candidates = [
+            (checkpoint.path, row[metric])
+            for checkpoint, row in result.best_checkpoints
+            if is_finite_number(row.get(metric)) and not left_empty(checkpoint.filesystem, checkpoint.path)
+        ]
+    else:
+        candidates = [
+            (row["checkpoint_path"], row[metric])
+            for row in reported
+            if isinstance(row.get("checkpoint_path"), str) and not _left_empty(row["checkpoint_path"])
+        ]
     if not candidates:
         return None
     choose = min if mode == "min" else max
     return choose(candidates, key=lambda pair: pair[1])[0]
+
+
+def _left_empty(path: str) -> bool:
+    """A checkpoint folder left empty (set aside as damaged); no where storage cannot be asked."""
+    try:
+        return left_empty(*storage_filesystem(path))
+    except Exception:  # noqa: BLE001 (a URI whose filesystem is not reachable from here)
+        return False
 
 
 def sort_rows(rows: list[dict[str, Any]], column: str, mode: str) -> list[dict[str, Any]]:

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from lstm_ae.hardware import gpu_problem
+from train.recovery import newest_loadable
 from train.session import checkpoint_folder
 
 
@@ -18,6 +19,7 @@ class TuneSession:
     world_size = 1
 
     def __init__(self, use_gpu: bool = False):
+        self.skipped: set[str] = set()  # damaged checkpoints skipped on restoring
         if use_gpu:  # never train on the CPU by surprise
             problem = gpu_problem()
             if problem:
@@ -28,9 +30,20 @@ class TuneSession:
         return model.to(self.device)
 
     def latest_checkpoint(self):
+        """The newest of the trial's checkpoints that loads (Tune names them by report, so a
+        checkpoint written after skipping a damaged one never takes its name)."""
         import ray.tune
 
-        return checkpoint_folder(ray.tune.get_checkpoint())
+        checkpoint = ray.tune.get_checkpoint()
+        if checkpoint is None:
+            return checkpoint_folder(None)
+        return newest_loadable(
+            checkpoint.filesystem,
+            checkpoint.path,
+            self.world_rank,
+            self.skipped,
+            open_folder=lambda filesystem, path: ray.tune.Checkpoint(path=path, filesystem=filesystem).as_directory(),
+        )
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: str | None, step: int) -> None:
         import ray.tune

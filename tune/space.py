@@ -4,7 +4,7 @@ A space maps config fields to distributions. The YAML file has one entry per fie
 
     hidden_size: {choice: [128, 256, 512, 1024]}
     num_layers: {int: [1, 3]}                   # integers, both ends included
-    learning_rate: {loguniform: [1.0e-4, 1.0e-2]}
+    learning_rate: {loguniform: [1e-4, 1e-2]}   # numbers as YAML 1.2 reads them
     reconstruction_weight: {uniform: [0.0, 1.0]}
     dropout: {uniform: [0.0, 0.5]}
     decoder_mode: {choice: [free, conditioned]}
@@ -181,6 +181,26 @@ def parse_space(entries: Any, source: str = "search space") -> SearchSpace:
     return SearchSpace(tuple(dimensions))
 
 
+# YAML 1.2's floats (its core schema): PyYAML follows YAML 1.1, which wants a dot, so that
+# `1e-4` would be read as the string '1e-4'.
+YAML12_FLOAT = r"""^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"""
+
+
+def yaml_loader():
+    """PyYAML's safe loader, reading numbers as YAML 1.2 does (`1e-4` is a float)."""
+    import re
+
+    import yaml
+
+    class SpaceLoader(yaml.SafeLoader):
+        pass
+
+    SpaceLoader.add_implicit_resolver(
+        "tag:yaml.org,2002:float", re.compile(YAML12_FLOAT), list("-+0123456789.")
+    )
+    return SpaceLoader
+
+
 def load_space(path: str | Path) -> SearchSpace:
     import yaml
 
@@ -188,7 +208,7 @@ def load_space(path: str | Path) -> SearchSpace:
     if not path.is_file():
         raise SpaceError(f"search space file not found: {path}")
     try:
-        entries = yaml.safe_load(path.read_text(encoding="utf-8"))
+        entries = yaml.load(path.read_text(encoding="utf-8"), Loader=yaml_loader())
     except UnicodeDecodeError:
         raise SpaceError(f"{path} is not a text (UTF-8) file") from None
     except yaml.YAMLError as error:
