@@ -31,7 +31,7 @@ from lstm_ae.precision import bf16_support
 from lstm_ae.tables import to_markdown
 from train.cluster import cluster_capacity
 from train.commandline import OneLineParser, add_address_argument, check_address, fail
-from train.launch import connect
+from train.connection import connect
 from train.storage import storage_filesystem
 
 REQUIREMENTS = Path(__file__).resolve().parents[1] / "requirements.txt"

@@ -24,7 +24,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
@@ -38,22 +37,12 @@ from lstm_ae.metrics import METRIC_MODES, UNITS
 from lstm_ae.viz import RUN_PICTURES
 from train.claim import claimed
 from train.cluster import ClusterCapacity, check_can_hold, cluster_capacity, waiting_line
+from train.connection import connect
 from train.recovery import SNAPSHOT_FILE, left_empty, repair_snapshot
 from train.state import HISTORY_FILE
 from train.storage import path_exists, read_text, storage_filesystem, storage_path, write_text
 from train.tracking import TRACKING_KEY, MLflowSettings, MLflowTrainRun
 from train.worker import WorkerSettings, loop_config, train_loop_per_worker
-
-# Quieter Ray: no duplicated worker prints. Ray Train's preemption watcher stays on (its
-# default): when Ray drains a node (a spot notice where the autoscaler turns it into a
-# drain), the run checkpoints on its schedule and restarts elsewhere without spending
-# --max-failures. It costs one 0-CPU actor and one harmless ERROR line from Ray's core per
-# run ("PreemptionWatcher ... has constructor arguments in the object store").
-RAY_ENVIRONMENT = {
-    "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
-}
-# oneDNN's and ATen's instruction-set caps: a run started under them trains under them.
-FORWARDED_ENVIRONMENT = ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY")
 
 
 class RunFolderError(ValueError):
@@ -207,25 +196,6 @@ def with_absolute_paths(config: ExperimentConfig) -> ExperimentConfig:
             test_file=test_file,
         ),
     )
-
-
-def connect(address: str | None) -> bool:
-    """Join the cluster at `address` (or RAY_ADDRESS), or start a local one. True when it
-    joined a cluster that was already running (which may have an autoscaler)."""
-    for key, value in RAY_ENVIRONMENT.items():
-        os.environ.setdefault(key, value)
-    import ray
-
-    joined = bool(address or os.environ.get("RAY_ADDRESS"))
-    # CPU capability caps set for this command reach its workers too (see README, Performance).
-    forwarded = {key: os.environ[key] for key in FORWARDED_ENVIRONMENT if key in os.environ}
-    if not ray.is_initialized():
-        ray.init(
-            address=address,
-            runtime_env={"env_vars": {**RAY_ENVIRONMENT, **forwarded}},
-            log_to_driver=True,
-        )
-    return joined
 
 
 def _cpus_per_worker(scaling: Scaling, capacity: ClusterCapacity) -> float:

@@ -42,7 +42,8 @@ from lstm_ae.data import load_test_set
 from lstm_ae.metrics import METRIC_MODES
 from train.claim import claimed
 from train.cluster import HEAD_RESOURCE, ClusterCapacity, check_can_hold, cluster_capacity, waiting_line
-from train.launch import connect, with_absolute_paths
+from train.connection import connect
+from train.launch import with_absolute_paths
 from train.session import quiet_report_logging
 from train.storage import path_exists, read_text, storage_filesystem, storage_path
 from train.tracking import TRACKING_KEY
