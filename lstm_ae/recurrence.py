@@ -228,7 +228,7 @@ class _Matmul:
     (`baddbmm`). In a lower one (bf16 autocast) the product runs in that dtype into a reused
     buffer, and one operator widens it into the float32 result while adding the addend: the
     same values as `_bmm` followed by an add. On CPU the forward product is computed as
-    (weight @ left^T)^T, the orientation oneDNN's bf16 kernels run faster (`_bmm_transposed`),
+    (weight @ left^T)^T, the orientation oneDNN's bf16 kernels run faster,
     so its left operands are the transposed views `operands` returns.
     """
 
