@@ -212,8 +212,9 @@ def test_a_search_table_names_each_trials_best_kept_checkpoint(tmp_path):
     write_search_record(folder, settings, experiment="search")
     space = parse_space({"learning_rate": {"loguniform": [1e-4, 1e-2]}})
     kept = {step: tmp_path / f"checkpoint_{step}" for step in (4, 6)}
-    for path in kept.values():
+    for path in kept.values():  # a kept checkpoint holds its file (an emptied one was set aside)
         path.mkdir()
+        (path / "checkpoint.pt").write_bytes(b"weights")
     one_worker = tune_result(
         folder / "one_worker",
         {"learning_rate": 1e-3},
