@@ -14,6 +14,7 @@ are the device's answers) so that every branch is tested without the hardware.
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -106,23 +107,33 @@ def _operands(out: int, inner: int, rows: int, kind: str, dtype: torch.dtype, de
 def matmul_gflops(
     products: list[tuple[int, int, int, str]], dtype: torch.dtype, device: torch.device
 ) -> float:
-    """Achieved GFLOP/s over `products` (see model_products), each timed for about
-    SECONDS_PER_TIMING after one untimed run."""
+    """Achieved GFLOP/s over `products` (see model_products): each product is timed call by
+    call for about SECONDS_PER_TIMING (at least 3 calls) after one untimed run, and its fastest
+    call counts, on one thread. Other work on the machine only ever slows a call down, so the
+    fastest call is what the hardware does, and a busy machine cannot flip the choice."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one thread: a core busy with other work cannot stall the timing
+    try:
+        return _fastest_gflops(products, dtype, device)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _fastest_gflops(products, dtype: torch.dtype, device: torch.device) -> float:
     flops = seconds = 0.0
     for out, inner, rows, kind in products:
         left, right = _operands(out, inner, rows, kind, dtype, device)
         torch.bmm(left, right)  # warm-up: first-call dispatch, kernel selection
         _synchronize(device)
-        repeats, start = 0, time.perf_counter()
-        while True:
+        fastest, calls, start = math.inf, 0, time.perf_counter()
+        while calls < 3 or time.perf_counter() - start < SECONDS_PER_TIMING:
+            call_start = time.perf_counter()
             torch.bmm(left, right)
-            repeats += 1
             _synchronize(device)
-            elapsed = time.perf_counter() - start
-            if elapsed >= SECONDS_PER_TIMING:
-                break
-        flops += 2.0 * out * inner * rows * repeats
-        seconds += elapsed
+            fastest = min(fastest, time.perf_counter() - call_start)
+            calls += 1
+        flops += 2.0 * out * inner * rows
+        seconds += fastest
     return flops / seconds / 1e9
 
 
