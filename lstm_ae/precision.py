@@ -61,10 +61,16 @@ class PrecisionChoice:
         return f"precision: {self.precision} ({self.reason})"
 
 
+def cpu_capabilities() -> dict[str, Any]:
+    """torch's reading of the CPU (cpuinfo; instruction-set caps in the environment do not
+    change it), empty where this torch cannot say."""
+    return torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
+
+
 def cpu_native_bf16(capabilities: dict[str, Any] | None = None) -> bool:
     """True where the CPU computes bf16 natively (AVX512_BF16 or AMX), as torch reports it."""
     if capabilities is None:
-        capabilities = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
+        capabilities = cpu_capabilities()
     return bool(capabilities.get("avx512_bf16") or capabilities.get("amx_bf16"))
 
 
@@ -148,10 +154,15 @@ def measure_bf16_against_fp32(
     """(bf16 GFLOP/s, fp32 GFLOP/s) on the model's products, unless the same products at a
     small pilot size already find bf16 far slower (then those rates: a slow path never costs
     seconds here)."""
-    pilot = model_products(*PILOT_SIZE)
-    bf16, fp32 = matmul_gflops(pilot, torch.bfloat16, device), matmul_gflops(pilot, torch.float32, device)
+    bf16, fp32 = bf16_and_fp32_gflops(model_products(*PILOT_SIZE), device)
     if bf16 < PILOT_CUTOFF * fp32:
         return bf16, fp32
+    return bf16_and_fp32_gflops(products, device)
+
+
+def bf16_and_fp32_gflops(
+    products: list[tuple[int, int, int, str]], device: torch.device
+) -> tuple[float, float]:
     return matmul_gflops(products, torch.bfloat16, device), matmul_gflops(products, torch.float32, device)
 
 
@@ -237,7 +248,7 @@ def agreed(choice: PrecisionChoice, everyone_can_bf16: bool) -> PrecisionChoice:
 
 def describe_cpu() -> str:
     """One line on what this CPU offers torch: its name, ATen's vector level and native bf16."""
-    capabilities = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
+    capabilities = cpu_capabilities()
     if capabilities.get("amx_bf16"):
         bf16 = "native bf16 (AMX)"
     elif capabilities.get("avx512_bf16"):
@@ -246,9 +257,8 @@ def describe_cpu() -> str:
         bf16 = "no native bf16"
     name = capabilities.get("cpu_name") or "unknown"
     capped = os.environ.get("ONEDNN_MAX_CPU_ISA")
-    return (
-        f"CPU: {name}, ATen {torch.backends.cpu.get_cpu_capability()}, {bf16}"
-        + (f" (oneDNN capped at {capped} by ONEDNN_MAX_CPU_ISA)" if capped else "")
+    return f"CPU: {name}, ATen {torch.backends.cpu.get_cpu_capability()}, {bf16}" + (
+        f" (oneDNN capped at {capped} by ONEDNN_MAX_CPU_ISA)" if capped else ""
     )
 
 
@@ -260,8 +270,7 @@ def bf16_support(device: torch.device | str = "cpu") -> str:
         if cuda_native_bf16():
             return "native"
         return "emulated" if torch.cuda.is_bf16_supported() else "none"
-    pilot = model_products(*PILOT_SIZE)
-    bf16, fp32 = matmul_gflops(pilot, torch.bfloat16, device), matmul_gflops(pilot, torch.float32, device)
+    bf16, fp32 = bf16_and_fp32_gflops(model_products(*PILOT_SIZE), device)
     ratio = f"{bf16 / fp32:.2g}x fp32"
     if cpu_native_bf16() and bf16 < PILOT_CUTOFF * fp32:  # e.g. oneDNN capped by ONEDNN_MAX_CPU_ISA
         return f"native in the CPU, unused by torch here ({ratio})"
