@@ -35,8 +35,7 @@ from train.commandline import (
     check_split,
     fail,
     root_cause,
-    stopped_by_interrupt,
-    watch_interrupts,
+    run_until_interrupted,
 )
 from train.launch import (
     RESUMABLE_FIELDS,
@@ -129,14 +128,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         max_failures=arguments.max_failures,
         address=arguments.address,
     )
-    with watch_interrupts() as watch, contextlib.ExitStack() as claim:
-        try:
-            return run_command(arguments, settings, claim, watch.interrupted)
-        except BaseException:
-            if not watch.interrupted():
-                raise
-        # Ray Train's own handler stopped the run; what it raises does not say so.
-        stopped_by_interrupt(f"run {name}", continue_line(settings))
+    return run_until_interrupted(
+        lambda claim, interrupted: run_command(arguments, settings, claim, interrupted),
+        f"run {name}",
+        lambda: continue_line(settings),
+    )
 
 
 def run_command(

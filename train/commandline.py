@@ -16,7 +16,7 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path, PurePosixPath
 from typing import NoReturn
 
@@ -79,6 +79,24 @@ def stopped_by_interrupt(what: str, resume_line: str) -> NoReturn:
     """Exit 130 with one line saying how to continue."""
     print(f"{what} stopped by Ctrl-C (SIGINT); {resume_line}", file=sys.stderr, flush=True)
     raise SystemExit(INTERRUPTED_STATUS)
+
+
+def run_until_interrupted(
+    command: Callable[[contextlib.ExitStack, Callable[[], bool]], int],
+    what: str,
+    continue_line: Callable[[], str],
+) -> int:
+    """`command(claim, interrupted)` with Ctrl-C watched; `claim` (what the command holds, such
+    as its folder's claim) is released however it ends. After a SIGINT, whatever Ray raised
+    meanwhile, exit 130 with one line: `what` stopped, and `continue_line()`."""
+    with watch_interrupts() as watch, contextlib.ExitStack() as claim:
+        try:
+            return command(claim, watch.interrupted)
+        except BaseException:
+            if not watch.interrupted():
+                raise
+        # Ray's own handler stopped the work; what it raises does not say so.
+        stopped_by_interrupt(what, continue_line())
 
 
 def root_cause(error: BaseException) -> str:

@@ -39,8 +39,7 @@ from train.commandline import (
     check_split,
     fail,
     root_cause,
-    stopped_by_interrupt,
-    watch_interrupts,
+    run_until_interrupted,
 )
 from train.storage import path_exists, storage_path
 from train.tracking import add_mlflow_arguments, mlflow_settings
@@ -163,13 +162,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         arguments.name
         or f"lstm-ae-{arguments.experiment}-{arguments.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
     )
-    with watch_interrupts() as watch, contextlib.ExitStack() as claim:
-        try:
-            return run_command(arguments, name, claim, watch.interrupted)
-        except BaseException:
-            if not watch.interrupted():
-                raise
-        stopped_by_interrupt(f"{arguments.experiment} {name}", continue_line(arguments, name))
+    return run_until_interrupted(
+        lambda claim, interrupted: run_command(arguments, name, claim, interrupted),
+        f"{arguments.experiment} {name}",
+        lambda: continue_line(arguments, name),
+    )
 
 
 def continue_line(arguments: argparse.Namespace, name: str) -> str:
