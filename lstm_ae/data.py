@@ -322,21 +322,20 @@ def _prefetch(
     try:
         while not stop.is_set():
             frames = stream.pixel_batch(step)[0]
-            item = frames.pin_memory() if pin_memory else frames
-            while not stop.is_set():
-                try:
-                    batches.put(item, timeout=0.1)
-                    break
-                except queue.Full:
-                    continue
+            _put_unless_stopped(batches, frames.pin_memory() if pin_memory else frames, stop)
             step += 1
     except BaseException as error:  # handed to the consumer, raised by its next()
-        while not stop.is_set():
-            try:
-                batches.put(error, timeout=0.1)
-                return
-            except queue.Full:
-                continue
+        _put_unless_stopped(batches, error, stop)
+
+
+def _put_unless_stopped(batches: queue.Queue, item, stop: threading.Event) -> None:
+    """Queue `item`, waiting while the queue is full, unless the consumer stops first."""
+    while not stop.is_set():
+        try:
+            batches.put(item, timeout=0.1)
+            return
+        except queue.Full:
+            continue
 
 
 def split_sequence(frames: Tensor, past_length: int, future_length: int) -> tuple[Tensor, Tensor]:
