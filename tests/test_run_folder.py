@@ -309,6 +309,7 @@ def test_a_checkpoint_folder_left_empty_is_never_the_best(tmp_path):
     (tmp_path / "checkpoint_00000002").mkdir()
     (tmp_path / "checkpoint_00000002" / "checkpoint.pt").write_bytes(b"weights")
     (tmp_path / "checkpoint_00000004").mkdir()  # set aside: the controller still lists it
+    (tmp_path / "damaged_checkpoint_00000004").mkdir()
     kept = [
         (Checkpoint(tmp_path / "checkpoint_00000002"), {"step": 2, "val_mse_frame": 150.0}),
         (Checkpoint(tmp_path / "checkpoint_00000004"), {"step": 4, "val_mse_frame": 140.0}),

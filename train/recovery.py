@@ -109,14 +109,17 @@ def stored_problem(filesystem, path: str) -> tuple[str | None, TrainingState | N
 
 
 def left_empty(filesystem, path: str) -> bool:
-    """Whether `path` is a folder left empty: a damaged checkpoint set aside while Ray's
-    controller still listed it. Such a folder is never the best checkpoint."""
+    """Whether `path` is a checkpoint folder left empty when its damaged contents were set
+    aside as `damaged_<name>` beside it (while Ray's controller still listed it). Such a
+    folder is never the best checkpoint."""
     import pyarrow.fs
 
+    path = path.rstrip("/")
+    aside = f"{PurePosixPath(path).parent}/{DAMAGED_PREFIX}{PurePosixPath(path).name}"
     try:
         if filesystem.get_file_info(path).type != pyarrow.fs.FileType.Directory:
             return False
-        return not filesystem.get_file_info(pyarrow.fs.FileSelector(path))
+        return not filesystem.get_file_info(pyarrow.fs.FileSelector(path)) and path_exists(filesystem, aside)
     except OSError:
         return False
 
