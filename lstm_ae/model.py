@@ -170,8 +170,8 @@ class CompositeLSTMAutoencoder(nn.Module):
             future: (B, future_length, C, H, W) prediction target.
         Returns:
             CompositeOutput; losses are per frame (summed over pixels, averaged over frames
-            and sequences): binary cross-entropy in nats for the logistic head, squared error
-            for the linear one. loss = w * reconstruction_loss + (1 - w) * prediction_loss.
+            and sequences): `config.resolved_loss` (binary cross-entropy in nats, squared error,
+            or absolute plus squared error). loss = w * reconstruction_loss + (1 - w) * prediction_loss.
         """
         config = self.config
         self._check_input(past, config.past_length, "past")
@@ -234,11 +234,18 @@ class CompositeLSTMAutoencoder(nn.Module):
         return torch.sigmoid(logits) if self.config.head == "logistic" else logits
 
     def _frame_loss(self, logits: Tensor, target: Tensor) -> Tensor:
-        """Loss summed over pixels, averaged over frames and sequences. logits, target: (T, B, D)."""
+        """Loss summed over pixels, averaged over frames and sequences. logits, target: (T, B, D).
+
+        Cross-entropy from the logits (stable); squared and absolute errors of the head's outputs."""
         frames = logits.shape[0] * logits.shape[1]
-        if self.config.head == "logistic":
+        loss = self.config.resolved_loss
+        if loss == "bce":
             return F.binary_cross_entropy_with_logits(logits, target, reduction="sum") / frames
-        return F.mse_loss(logits, target, reduction="sum") / frames
+        outputs = self._activate(logits)
+        squared = F.mse_loss(outputs, target, reduction="sum")
+        if loss == "mse":
+            return squared / frames
+        return (squared + F.l1_loss(outputs, target, reduction="sum")) / frames
 
     def _dropout(self, hidden: Tensor) -> Tensor:
         return F.dropout(hidden, self.config.dropout, self.training)

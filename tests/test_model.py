@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lstm_ae.config import ModelConfig
+from lstm_ae.config import ConfigError, ModelConfig
 from lstm_ae.model import CompositeLSTMAutoencoder
 
 
@@ -177,3 +177,34 @@ def test_lstm_ae_does_not_import_ray():
     code = "import sys, lstm_ae.model, lstm_ae.data, lstm_ae.engine, lstm_ae.checkpoint, lstm_ae.viz; print('ray' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize(
+    "head, loss",
+    [("logistic", "auto"), ("linear", "auto"), ("logistic", "mse"), ("linear", "l1_l2"), ("logistic", "l1_l2")],
+)
+def test_each_loss_is_its_formula_on_the_heads_outputs(head, loss):
+    """Per frame: cross-entropy from the logits, squared error, or absolute plus squared error of
+    the outputs (after the sigmoid for the logistic head), summed over pixels."""
+    torch.manual_seed(0)
+    model = CompositeLSTMAutoencoder(small(head=head, loss=loss, reconstruction_weight=0.0))
+    past, future = torch.rand(3, 4, 1, 8, 8), torch.rand(3, 4, 1, 8, 8)
+    output = model(past, future)
+    prediction, frames = output.prediction.double(), 3 * 4  # the head's outputs, (B, T, 1, 8, 8)
+    error = prediction - future.double()
+    expected = {
+        "bce": -(future * prediction.log() + (1 - future) * (1 - prediction).log()).sum(),
+        "mse": error.pow(2).sum(),
+        "l1_l2": error.pow(2).sum() + error.abs().sum(),
+    }[model.config.resolved_loss] / frames
+    assert model.config.resolved_loss == {"auto": {"logistic": "bce", "linear": "mse"}[head]}.get(loss, loss)
+    assert output.prediction_loss.item() == pytest.approx(expected.item(), rel=1e-4)
+    output.loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_cross_entropy_needs_the_logistic_head():
+    with pytest.raises(ConfigError, match="loss 'bce' needs head 'logistic'"):
+        small(head="linear", loss="bce")
+    with pytest.raises(ConfigError, match="loss must be one of auto, bce, mse, l1_l2, got 'l1'"):
+        small(loss="l1")
