@@ -486,8 +486,10 @@ def _parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
-def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add one `--field-name` flag per config field, defaulting to None (meaning: the preset's)."""
+def add_config_arguments(parser: argparse.ArgumentParser, repeatable: tuple[str, ...] = ()) -> None:
+    """Add one `--field-name` flag per config field, defaulting to None (meaning: the preset's).
+
+    A field in `repeatable` may be given more than once (a list of values, in order)."""
     defaults = ExperimentConfig()
     for section in SECTIONS:
         group = parser.add_argument_group(f"{section} config")
@@ -506,6 +508,7 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
                 type=parse,
                 default=None,
                 metavar=kind.__name__.upper(),
+                action="append" if f.name in repeatable else "store",
                 help=f"{FIELD_HELP.get(f.name, f.name)} ({defaults_text})".replace("%", "%%"),  # argparse formats help
             )
 

@@ -6,6 +6,7 @@
     python -m tune --space my_space.yaml                    # another search space
     python -m tune --name my-search --resume                # continue an interrupted search
     python -m tune --mlflow-tracking-uri file:mlruns        # also one MLflow run per trial
+    python -m tune --metric val_mse_frame --metric val_ssim # two objectives: the Pareto front
 
 Config flags (`--max-steps`, `--batch-size`, ...) set the base config every trial starts
 from; the search space overrides its fields. At the end the experiment folder holds
@@ -30,6 +31,7 @@ from lstm_ae.config import (
     config_overrides,
 )
 from lstm_ae.data import DataError
+from lstm_ae.pareto import rule_text
 from lstm_ae.tables import to_markdown
 from train.claim import FolderClaimedError, claimed
 from train.commandline import (
@@ -51,7 +53,9 @@ from tune.experiment import (
     experiment_path,
     saved_experiment,
 )
-from tune.results import trial_rows, write_results
+from tune.objectives import Objectives, from_record, is_multi, objectives_from_flags
+from tune.objectives import describe as describe_objectives
+from tune.results import front_columns, trial_rows, write_results
 from tune.space import SpaceError, default_space, load_space
 from tune.tracking import trial_mlflow_callback
 
@@ -116,8 +120,26 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--resume", action="store_true", help="continue the experiment --name")
     add_address_argument(parser)
     add_mlflow_arguments(parser, "the experiment's --name")
-    add_config_arguments(parser)
+    parser.add_argument(
+        "--mode",
+        action="append",
+        choices=("min", "max"),
+        default=None,
+        help="with --metric: minimise or maximise it, once per --metric in the same order "
+        "(default: errors minimised; SSIM, PSNR and probe accuracy maximised)",
+    )
+    add_config_arguments(parser, repeatable=("metric",))
     return parser
+
+
+def take_objectives(arguments: argparse.Namespace) -> Objectives:
+    """The search's objectives from repeated --metric/--mode; leaves `arguments.metric` the first
+    metric (the config field) or None. Two metrics search the Pareto front (tune/objectives.py)."""
+    objectives = objectives_from_flags(arguments.metric, arguments.mode)
+    arguments.metric = objectives[0][0] if objectives else None
+    if is_multi(objectives) and arguments.experiment != "search":
+        raise ConfigError("two --metric flags apply to searches; the ablation grid ranks one metric")
+    return objectives if is_multi(objectives) else ()
 
 
 def check_positive(arguments: argparse.Namespace) -> None:
@@ -172,7 +194,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 def continue_line(arguments: argparse.Namespace, name: str) -> str:
     """How to go on with an interrupted experiment: restore it once Tune saved its state."""
     filesystem, path = experiment_path(SearchSettings(name=name, storage=arguments.output_dir))
-    flags = f"--name {name}" + (f" --output-dir {arguments.output_dir}" if arguments.output_dir != "runs" else "")
+    flags = f"--name {name}" + (
+        f" --output-dir {arguments.output_dir}" if arguments.output_dir != "runs" else ""
+    )
     if arguments.experiment != "search":
         flags += f" --experiment {arguments.experiment}"
     if path_exists(filesystem, f"{path}/{SEARCH_FILE}"):
@@ -184,6 +208,7 @@ def run_command(arguments: argparse.Namespace, name: str, claim: contextlib.Exit
     """Check everything, claim the experiment folder (held until `claim` closes), then run."""
     record = None
     try:
+        objectives = take_objectives(arguments)
         if arguments.resume and arguments.name is None:
             raise ConfigError("--resume needs the --name of the experiment to continue")
         check_positive(arguments)
@@ -197,6 +222,7 @@ def run_command(arguments: argparse.Namespace, name: str, claim: contextlib.Exit
             record = saved_experiment(SearchSettings(name=name, storage=arguments.output_dir))
             if record is not None:
                 base, space, arguments.seeds = resumed_experiment(arguments, record)
+                objectives = from_record(record)
             else:
                 base, space = new_experiment(arguments)  # the driver says there is nothing to resume
         first = [space.base_point(base)] if arguments.base_first and space is not None else None
@@ -217,6 +243,7 @@ def run_command(arguments: argparse.Namespace, name: str, claim: contextlib.Exit
         grace_period=arguments.grace_period,
         reduction_factor=arguments.reduction_factor,
         max_failures=arguments.max_failures,
+        objectives=objectives,
     )
     if arguments.experiment == "ablations":
         print(
@@ -227,6 +254,8 @@ def run_command(arguments: argparse.Namespace, name: str, claim: contextlib.Exit
         print(
             f"experiment {name}: {arguments.num_samples} trials of preset {arguments.preset}, metric {base.training.metric}"
         )
+        if objectives:
+            print(describe_objectives(objectives))
         print(f"search space:\n{space.describe()}", flush=True)
     # One MLflow run per trial (a resumed experiment keeps the callbacks it was started with).
     callbacks = [trial_mlflow_callback(mlflow, base, name, settings.storage)] if mlflow else []
@@ -270,16 +299,28 @@ def search_and_tabulate(
     results, path, _ = run_search(base, space, settings, callbacks, points_to_evaluate)
     if interrupted():
         raise Interrupted
-    metric = base.training.metric
+    metric, objectives = base.training.metric, settings.objectives
     stopped = stopped_by_scheduler(settings)
     clock = search_clock(base)  # ASHA's clock
-    rows, histories = trial_rows(results, space, metric, base.training.max_steps, stopped, clock)
+    rows, histories = trial_rows(results, space, metric, base.training.max_steps, stopped, clock, objectives)
     folder = local_results_folder(settings)
-    written = write_results(folder, rows, histories, space, metric, clock)
+    written = write_results(folder, rows, histories, space, metric, clock, objectives)
     publish(folder, written, settings)
     timed = ["training_seconds"] if clock == "training_seconds" else []
-    shown = ["best", "trial", "status", *space.names, f"best_{metric}", "steps", *timed, "wall_seconds"]
-    return f"\n{to_markdown(rows, shown)}\nresults: {folder / 'results.md'} (and {', '.join(written[2:])})"
+    scores = [f"best_{metric}"]
+    marks = ["best"]
+    if is_multi(objectives):
+        marks, scores = ["best", "front"], list(front_columns(objectives))
+    shown = [*marks, "trial", "status", *space.names, *scores, "steps", *timed, "wall_seconds"]
+    legend = (
+        f"front: the Pareto front of {' and '.join(scores)}; best: {rule_text([m for m, _ in objectives])}\n"
+        if is_multi(objectives)
+        else ""
+    )
+    return (
+        f"\n{to_markdown(rows, shown)}\n{legend}"
+        f"results: {folder / 'results.md'} (and {', '.join(written[2:])})"
+    )
 
 
 def ablations_and_tabulate(base, seeds: int, settings, callbacks=(), interrupted=lambda: False) -> str:

@@ -48,6 +48,7 @@ from train.session import quiet_report_logging
 from train.storage import path_exists, read_text, storage_filesystem, storage_path
 from train.tracking import TRACKING_KEY
 from train.worker import WorkerSettings, loop_config, train_function, train_loop_per_worker
+from tune.objectives import Objectives
 from tune.reaper import DeadTrainerReaper
 from tune.session import TuneSession
 from tune.space import Dimension, SearchSpace
@@ -84,6 +85,7 @@ class SearchSettings:
     grace_period: int = 1
     reduction_factor: int = 2
     max_failures: int = 2
+    objectives: Objectives = ()  # two (metric, mode) pairs for a Pareto search; () one metric (tune/objectives.py)
 
 
 @dataclass(frozen=True)
@@ -305,12 +307,11 @@ def _run_claimed(base: ExperimentConfig, settings: SearchSettings, setup, record
         tuner = ray_tune.Tuner(
             trainable,
             param_space=param_space,
+            # A searcher of several metrics holds them itself (TuneConfig's would replace them).
             tune_config=ray_tune.TuneConfig(
-                metric=metric,
-                mode=METRIC_MODES[metric],
+                **{"metric": metric, "mode": METRIC_MODES[metric], **tune_arguments},
                 max_concurrent_trials=plan.max_concurrent,
                 time_budget_s=settings.time_budget_seconds,
-                **tune_arguments,
             ),
             run_config=ray_tune.RunConfig(
                 name=settings.name,

@@ -2,12 +2,15 @@
 
 One row per trial: the sampled config, the final and best validation metric, the other
 final metrics, steps and sequences seen, wall time, status, and the best checkpoint. Rows
-are sorted by the best metric; the best row is marked. Written to the experiment folder as
-`results.csv` and `results.md`, with three plots:
+are sorted by the best metric; the best row is marked. A search of two objectives marks its
+Pareto front (`front`), sorts it first, and marks as best the front trial its rule picks
+(`lstm_ae/pareto.py`). Written to the experiment folder as `results.csv` and `results.md`,
+with these plots:
 
     trials.png        the validation metric over steps, every trial on one figure
     parameters.png    each searched parameter against the trial's best metric
     importances.png   Optuna's parameter importances (when there are enough trials)
+    pareto.png        two objectives: every trial, the front, the chosen trial
 """
 
 from __future__ import annotations
@@ -27,12 +30,15 @@ from lstm_ae.metrics import (
     VAL_SSIM,
     is_finite_number,
 )
+from lstm_ae.pareto import front_choice, pareto_front, rule_text
 from lstm_ae.tables import to_csv, to_markdown
 from train.recovery import left_empty
 from train.storage import storage_filesystem
+from tune.objectives import Objectives, is_multi
 from tune.space import SearchSpace
 
 BEST_MARK = "*"
+FRONT_MARK = "*"
 REFERENCE = "reference"  # the kind of a comparison row that is a reference (the paper, a baseline)
 COMPLETED, STOPPED_BY_SCHEDULER, STOPPED_BY_PATIENCE, STOPPED, ERRORED = (
     "completed",
@@ -93,9 +99,12 @@ def trial_rows(
     max_steps: int,
     stopped_by_scheduler: set[str],
     clock: str = "step",
+    objectives: Objectives = (),
 ):
     """(rows, histories): one summary row per trial, and each trial's (clock readings, metric
     values); `clock` is a reported field, "step" or, for time-budgeted trials, "training_seconds".
+    With two `objectives` (the first is `metric`) a row's second metric is its value at the report
+    of the best first metric, and the rows are marked and sorted by the front (`mark_front`).
 
     From each Result's metrics_dataframe, not ResultGrid.get_dataframe(metric, mode): that one
     leaves out a trial that never reported (here: a row, errored) and raises on a trial whose
@@ -127,6 +136,10 @@ def trial_rows(
         for name in FINAL_METRICS:
             if name != metric:
                 row[name] = last.get(name)
+        if is_multi(objectives):
+            at_best = [r for r in reported if r[metric] == row[f"best_{metric}"]]
+            second = objectives[1][0]
+            row[second] = at_best[0].get(second) if at_best else None
         row["steps"] = steps
         if is_finite_number(last.get("training_seconds")):
             row["training_seconds"] = round(float(last["training_seconds"]), 1)
@@ -136,6 +149,8 @@ def trial_rows(
         if result.error is not None:
             row["error"] = str(result.error).strip().splitlines()[-1][:200]
         rows.append(row)
+    if is_multi(objectives):
+        return mark_front(rows, objectives), histories
     return sort_rows(rows, f"best_{metric}", METRIC_MODES[metric]), histories
 
 
@@ -188,6 +203,33 @@ def sort_rows(rows: list[dict[str, Any]], column: str, mode: str) -> list[dict[s
     for index, row in enumerate(rows):
         row["best"] = BEST_MARK if index == 0 and is_finite_number(row.get(column)) else ""
     return [{"best": row.pop("best"), **row} for row in rows]
+
+
+def front_columns(objectives: Objectives) -> tuple[str, str]:
+    """The table's columns of the two objectives: the best first metric, the second at it."""
+    return f"best_{objectives[0][0]}", objectives[1][0]
+
+
+def mark_front(rows: list[dict[str, Any]], objectives: Objectives) -> list[dict[str, Any]]:
+    """Rows of a two-objective search: `front` marks the Pareto front, which comes first (each
+    part sorted by the first metric), and `best` the trial `lstm_ae.pareto.front_choice` picks
+    (the best second metric within 2% of the best first)."""
+    columns, modes = front_columns(objectives), tuple(mode for _, mode in objectives)
+    points = [tuple(row.get(column) for column in columns) for row in rows]
+    on_front = pareto_front(points, modes)
+    chosen = front_choice(points, modes)
+    for index, row in enumerate(rows):
+        row["best"] = BEST_MARK if index == chosen else ""
+        row["front"] = FRONT_MARK if on_front[index] else ""
+    first, mode = columns[0], modes[0]
+
+    def key(row):
+        value = row.get(first)
+        missing = not is_finite_number(value)
+        return (row["front"] != FRONT_MARK, missing, 0.0 if missing else (value if mode == "min" else -value))
+
+    ordered = sorted(rows, key=key)
+    return [{"best": row.pop("best"), "front": row.pop("front"), **row} for row in ordered]
 
 
 # ------------------------------------------------------------------------------ plots
@@ -290,14 +332,70 @@ def plot_importances(path: Path, importances: dict[str, float]) -> None:
     plt.close(figure)
 
 
+def plot_front(path: Path, rows: list[dict[str, Any]], objectives: Objectives) -> None:
+    """The two objectives of every trial, the Pareto front drawn through its trials, and the
+    trial the rule picks."""
+    plt = _pyplot()
+    (first, second), modes = front_columns(objectives), [mode for _, mode in objectives]
+    points = [row for row in rows if is_finite_number(row.get(first)) and is_finite_number(row.get(second))]
+    front = sorted((row for row in points if row.get("front")), key=lambda row: row[first])
+    others = [row for row in points if not row.get("front")]
+    figure, axis = plt.subplots(figsize=(7, 5))
+    axis.scatter([r[first] for r in others], [r[second] for r in others], color="0.6", label="other trials")
+    axis.step(
+        [r[first] for r in front],
+        [r[second] for r in front],
+        where="post" if modes[0] == modes[1] else "pre",
+        color="tab:blue",
+        marker="o",
+        label=f"Pareto front ({len(front)} of {len(points)} trials)",
+    )
+    for row in front:
+        axis.annotate(
+            str(row["trial"]).split("_")[-1],
+            (row[first], row[second]),
+            fontsize=7,
+            xytext=(4, 4),
+            textcoords="offset points",
+        )
+    chosen = [row for row in points if row.get("best")]
+    if chosen:
+        axis.scatter(
+            [chosen[0][first]],
+            [chosen[0][second]],
+            marker="*",
+            s=260,
+            color="tab:orange",
+            zorder=3,
+            label=f"chosen: {rule_text([metric for metric, _ in objectives])}",
+        )
+    better = {"min": "lower is better", "max": "higher is better"}
+    axis.set_xlabel(f"{first} ({better[modes[0]]})")
+    axis.set_ylabel(f"{second} ({better[modes[1]]})")
+    axis.set_title("two objectives: every trial and the Pareto front")
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=90)
+    plt.close(figure)
+
+
 def write_results(
-    folder: Path, rows, histories, space: SearchSpace, metric: str, clock: str = "step"
+    folder: Path,
+    rows,
+    histories,
+    space: SearchSpace,
+    metric: str,
+    clock: str = "step",
+    objectives: Objectives = (),
 ) -> list[str]:
-    """results.csv, results.md and the plots; returns the names written."""
+    """results.csv, results.md and the plots (`pareto.png` for two objectives); returns the names written."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "results.csv").write_text(to_csv(rows))
     (folder / "results.md").write_text(to_markdown(rows))
     written = ["results.csv", "results.md"]
+    if is_multi(objectives):
+        plot_front(folder / "pareto.png", rows, objectives)
+        written.append("pareto.png")
     if histories:
         plot_trials(folder / "trials.png", histories, metric, clock)
         plot_parameters(folder / "parameters.png", rows, space, metric)

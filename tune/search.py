@@ -1,5 +1,7 @@
 """The search: Optuna's TPE sampler proposes configs, ASHA stops poor trials early.
 
+A search of two metrics (`tune/objectives.py`) runs TPE's multi-objective form and no ASHA.
+
 ASHA's clock is the training step each report carries (`step`), not Tune's
 `training_iteration`, which restarts when a multi-worker trial is retried while its
 TorchTrainer resumes at step k. With a time budget (`--max-minutes`) trials are compared at
@@ -20,6 +22,7 @@ from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 from lstm_ae.config import ExperimentConfig
 from train.storage import path_exists, storage_filesystem
 from tune.experiment import SearchSettings, experiment_path, run_experiment
+from tune.objectives import is_multi, to_record
 from tune.space import SearchSpace
 
 STOPPED_BY_SCHEDULER_FOLDER = "stopped_by_scheduler"
@@ -96,6 +99,17 @@ def run_search(
     space.check(base)
 
     def search_setup(ray_tune):
+        if is_multi(settings.objectives):  # the front: Optuna's multi-objective TPE, no early stopping
+            metrics, modes = (list(values) for values in zip(*settings.objectives))
+            searcher = OptunaSearch(
+                metric=metrics, mode=modes, seed=settings.seed, points_to_evaluate=points_to_evaluate
+            )
+            return space.to_ray(), {
+                "search_alg": searcher,
+                "metric": None,
+                "mode": None,
+                "num_samples": settings.num_samples,
+            }
         scheduler = RecordingASHA(
             settings.storage,
             settings.name,
@@ -110,4 +124,8 @@ def run_search(
         }
 
     record = {"space": [asdict(dimension) for dimension in space.dimensions]}
+    if settings.objectives:
+        if settings.objectives[0][0] != base.training.metric:
+            raise ValueError("the first objective must be the base config's metric")
+        record["objectives"] = to_record(settings.objectives)
     return run_experiment(base, settings, search_setup, record, callbacks)
