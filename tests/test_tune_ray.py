@@ -177,3 +177,43 @@ def test_the_ablation_grid_on_smoke_with_two_seeds_fills_every_row(ray_cluster, 
         assert "(n=2)" in row and variant.claim in row
     assert "n/a (not trained)" in table and "| the composite predicts the future" in table
     assert (folder / "ablations.png").stat().st_size > 0 and "ablations.md" in summary
+
+
+def test_a_two_objective_search_marks_a_front_no_trial_on_it_is_dominated(ray_cluster, base, tmp_path):
+    """--metric val_mse_frame --metric val_ssim: no early stopping, the front marked and first,
+    best = the rule's pick, each trial's SSIM taken at its best MSE report, pareto.png."""
+    import json
+
+    from lstm_ae.pareto import dominates, front_choice
+
+    objectives = (("val_mse_frame", "min"), ("val_ssim", "max"))
+    settings = SearchSettings(
+        name="front", storage=str(tmp_path), num_samples=4, max_concurrent=1, cpus_per_worker=1,
+        objectives=objectives,
+    )  # fmt: skip
+    space = parse_space({"learning_rate": {"loguniform": [1e-4, 3e-2]}, "head": {"choice": ["linear", "logistic"]}})
+    summary = search_and_tabulate(base, space, settings)
+    folder = tmp_path / "front"
+    rows = read_rows(folder)
+    assert len(rows) == 4 and all(row["status"] == COMPLETED and row["steps"] == "6" for row in rows)
+    points = [(float(row["best_val_mse_frame"]), float(row["val_ssim"])) for row in rows]
+    modes = ("min", "max")
+    marked = [row["front"] == "*" for row in rows]
+    for index, point in enumerate(points):  # the hand check
+        dominated = any(dominates(other, point, modes) for other in points)
+        assert marked[index] == (not dominated), (rows[index]["trial"], points)
+    assert marked == sorted(marked, reverse=True)  # the front first
+    assert [row["best"] for row in rows].count("*") == 1
+    assert rows[front_choice(points, modes)]["best"] == "*"
+    for row in rows:  # SSIM at the report with the best MSE, from Tune's own result.json
+        trial_folder = next(folder.glob(f"trial_{row['trial']}_*"))
+        reports = [json.loads(line) for line in (trial_folder / "result.json").read_text().splitlines()]
+        best = min((r for r in reports if "val_mse_frame" in r), key=lambda r: r["val_mse_frame"])
+        assert float(row["val_ssim"]) == pytest.approx(best["val_ssim"])
+    assert json.loads((folder / "search.json").read_text())["objectives"] == [
+        {"metric": "val_mse_frame", "mode": "min"},
+        {"metric": "val_ssim", "mode": "max"},
+    ]
+    assert not (folder / "stopped_by_scheduler").exists()
+    assert (folder / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "front: the Pareto front of best_val_mse_frame and val_ssim" in summary
