@@ -377,3 +377,42 @@ def test_report_mistakes_exit_2_with_one_line(report_inputs, tmp_path, capsys, p
         main([str(folder), "--format", "html", "--output", str(tmp_path / output)])
     error = capsys.readouterr().err
     assert exit_info.value.code == 2 and error.count("\n") == 1 and message in error, error
+
+
+def test_a_two_objective_search_keeps_its_front_in_the_table_and_the_html(tmp_path):
+    import re
+
+    objectives = (("val_mse_frame", "min"), ("val_ssim", "max"))
+    settings = SearchSettings(name="front", storage=str(tmp_path), num_samples=3, objectives=objectives)
+    folder = tmp_path / "front"
+    write_search_record(folder, settings, experiment="search")
+    space = parse_space({"learning_rate": {"loguniform": [1e-4, 1e-2]}})
+    reports = {  # (MSE, SSIM) per report; the front: sharp (b), low error (a); c is dominated by a
+        "a": [(130.0, 0.30), (115.0, 0.40)],
+        "b": [(125.0, 0.50), (121.0, 0.47)],
+        "c": [(118.0, 0.35), (117.0, 0.38)],
+    }
+    results = [
+        tune_result(folder / name, {"learning_rate": 1e-3},
+                    [{"step": 2 * (i + 1), "val_mse_frame": m, "val_ssim": s} for i, (m, s) in enumerate(rows)])
+        for name, rows in reports.items()
+    ]  # fmt: skip
+    rows, histories = trial_rows(results, space, "val_mse_frame", MAX_STEPS, set(), objectives=objectives)
+    assert [(row["trial"], row["front"], row["val_ssim"]) for row in rows] == [
+        ("a", "*", 0.40),
+        ("b", "*", 0.47),
+        ("c", "", 0.38),
+    ]
+    assert "pareto.png" in write_results(folder, rows, histories, space, "val_mse_frame", objectives=objectives)
+    table = [row for row in comparison_table([folder], "val_mse_frame") if row["kind"] == "tune trial"]
+    assert {row["trial"]: row["front"] for row in table} == {"a": "*", "b": "*", "c": ""}
+    assert {row["trial"]: row["val_ssim"] for row in table}["b"] == 0.47
+    report = tmp_path / "report.html"
+    assert main([str(folder), "--format", "html", "--output", str(report)]) == 0
+    page = report.read_text(encoding="utf-8")
+    (front_row,) = re.findall(r'<tr class="front">(.*?)</tr>', page, re.S)  # a is best, b the other
+    assert "<td>b</td>" in front_row and "Pareto front" in page
+    import base64
+
+    assert page.count("<img ") == 2  # the search's trials.png and pareto.png (no checkpoint pictures here)
+    assert base64.b64encode((folder / "pareto.png").read_bytes()).decode("ascii") in page

@@ -9,7 +9,8 @@ an ablation grid (ablations.csv), or a folder of such folders. Every trial and r
 steps, wall time, status and checkpoint; reference rows are added and marked as such: the
 paper's composite model (341.2 BCE nats per frame on the standard test file) and the
 trivial baselines (all-zeros, copy-last-frame) as measured on each validation set the runs
-used. Rows are sorted by --metric, best first.
+used. Rows are sorted by --metric, best first. Trials on the Pareto front of a two-objective
+search keep its mark (`front`).
 
 `--format html` writes one self-contained page with each run's pictures (`tune.report`).
 """
@@ -30,12 +31,13 @@ from lstm_ae.metrics import (
     TABLE_METRIC_MODES,
     VAL_BCE_NATS_FRAME,
     VAL_MSE_FRAME,
+    VAL_SSIM,
     is_finite_number,
 )
 from lstm_ae.tables import read_table, to_csv, to_markdown
 from train.commandline import OneLineParser, fail
 from tune.report import html_report
-from tune.results import BEST_MARK, COMPLETED, REFERENCE, STOPPED, sort_rows, trial_status
+from tune.results import BEST_MARK, COMPLETED, FRONT_MARK, REFERENCE, STOPPED, sort_rows, trial_status
 from tune.variants import VARIANTS
 
 CONFIG_COLUMNS = ("hidden_size", "num_layers", "learning_rate", "reconstruction_weight", "decoder_mode")
@@ -81,6 +83,7 @@ def train_run_rows(folder: Path, metric: str) -> list[dict[str, Any]]:
         metric: value,
         VAL_BCE_NATS_FRAME: final.get(VAL_BCE_NATS_FRAME) if metric != VAL_BCE_NATS_FRAME else value,
         VAL_MSE_FRAME: final.get(VAL_MSE_FRAME) if metric != VAL_MSE_FRAME else value,
+        VAL_SSIM: final.get(VAL_SSIM) if metric != VAL_SSIM else value,
         PROBE_ACCURACY: final.get(PROBE_ACCURACY),
         "steps": result.get("steps"),
         "sequences_seen": result.get("sequences_seen"),
@@ -105,6 +108,7 @@ def experiment_rows(folder: Path, metric: str) -> list[dict[str, Any]]:
                 "source": folder.name,
                 "kind": "tune trial",
                 "trial": record.get("trial"),
+                "front": FRONT_MARK if record.get("front") == FRONT_MARK else "",
                 "status": record.get("status"),
                 **{name: record.get(name, base.get(name)) for name in CONFIG_COLUMNS},
                 metric: value,
@@ -112,6 +116,7 @@ def experiment_rows(folder: Path, metric: str) -> list[dict[str, Any]]:
                 if metric == VAL_BCE_NATS_FRAME
                 else _final(record, VAL_BCE_NATS_FRAME),
                 VAL_MSE_FRAME: value if metric == VAL_MSE_FRAME else _final(record, VAL_MSE_FRAME),
+                VAL_SSIM: value if metric == VAL_SSIM else _final(record, VAL_SSIM),
                 PROBE_ACCURACY: value if metric == PROBE_ACCURACY else _final(record, PROBE_ACCURACY),
                 "steps": record.get("steps"),
                 "sequences_seen": record.get("sequences_seen"),
@@ -284,10 +289,13 @@ def comparison_table(paths: Sequence[Path], metric: str) -> list[dict[str, Any]]
     ]
 
 
-def table_columns(metric: str) -> list[str]:
-    """The table's columns: the sort metric after the config, then the other metrics."""
-    columns = ["best", "source", "kind", "trial", "status", *CONFIG_COLUMNS, metric]
-    columns += [name for name in (VAL_BCE_NATS_FRAME, VAL_MSE_FRAME, PROBE_ACCURACY) if name != metric]
+def table_columns(metric: str, rows: Sequence[dict[str, Any]] = ()) -> list[str]:
+    """The table's columns: the sort metric after the config, then the other metrics; `front`
+    (a two-objective search's Pareto front, from its results.csv) where a row has the mark."""
+    front = ["front"] if any(row.get("front") for row in rows) else []
+    columns = ["best", *front, "source", "kind", "trial", "status", *CONFIG_COLUMNS, metric]
+    others = (VAL_BCE_NATS_FRAME, VAL_MSE_FRAME, VAL_SSIM, PROBE_ACCURACY)
+    columns += [name for name in others if name != metric]
     return columns + ["steps", "sequences_seen", "wall_seconds", "workers", "checkpoint"]
 
 
@@ -314,10 +322,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (FileNotFoundError, CompareError) as error:
         fail(str(error))
     if arguments.format == "html":
-        text = html_report(rows, arguments.metric, arguments.paths, table_columns(arguments.metric))
+        text = html_report(rows, arguments.metric, arguments.paths, table_columns(arguments.metric, rows))
     else:
         render = {"markdown": to_markdown, "csv": to_csv}[arguments.format]
-        text = render(rows, table_columns(arguments.metric))
+        text = render(rows, table_columns(arguments.metric, rows))
     if arguments.output is None:
         sys.stdout.write(text)
         return 0

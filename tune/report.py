@@ -24,7 +24,10 @@ RUN_PICTURES = (
     ("frames.png", "per sequence: input, true future, predicted future, reconstruction"),
 )  # fmt: skip
 EXPERIMENT_PICTURES = {
-    "tune experiment": (("trials.png", "the validation metric over steps, every trial of the search"),),
+    "tune experiment": (
+        ("trials.png", "the validation metric over steps, every trial of the search"),
+        ("pareto.png", "two objectives: every trial, the Pareto front, the trial the rule picks"),
+    ),
     "ablation grid": (("ablations.png", "each variant's metrics, mean over seeds"),),
 }
 MIME_TYPES = {".png": "image/png", ".gif": "image/gif"}
@@ -41,6 +44,7 @@ table.dataframe td:first-child { white-space: nowrap; }
 table.dataframe td:nth-child(2) { min-width: 10em; }
 table.dataframe td:last-child { min-width: 14em; overflow-wrap: anywhere; }
 tr.reference td { color: #666; font-style: italic; background: #fafafa; }
+tr.front td:first-child { box-shadow: inset 4px 0 0 #1f77b4; }
 tr.best td { background: #fff3b0; font-weight: bold; }
 tr.best td:first-child::before { content: "\\2605  "; color: #c08000; }
 .legend, .note, figcaption { font-size: 0.85em; color: #555; }
@@ -138,14 +142,24 @@ def _format_value(value: Any) -> str:
 
 
 def _marked_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
-    """pandas' HTML table with each body row's class: `best`, `reference` or none."""
+    """pandas' HTML table with each body row's class: `best`, `reference`, `front` (on a
+    two-objective search's Pareto front) or none."""
     table = to_html(rows, columns)
     head, body = table.split("<tbody>", 1)
     head = head.replace("_", "_<wbr>")  # column names break after an underscore, not mid-word
     pieces = body.split("<tr>")  # cells are escaped: every <tr> opens a row, in order
     if len(pieces) != len(rows) + 1:
         raise RuntimeError(f"expected {len(rows)} rows in pandas' table, found {len(pieces) - 1}")
-    classes = ["best" if row.get("best") else "reference" if row["kind"] == REFERENCE else "" for row in rows]
+    classes = [
+        "best"
+        if row.get("best")
+        else "reference"
+        if row["kind"] == REFERENCE
+        else "front"
+        if row.get("front")
+        else ""
+        for row in rows
+    ]
     marked = [f'<tr class="{name}">' if name else "<tr>" for name in classes]
     return head + "<tbody>" + pieces[0] + "".join(tag + piece for tag, piece in zip(marked, pieces[1:]))
 
@@ -170,7 +184,13 @@ def html_report(rows: list[dict[str, Any]], metric: str, paths: Sequence[Path], 
             f"<h1>Runs and trials by {html.escape(metric)} ({direction} is better)</h1>",
             f'<p class="legend">From <code>{html.escape(inputs)}</code>. The highlighted row, marked '
             "&#9733; best, is the best run or trial; grey italic rows are references (the paper, "
-            "the trivial baselines). Below the table, each run and the best trial of each search "
+            "the trivial baselines)"
+            + (
+                "; rows with a blue edge are on the Pareto front of a two-objective search"
+                if any(row.get("front") for row in rows)
+                else ""
+            )
+            + ". Below the table, each run and the best trial of each search "
             "with its pictures, best first.</p>",
             f'<div class="table-wrap">{table}</div>',
             *(_section(best, metric) for best in best_rows.values()),
