@@ -215,5 +215,12 @@ def test_a_two_objective_search_marks_a_front_no_trial_on_it_is_dominated(ray_cl
         {"metric": "val_ssim", "mode": "max"},
     ]
     assert not (folder / "stopped_by_scheduler").exists()
+    from ray.tune.search.optuna import OptunaSearch  # Optuna was told both values of every trial
+
+    searcher = OptunaSearch()
+    searcher.restore(str(next(folder.glob("searcher-state-*.pkl"))))
+    study = searcher._ot_study
+    assert [direction.name for direction in study.directions] == ["MINIMIZE", "MAXIMIZE"]
+    assert all(len(trial.values) == 2 for trial in study.trials)
     assert (folder / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "front: the Pareto front of best_val_mse_frame and val_ssim" in summary
