@@ -53,9 +53,10 @@ from tune.experiment import (
     experiment_path,
     saved_experiment,
 )
+from tune.front import front_columns
 from tune.objectives import Objectives, from_record, is_multi, objectives_from_flags
 from tune.objectives import describe as describe_objectives
-from tune.results import front_columns, trial_rows, write_results
+from tune.results import trial_rows, write_results
 from tune.space import SpaceError, default_space, load_space
 from tune.tracking import trial_mlflow_callback
 

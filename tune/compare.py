@@ -36,8 +36,9 @@ from lstm_ae.metrics import (
 )
 from lstm_ae.tables import read_table, to_csv, to_markdown
 from train.commandline import OneLineParser, fail
+from tune.front import FRONT_MARK
 from tune.report import html_report
-from tune.results import BEST_MARK, COMPLETED, FRONT_MARK, REFERENCE, STOPPED, sort_rows, trial_status
+from tune.results import BEST_MARK, COMPLETED, REFERENCE, STOPPED, sort_rows, trial_status
 from tune.variants import VARIANTS
 
 CONFIG_COLUMNS = ("hidden_size", "num_layers", "learning_rate", "reconstruction_weight", "decoder_mode")

@@ -30,15 +30,13 @@ from lstm_ae.metrics import (
     VAL_SSIM,
     is_finite_number,
 )
-from lstm_ae.pareto import front_choice, pareto_front, rule_text
 from lstm_ae.tables import to_csv, to_markdown
 from train.recovery import left_empty
 from train.storage import storage_filesystem
+from tune.front import BEST_MARK, mark_front, plot_front
 from tune.objectives import Objectives, is_multi
 from tune.space import SearchSpace
 
-BEST_MARK = "*"
-FRONT_MARK = "*"
 REFERENCE = "reference"  # the kind of a comparison row that is a reference (the paper, a baseline)
 COMPLETED, STOPPED_BY_SCHEDULER, STOPPED_BY_PATIENCE, STOPPED, ERRORED = (
     "completed",
@@ -205,33 +203,6 @@ def sort_rows(rows: list[dict[str, Any]], column: str, mode: str) -> list[dict[s
     return [{"best": row.pop("best"), **row} for row in rows]
 
 
-def front_columns(objectives: Objectives) -> tuple[str, str]:
-    """The table's columns of the two objectives: the best first metric, the second at it."""
-    return f"best_{objectives[0][0]}", objectives[1][0]
-
-
-def mark_front(rows: list[dict[str, Any]], objectives: Objectives) -> list[dict[str, Any]]:
-    """Rows of a two-objective search: `front` marks the Pareto front, which comes first (each
-    part sorted by the first metric), and `best` the trial `lstm_ae.pareto.front_choice` picks
-    (the best second metric within 2% of the best first)."""
-    columns, modes = front_columns(objectives), tuple(mode for _, mode in objectives)
-    points = [tuple(row.get(column) for column in columns) for row in rows]
-    on_front = pareto_front(points, modes)
-    chosen = front_choice(points, modes)
-    for index, row in enumerate(rows):
-        row["best"] = BEST_MARK if index == chosen else ""
-        row["front"] = FRONT_MARK if on_front[index] else ""
-    first, mode = columns[0], modes[0]
-
-    def key(row):
-        value = row.get(first)
-        missing = not is_finite_number(value)
-        return (row["front"] != FRONT_MARK, missing, 0.0 if missing else (value if mode == "min" else -value))
-
-    ordered = sorted(rows, key=key)
-    return [{"best": row.pop("best"), "front": row.pop("front"), **row} for row in ordered]
-
-
 # ------------------------------------------------------------------------------ plots
 
 
@@ -327,53 +298,6 @@ def plot_importances(path: Path, importances: dict[str, float]) -> None:
     names = list(importances)[::-1]
     axis.barh(names, [importances[name] for name in names])
     axis.set_xlabel("importance (Optuna fANOVA)")
-    figure.tight_layout()
-    figure.savefig(path, dpi=90)
-    plt.close(figure)
-
-
-def plot_front(path: Path, rows: list[dict[str, Any]], objectives: Objectives) -> None:
-    """The two objectives of every trial, the Pareto front drawn through its trials, and the
-    trial the rule picks."""
-    plt = _pyplot()
-    (first, second), modes = front_columns(objectives), [mode for _, mode in objectives]
-    points = [row for row in rows if is_finite_number(row.get(first)) and is_finite_number(row.get(second))]
-    front = sorted((row for row in points if row.get("front")), key=lambda row: row[first])
-    others = [row for row in points if not row.get("front")]
-    figure, axis = plt.subplots(figsize=(7, 5))
-    axis.scatter([r[first] for r in others], [r[second] for r in others], color="0.6", label="other trials")
-    axis.step(
-        [r[first] for r in front],
-        [r[second] for r in front],
-        where="post" if modes[0] == modes[1] else "pre",
-        color="tab:blue",
-        marker="o",
-        label=f"Pareto front ({len(front)} of {len(points)} trials)",
-    )
-    for row in front:
-        axis.annotate(
-            str(row["trial"]).split("_")[-1],
-            (row[first], row[second]),
-            fontsize=7,
-            xytext=(4, 4),
-            textcoords="offset points",
-        )
-    chosen = [row for row in points if row.get("best")]
-    if chosen:
-        axis.scatter(
-            [chosen[0][first]],
-            [chosen[0][second]],
-            marker="*",
-            s=260,
-            color="tab:orange",
-            zorder=3,
-            label=f"chosen: {rule_text([metric for metric, _ in objectives])}",
-        )
-    better = {"min": "lower is better", "max": "higher is better"}
-    axis.set_xlabel(f"{first} ({better[modes[0]]})")
-    axis.set_ylabel(f"{second} ({better[modes[1]]})")
-    axis.set_title("two objectives: every trial and the Pareto front")
-    axis.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=90)
     plt.close(figure)
