@@ -611,7 +611,9 @@ class _FreeRunningDecoder(torch.autograd.Function):
         grad_cell_gates = [grad.unsqueeze(-2) for grad in grad_cell]
         grad_gates = torch.empty_like(gates)
         gradients = [
-            _CellGradients(_Cells(hidden[layer], cells[layer], gates[layer], tanh_cells[layer]), grad_gates[layer])
+            _CellGradients(
+                _Cells(hidden[layer], cells[layer], gates[layer], tanh_cells[layer]), grad_gates[layer]
+            )
             for layer in layers
         ]
         grad_gates_low = _low_copy(grad_gates, dtype, low)
@@ -643,7 +645,9 @@ class _FreeRunningDecoder(torch.autograd.Function):
                 recurrent[layer].backward(step_grads, None, grad_hidden[layer])
                 if layer > 0:
                     if masks is not None:
-                        grad_hidden[layer - 1].addcmul_(inward[layer].gradient(step_grads), mask_steps[layer - 1][t])
+                        grad_hidden[layer - 1].addcmul_(
+                            inward[layer].gradient(step_grads), mask_steps[layer - 1][t]
+                        )
                     else:
                         inward[layer].backward(step_grads, grad_hidden[layer - 1], grad_hidden[layer - 1])
                 elif t > 0:
