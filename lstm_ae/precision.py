@@ -103,7 +103,7 @@ def _operands(out: int, inner: int, rows: int, kind: str, dtype: torch.dtype, de
     def random(*shape):
         return torch.randn(1, *shape, device=device).to(dtype)
 
-    if kind == "forward":  # (W @ x^T): x is a transposed view, as in _bmm_transposed
+    if kind == "forward":  # (W @ x^T): x is a transposed view, as in recurrence._Matmul.forward
         return random(out, inner), random(rows, inner).transpose(1, 2)
     if kind == "backward":
         return random(rows, out), random(out, inner)

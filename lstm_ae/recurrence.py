@@ -178,17 +178,6 @@ def _bmm(left: Tensor, right: Tensor, dtype: torch.dtype) -> Tensor:
     return product if dtype in (torch.float32, torch.float64) else product.float()
 
 
-def _bmm_transposed(left: Tensor, weight: Tensor, dtype: torch.dtype) -> Tensor:
-    """`left @ weight^T` for a few rows (P, B, in) and a stacked weight (P, out, in), like `_bmm`.
-
-    Computed as (weight @ left^T)^T: for skinny products oneDNN's bf16 kernels run this
-    orientation faster on CPU. The result is a transposed (column-major) view.
-    """
-    if left.device.type != "cpu":
-        return _bmm(left, weight.transpose(1, 2), dtype)
-    return _bmm(weight, left.transpose(1, 2), dtype).transpose(1, 2)
-
-
 def _weight_gradient(
     grads: Tensor, inputs: Tensor, dtype: torch.dtype, parameter: Tensor, stacks: slice
 ) -> Tensor:
@@ -222,35 +211,149 @@ def _full_stacks(gradient: Tensor, parameter: Tensor, stacks: slice) -> Tensor:
     return full
 
 
-def _cell_forward(pre_gates: Tensor, cell: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Gate activations, new cell and new hidden state from pre-activations (P, B, 4H)."""
-    hidden_size = cell.shape[-1]
-    gates = torch.sigmoid(pre_gates)
-    candidate = gates[..., 2 * hidden_size : 3 * hidden_size]
-    torch.tanh(pre_gates[..., 2 * hidden_size : 3 * hidden_size], out=candidate)
-    input_gate, forget_gate, _, output_gate = gates.chunk(4, dim=-1)
-    new_cell = torch.addcmul(forget_gate * cell, input_gate, candidate)
-    new_hidden = output_gate * torch.tanh(new_cell)
-    return gates, new_cell, new_hidden
+def _steps(sequence: Tensor) -> tuple[Tensor, ...]:
+    """(P, T, ...) -> T views (P, ...), taken once before a time loop: one operator, not T."""
+    return sequence.unbind(1)
 
 
-def _cell_backward(
-    gates: Tensor, cell_prev: Tensor, cell: Tensor, grad_hidden: Tensor, grad_cell: Tensor
-) -> tuple[Tensor, Tensor]:
-    """Gradient of the gate pre-activations (P, B, 4H) and of the previous cell state.
+def _quarters(gates: Tensor) -> tuple[Tensor, ...]:
+    """(..., 4H) -> views (..., H) of the input, forget, cell and output gates."""
+    return gates.unflatten(-1, (4, -1)).unbind(-2)
 
-    `grad_hidden` and `grad_cell` are the total gradients reaching this step's h and c.
+
+class _Matmul:
+    """Products with one stacked weight (P, out, in) inside a time loop, into reused buffers.
+
+    In the states' own precision each product and its addend are one fused operator
+    (`baddbmm`). In a lower one (bf16 autocast) the product runs in that dtype into a reused
+    buffer, and one operator widens it into the float32 result while adding the addend: the
+    same values as `_bmm` followed by an add. On CPU the forward product is computed as
+    (weight @ left^T)^T, the orientation oneDNN's bf16 kernels run faster,
+    so its left operands are the transposed views `operands` returns.
     """
-    input_gate, forget_gate, candidate, output_gate = gates.chunk(4, dim=-1)
-    tanh_cell = torch.tanh(cell)
-    grad_cell = grad_cell + grad_hidden * output_gate * (1 - tanh_cell * tanh_cell)
-    grad_pre = torch.empty_like(gates)
-    grad_input, grad_forget, grad_candidate, grad_output = grad_pre.chunk(4, dim=-1)
-    torch.mul(grad_cell * candidate, input_gate * (1 - input_gate), out=grad_input)
-    torch.mul(grad_cell * cell_prev, forget_gate * (1 - forget_gate), out=grad_forget)
-    torch.mul(grad_cell * input_gate, 1 - candidate * candidate, out=grad_candidate)
-    torch.mul(grad_hidden * tanh_cell, output_gate * (1 - output_gate), out=grad_output)
-    return grad_pre, grad_cell * forget_gate
+
+    def __init__(self, weight: Tensor, low: bool, rows: int):
+        self.weight, self.low = weight, low  # weight: the matmul copy, (P, out, in)
+        self.weight_t = weight.transpose(1, 2)
+        P, out_size, in_size = weight.shape
+        self.transposed = low and weight.device.type == "cpu"
+        if low:
+            shape = (P, out_size, rows) if self.transposed else (P, rows, out_size)
+            self.product = weight.new_empty(shape)
+            self.product_rows = self.product.transpose(1, 2) if self.transposed else self.product
+            self.gradient_product = weight.new_empty(P, rows, in_size)
+
+    def operands(self, sequence: Tensor) -> tuple[Tensor, ...]:
+        """Per-step left operands of `forward` from a (P, T, B, in) sequence in the matmul dtype."""
+        return _steps(sequence.transpose(-1, -2) if self.transposed else sequence)
+
+    def forward(self, operand: Tensor, addend: Tensor, out: Tensor) -> None:
+        """out = addend + left @ weight^T, (P, B, out); `addend` may be `out` itself."""
+        if not self.low:
+            if addend is out:
+                out.baddbmm_(operand, self.weight_t)
+            else:
+                torch.baddbmm(addend, operand, self.weight_t, out=out)
+            return
+        if self.transposed:
+            torch.bmm(self.weight, operand, out=self.product)
+        else:
+            torch.bmm(operand, self.weight_t, out=self.product)
+        if addend is out:
+            out.add_(self.product_rows)
+        else:
+            torch.add(addend, self.product_rows, out=out)
+
+    def backward(self, grads: Tensor, addend: Tensor | None, out: Tensor) -> None:
+        """out = addend + grads @ weight, (P, B, in); grads (P, B, out) in the matmul dtype."""
+        if not self.low:
+            if addend is None:
+                torch.bmm(grads, self.weight, out=out)
+            elif addend is out:
+                out.baddbmm_(grads, self.weight)
+            else:
+                torch.baddbmm(addend, grads, self.weight, out=out)
+            return
+        torch.bmm(grads, self.weight, out=self.gradient_product)
+        if addend is None:
+            out.copy_(self.gradient_product)
+        elif addend is out:
+            out.add_(self.gradient_product)
+        else:
+            torch.add(addend, self.gradient_product, out=out)
+
+    def gradient(self, grads: Tensor) -> Tensor:
+        """grads @ weight into a reused buffer (in the matmul dtype), for the caller to combine."""
+        if not self.low:
+            return torch.bmm(grads, self.weight)
+        return torch.bmm(grads, self.weight, out=self.gradient_product)
+
+
+class _Cells:
+    """One layer's states over T steps and per-step views of them, taken once before the loop.
+
+    hidden, cells: (P, T + 1, B, H), the initial state at index 0; gates: (P, T, B, 4H), the
+    activations; tanh_cells: (P, T, B, H), tanh(cells[:, 1:]), kept for the backward.
+    """
+
+    def __init__(self, hidden: Tensor, cells: Tensor, gates: Tensor, tanh_cells: Tensor):
+        self.hidden, self.cells, self.gates, self.tanh_cells = hidden, cells, gates, tanh_cells
+        self.hidden_steps, self.cell_steps = _steps(hidden), _steps(cells)
+        self.gate_steps, self.tanh_steps = _steps(gates), _steps(tanh_cells)
+        self.input_steps, self.forget_steps, self.candidate_steps, self.output_steps = (
+            _steps(gate) for gate in _quarters(gates)
+        )
+
+    def step(self, t: int, pre_gates: Tensor, pre_candidate: Tensor) -> None:
+        """Gates t, cell t + 1 and hidden t + 1 from pre-activations (P, B, 4H) and their cell slice."""
+        torch.sigmoid(pre_gates, out=self.gate_steps[t])
+        torch.tanh(pre_candidate, out=self.candidate_steps[t])
+        cell = torch.mul(self.forget_steps[t], self.cell_steps[t], out=self.cell_steps[t + 1])
+        cell.addcmul_(self.input_steps[t], self.candidate_steps[t])
+        torch.tanh(cell, out=self.tanh_steps[t])
+        torch.mul(self.output_steps[t], self.tanh_steps[t], out=self.hidden_steps[t + 1])
+
+
+class _CellGradients:
+    """The backward of `_Cells`: ~4 operators a step, the rest computed for all steps at once.
+
+    Before the loop `grad_gates` (P, T, B, 4H) is filled with each gate's derivative times what
+    multiplies it: [c~ i(1-i), c_prev f(1-f), i(1-c~^2), tanh(c) o(1-o)], and `cell_factor`
+    with o (1 - tanh(c)^2); a step then scales them by the gradients reaching c and h.
+    """
+
+    def __init__(self, cells: _Cells, grad_gates: Tensor):
+        steps = cells.gates.shape[1]
+        input_gate, forget_gate, candidate, output_gate = _quarters(cells.gates)
+        tanh_cells = cells.tanh_cells
+        torch.neg(cells.gates, out=grad_gates).add_(1).mul_(cells.gates)  # s (1 - s)
+        grad_input, grad_forget, grad_candidate, grad_output = _quarters(grad_gates)
+        grad_input.mul_(candidate)
+        grad_forget.mul_(cells.cells[:, :steps])
+        torch.mul(candidate, candidate, out=grad_candidate).neg_().add_(1).mul_(input_gate)
+        grad_output.mul_(tanh_cells)
+        cell_factor = torch.mul(tanh_cells, tanh_cells).neg_().add_(1).mul_(output_gate)
+        self.grad_gate_steps = _steps(grad_gates)
+        self.cell_gate_steps = _steps(grad_gates.unflatten(-1, (4, -1))[..., :3, :])  # (P, B, 3, H)
+        self.output_steps = _steps(grad_output)
+        self.cell_factor_steps = _steps(cell_factor)
+        self.forget_steps = cells.forget_steps
+
+    def step(self, t: int, grad_hidden: Tensor, grad_cell: Tensor, grad_cell_gates: Tensor) -> None:
+        """Gradients of step t's pre-activations (into grad_gates) and of cell t - 1 (in place).
+
+        grad_hidden, grad_cell: (P, B, H), the total gradients reaching h_t and c_t;
+        grad_cell_gates: `grad_cell.unsqueeze(-2)`, made once.
+        """
+        grad_cell.addcmul_(grad_hidden, self.cell_factor_steps[t])
+        self.cell_gate_steps[t].mul_(grad_cell_gates)
+        self.output_steps[t].mul_(grad_hidden)
+        grad_cell.mul_(self.forget_steps[t])
+
+
+def _low_copy(sequence: Tensor, dtype: torch.dtype, low: bool) -> Tensor:
+    """A buffer like `sequence` in the matmul dtype (`sequence` itself when no cast is needed)."""
+    return torch.empty_like(sequence, dtype=dtype) if low else sequence
 
 
 def _rows(sequence: Tensor) -> Tensor:
@@ -304,38 +407,63 @@ class _LayerRecurrence(torch.autograd.Function):
     @staticmethod
     def forward(ctx, stacks, dtype, input_gates, weight_hh, h0, c0):
         # input_gates (P, T, B, 4H); weight_hh (S, 4H, H); h0, c0 (P, B, H)
-        steps = input_gates.shape[1]
+        P, steps, B, _ = input_gates.shape
+        low = dtype != input_gates.dtype
         weight_for_matmul = matmul_copy(weight_hh, dtype)[stacks]  # (P, 4H, H)
-        hidden = input_gates.new_empty(h0.shape[0], steps + 1, *h0.shape[1:])  # h0 at index 0
+        hidden = input_gates.new_empty(P, steps + 1, B, h0.shape[-1])  # h0 at index 0
         cells = torch.empty_like(hidden)
         gates = torch.empty_like(input_gates)
+        tanh_cells = torch.empty_like(hidden[:, 1:])
         hidden[:, 0] = h0
         cells[:, 0] = c0
+        hidden_low = _low_copy(hidden, dtype, low)  # the hidden states as the matmuls read them
+        if low:
+            hidden_low[:, 0] = h0
+        state = _Cells(hidden, cells, gates, tanh_cells)
+        matmul = _Matmul(weight_for_matmul, low, B)
+        operands, hidden_low_steps = matmul.operands(hidden_low), _steps(hidden_low)
+        input_steps = _steps(input_gates)
+        pre_gates = torch.empty_like(gates[:, 0])  # (P, B, 4H), reused every step
+        pre_candidate = _quarters(pre_gates)[2]
         for t in range(steps):
-            pre_gates = input_gates[:, t] + _bmm_transposed(hidden[:, t], weight_for_matmul, dtype)
-            gates[:, t], cells[:, t + 1], hidden[:, t + 1] = _cell_forward(pre_gates, cells[:, t])
+            matmul.forward(operands[t], input_steps[t], pre_gates)
+            state.step(t, pre_gates, pre_candidate)
+            if low and t < steps - 1:
+                hidden_low_steps[t + 1].copy_(state.hidden_steps[t + 1])
         ctx.stacks, ctx.dtype = stacks, dtype
-        ctx.save_for_backward(weight_hh, weight_for_matmul, hidden, cells, gates)
+        ctx.save_for_backward(
+            weight_hh, weight_for_matmul, hidden, cells, gates, tanh_cells, hidden_low if low else None
+        )
         return hidden[:, 1:].clone(), cells[:, steps].clone()
 
     @staticmethod
     def backward(ctx, grad_outputs, grad_last_cell):
-        weight_hh, weight_for_matmul, hidden, cells, gates = ctx.saved_tensors
+        weight_hh, weight_for_matmul, hidden, cells, gates, tanh_cells, hidden_low = ctx.saved_tensors
         dtype = ctx.dtype
-        steps = gates.shape[1]
-        grad_hidden = torch.zeros_like(hidden[:, 0])
-        grad_cell = torch.zeros_like(cells[:, 0]) if grad_last_cell is None else grad_last_cell
+        low = hidden_low is not None
+        hidden_low = hidden if hidden_low is None else hidden_low
+        _, steps, B, _ = gates.shape
         grad_gates = torch.empty_like(gates)
+        gradients = _CellGradients(_Cells(hidden, cells, gates, tanh_cells), grad_gates)
+        grad_gates_low = _low_copy(grad_gates, dtype, low)
+        grad_low_steps = _steps(grad_gates_low)
+        matmul = _Matmul(weight_for_matmul, low, B)
+        if grad_outputs is None:
+            grad_hidden, grad_output_steps = torch.zeros_like(hidden[:, 0]), None
+        else:
+            grad_hidden, grad_output_steps = grad_outputs[:, steps - 1].clone(), _steps(grad_outputs)
+        grad_cell = torch.zeros_like(cells[:, 0]) if grad_last_cell is None else grad_last_cell.clone()
+        grad_cell_gates = grad_cell.unsqueeze(-2)
         for t in reversed(range(steps)):
-            if grad_outputs is not None:
-                grad_hidden = grad_hidden + grad_outputs[:, t]
-            grad_gates[:, t], grad_cell = _cell_backward(
-                gates[:, t], cells[:, t], cells[:, t + 1], grad_hidden, grad_cell
-            )
-            grad_hidden = _bmm(grad_gates[:, t], weight_for_matmul, dtype)
+            gradients.step(t, grad_hidden, grad_cell, grad_cell_gates)
+            if low:
+                grad_low_steps[t].copy_(gradients.grad_gate_steps[t])
+            # The gradient reaching h_{t-1}: through the recurrence, plus the output's own.
+            addend = grad_output_steps[t - 1] if grad_output_steps is not None and t > 0 else None
+            matmul.backward(grad_low_steps[t], addend, grad_hidden)
         # One matmul over all T * B rows: sum_t dG_t^T h_{t-1}.
         grad_weight = _weight_gradient(
-            _rows(grad_gates), _rows(hidden[:, :steps]), dtype, weight_hh, ctx.stacks
+            _rows(grad_gates_low), _rows(hidden_low[:, :steps]), dtype, weight_hh, ctx.stacks
         )
         return None, None, grad_gates, grad_weight, grad_hidden, grad_cell
 
@@ -381,120 +509,177 @@ class _FreeRunningDecoder(torch.autograd.Function):
     def forward(ctx, steps, logistic, dropout, stacks, dtype, h0, c0, *parameters):
         # h0, c0: (L, P, B, H); parameters: DecoderWeights.as_tensor_list() (full stacks)
         num_layers = h0.shape[0]
+        low = dtype != h0.dtype
         weight_ih = [matmul_copy(w, dtype)[stacks] for w in parameters[:num_layers]]
         weight_hh = [matmul_copy(w, dtype)[stacks] for w in parameters[num_layers : 2 * num_layers]]
-        bias = [b[stacks] for b in parameters[2 * num_layers : 3 * num_layers]]
+        # Biases in the states' dtype, (P, 1, 4H) and (P, 1, D), to be added as fused addends.
+        bias = [b[stacks].to(h0.dtype).unsqueeze(1) for b in parameters[2 * num_layers : 3 * num_layers]]
         output_weight = matmul_copy(parameters[3 * num_layers], dtype)[stacks]  # (P, D, H)
-        output_bias = parameters[3 * num_layers + 1][stacks]
+        output_bias = parameters[3 * num_layers + 1][stacks].to(h0.dtype).unsqueeze(1)
         P, B, H = h0.shape[1:]
         D = output_weight.shape[1]
 
         hidden = h0.new_empty(num_layers, P, steps + 1, B, H)  # h_{t-1} at index t
         cells = torch.empty_like(hidden)
         gates = h0.new_empty(num_layers, P, steps, B, 4 * H)
-        frames = h0.new_empty(P, steps, B, D)  # fed-back outputs: sigmoid(logits) or logits
+        tanh_cells = h0.new_empty(num_layers, P, steps, B, H)
         logits = h0.new_empty(P, steps, B, D)
-        masks = None
+        frames = h0.new_empty(P, steps, B, D) if logistic else logits  # the fed-back outputs
+        masks = dropped = None
         if dropout > 0 and num_layers > 1:
             keep = h0.new_full((num_layers - 1, P, steps, B, H), 1 - dropout)
             masks = torch.bernoulli(keep).div_(1 - dropout)
+            dropped = torch.empty_like(masks, dtype=dtype)  # inputs of the layers above, masked
         hidden[:, :, 0] = h0
         cells[:, :, 0] = c0
+        hidden_low = _low_copy(hidden, dtype, low)  # states and frames as the matmuls read them
+        frames_low = _low_copy(frames, dtype, low)
+        if low:
+            hidden_low[:, :, 0] = h0
+
+        layers = range(num_layers)
+        states = [_Cells(hidden[layer], cells[layer], gates[layer], tanh_cells[layer]) for layer in layers]
+        recurrent = [_Matmul(weight_hh[layer], low, B) for layer in layers]
+        inward = [_Matmul(weight_ih[layer], low, B) for layer in layers]
+        head = _Matmul(output_weight, low, B)
+        hidden_operands = [recurrent[layer].operands(hidden_low[layer]) for layer in layers]
+        layer_inputs = [frames_low] + [
+            dropped[layer - 1] if masks is not None else hidden_low[layer - 1, :, 1:] for layer in layers[1:]
+        ]  # layer 0 at step t reads the frame of step t - 1
+        input_operands = [inward[layer].operands(layer_inputs[layer]) for layer in layers]
+        top_operands = head.operands(hidden_low[-1, :, 1:])
+        hidden_low_steps = [_steps(hidden_low[layer]) for layer in layers]
+        mask_steps = [_steps(mask) for mask in masks] if masks is not None else None
+        dropped_steps = [_steps(inputs) for inputs in dropped] if masks is not None else None
+        logit_steps, frame_steps, frame_low_steps = _steps(logits), _steps(frames), _steps(frames_low)
+        pre_gates = h0.new_empty(P, B, 4 * H)  # reused every step
+        pre_candidate = _quarters(pre_gates)[2]
         for t in range(steps):
-            layer_input = frames[:, t - 1] if t > 0 else None  # a zero frame at t = 0
-            for layer in range(num_layers):
-                pre_gates = _bmm_transposed(hidden[layer, :, t], weight_hh[layer], dtype)
-                pre_gates += bias[layer].unsqueeze(1)
-                if layer_input is not None:
-                    pre_gates += _bmm_transposed(layer_input, weight_ih[layer], dtype)
-                (
-                    gates[layer, :, t],
-                    cells[layer, :, t + 1],
-                    hidden[layer, :, t + 1],
-                ) = _cell_forward(pre_gates, cells[layer, :, t])
-                layer_input = hidden[layer, :, t + 1]
+            for layer in layers:
+                recurrent[layer].forward(hidden_operands[layer][t], bias[layer], pre_gates)
+                if layer > 0:
+                    inward[layer].forward(input_operands[layer][t], pre_gates, pre_gates)
+                elif t > 0:  # a zero frame at t = 0 adds nothing
+                    inward[0].forward(input_operands[0][t - 1], pre_gates, pre_gates)
+                states[layer].step(t, pre_gates, pre_candidate)
+                if low:
+                    hidden_low_steps[layer][t + 1].copy_(states[layer].hidden_steps[t + 1])
                 if masks is not None and layer < num_layers - 1:
-                    layer_input = layer_input * masks[layer, :, t]
-            logits[:, t] = _bmm_transposed(layer_input, output_weight, dtype)
-            logits[:, t] += output_bias.unsqueeze(1)
-            frames[:, t] = torch.sigmoid(logits[:, t]) if logistic else logits[:, t]
+                    torch.mul(
+                        states[layer].hidden_steps[t + 1], mask_steps[layer][t], out=dropped_steps[layer][t]
+                    )
+            head.forward(top_operands[t], output_bias, logit_steps[t])
+            if logistic:
+                torch.sigmoid(logit_steps[t], out=frame_steps[t])
+            if low and t < steps - 1:
+                frame_low_steps[t].copy_(frame_steps[t])
         ctx.steps, ctx.logistic, ctx.stacks, ctx.dtype = steps, logistic, stacks, dtype
-        ctx.num_layers = num_layers
+        ctx.num_layers, ctx.low = num_layers, low
         ctx.save_for_backward(
-            hidden, cells, gates, frames, masks, *weight_ih, *weight_hh, output_weight, *parameters
+            hidden,
+            cells,
+            gates,
+            tanh_cells,
+            frames if logistic else None,
+            masks,
+            dropped,
+            hidden_low if low else None,
+            frames_low,
+            *weight_ih,
+            *weight_hh,
+            output_weight,
+            *parameters,
         )
         return logits
 
     @staticmethod
     def backward(ctx, grad_logits):
-        steps, num_layers, dtype, stacks = ctx.steps, ctx.num_layers, ctx.dtype, ctx.stacks
-        hidden, cells, gates, frames, masks, *saved = ctx.saved_tensors
+        steps, num_layers, dtype, stacks, low = ctx.steps, ctx.num_layers, ctx.dtype, ctx.stacks, ctx.low
+        hidden, cells, gates, tanh_cells, frames, masks, dropped, hidden_low, frames_low, *saved = (
+            ctx.saved_tensors
+        )
         weight_ih = saved[:num_layers]  # matmul copies of the selected stacks
         weight_hh = saved[num_layers : 2 * num_layers]
         output_weight = saved[2 * num_layers]
         parameters = saved[2 * num_layers + 1 :]
+        hidden_low = hidden if hidden_low is None else hidden_low
+        B = gates.shape[3]
+        layers = range(num_layers)
 
-        grad_hidden = [torch.zeros_like(hidden[0, :, 0]) for _ in range(num_layers)]
-        grad_cell = [torch.zeros_like(cells[0, :, 0]) for _ in range(num_layers)]
+        grad_hidden = [torch.zeros_like(hidden[0, :, 0]) for _ in layers]
+        grad_cell = [torch.zeros_like(cells[0, :, 0]) for _ in layers]
+        grad_cell_gates = [grad.unsqueeze(-2) for grad in grad_cell]
         grad_gates = torch.empty_like(gates)
-        grad_logits_total = torch.empty_like(grad_logits)
-        grad_feedback = None  # gradient reaching the frame fed back at step t (made at t - 1)
+        gradients = [
+            _CellGradients(
+                _Cells(hidden[layer], cells[layer], gates[layer], tanh_cells[layer]), grad_gates[layer]
+            )
+            for layer in layers
+        ]
+        grad_gates_low = _low_copy(grad_gates, dtype, low)
+        grad_low_steps = [_steps(grad_gates_low[layer]) for layer in layers]
+        recurrent = [_Matmul(weight_hh[layer], low, B) for layer in layers]
+        inward = [_Matmul(weight_ih[layer], low, B) for layer in layers]
+        head = _Matmul(output_weight, low, B)
+        mask_steps = [_steps(mask) for mask in masks] if masks is not None else None
+        grad_logits_total = grad_logits.clone()  # plus what comes back through the fed-back frames
+        grad_total_low = _low_copy(grad_logits_total, dtype, low)
+        total_steps, total_low_steps = _steps(grad_logits_total), _steps(grad_total_low)
+        if ctx.logistic:  # d frame / d logits for every step at once
+            derivative_steps = _steps(torch.neg(frames).add_(1).mul_(frames))
+        grad_feedback = torch.empty_like(grad_logits[:, 0])  # reaching the frame fed back at t + 1
         for t in reversed(range(steps)):
-            grad_step_logits = grad_logits[:, t]
-            if grad_feedback is not None:
-                frame = frames[:, t]
-                derivative = frame * (1 - frame) if ctx.logistic else 1.0
-                grad_step_logits = grad_step_logits + grad_feedback * derivative
-            grad_logits_total[:, t] = grad_step_logits
-            grad_hidden[-1] = grad_hidden[-1] + _bmm(grad_step_logits, output_weight, dtype)
-            grad_feedback = None
-            for layer in reversed(range(num_layers)):
-                grad_gates[layer, :, t], grad_cell[layer] = _cell_backward(
-                    gates[layer, :, t],
-                    cells[layer, :, t],
-                    cells[layer, :, t + 1],
-                    grad_hidden[layer],
-                    grad_cell[layer],
-                )
-                step_grad_gates = grad_gates[layer, :, t].to(dtype)  # cast once for both products
-                grad_hidden[layer] = _bmm(step_grad_gates, weight_hh[layer], dtype)
+            if t < steps - 1:
+                if ctx.logistic:
+                    total_steps[t].addcmul_(grad_feedback, derivative_steps[t])
+                else:
+                    total_steps[t].add_(grad_feedback)
+            if low:
+                total_low_steps[t].copy_(total_steps[t])
+            head.backward(total_low_steps[t], grad_hidden[-1], grad_hidden[-1])
+            for layer in reversed(layers):
+                gradients[layer].step(t, grad_hidden[layer], grad_cell[layer], grad_cell_gates[layer])
+                if low:
+                    grad_low_steps[layer][t].copy_(gradients[layer].grad_gate_steps[t])
+                step_grads = grad_low_steps[layer][t]
+                recurrent[layer].backward(step_grads, None, grad_hidden[layer])
                 if layer > 0:
-                    grad_below = _bmm(step_grad_gates, weight_ih[layer], dtype)
                     if masks is not None:
-                        grad_below = grad_below * masks[layer - 1, :, t]
-                    grad_hidden[layer - 1] = grad_hidden[layer - 1] + grad_below
+                        grad_hidden[layer - 1].addcmul_(
+                            inward[layer].gradient(step_grads), mask_steps[layer - 1][t]
+                        )
+                    else:
+                        inward[layer].backward(step_grads, grad_hidden[layer - 1], grad_hidden[layer - 1])
                 elif t > 0:
-                    grad_feedback = _bmm(step_grad_gates, weight_ih[0], dtype)
+                    inward[0].backward(step_grads, None, grad_feedback)
 
         # Weight gradients: one matmul per weight over all T * B rows.
         grad_weight_ih, grad_weight_hh, grad_bias = [], [], []
-        for layer in range(num_layers):
-            layer_grad_gates = grad_gates[layer]  # (P, T, B, 4H)
+        for layer in layers:
+            layer_grads = grad_gates_low[layer]  # (P, T, B, 4H)
             if layer == 0:  # inputs are the fed-back frames; the zero frame at t = 0 adds nothing
-                inputs, grads = frames[:, : steps - 1], layer_grad_gates[:, 1:]
+                inputs, grads = frames_low[:, : steps - 1], layer_grads[:, 1:]
             else:
-                inputs = hidden[layer - 1, :, 1:]
-                if masks is not None:
-                    inputs = inputs * masks[layer - 1]
-                grads = layer_grad_gates
+                inputs = dropped[layer - 1] if masks is not None else hidden_low[layer - 1, :, 1:]
+                grads = layer_grads
             grad_weight_ih.append(
                 _weight_gradient(_rows(grads), _rows(inputs), dtype, parameters[layer], stacks)
             )
             grad_weight_hh.append(
                 _weight_gradient(
-                    _rows(layer_grad_gates),
-                    _rows(hidden[layer, :, :steps]),
+                    _rows(layer_grads),
+                    _rows(hidden_low[layer, :, :steps]),
                     dtype,
                     parameters[num_layers + layer],
                     stacks,
                 )
             )
             grad_bias.append(
-                _full_stacks(layer_grad_gates.sum(dim=(1, 2)), parameters[2 * num_layers + layer], stacks)
+                _full_stacks(grad_gates[layer].sum(dim=(1, 2)), parameters[2 * num_layers + layer], stacks)
             )
-        top_hidden = hidden[-1, :, 1:]  # the head sees the top layer without dropout
+        top_hidden = hidden_low[-1, :, 1:]  # the head sees the top layer without dropout
         grad_output_weight = _weight_gradient(
-            _rows(grad_logits_total), _rows(top_hidden), dtype, parameters[3 * num_layers], stacks
+            _rows(grad_total_low), _rows(top_hidden), dtype, parameters[3 * num_layers], stacks
         )
         grad_output_bias = _full_stacks(
             grad_logits_total.sum(dim=(1, 2)), parameters[3 * num_layers + 1], stacks
