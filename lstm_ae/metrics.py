@@ -49,6 +49,8 @@ VAL_RECONSTRUCTION_MSE_FRAME = "val_reconstruction_mse_frame"
 VAL_RECONSTRUCTION_BCE_NATS_FRAME = "val_reconstruction_bce_nats_frame"
 BASELINE_COPY_LAST_MSE_FRAME = "baseline_copy_last_mse_frame"
 BASELINE_ZEROS_MSE_FRAME = "baseline_zeros_mse_frame"
+BASELINE_COPY_LAST_SSIM = "baseline_copy_last_ssim"
+BASELINE_ZEROS_SSIM = "baseline_zeros_ssim"
 PROBE_ACCURACY = "probe_accuracy"
 
 # Whether smaller or larger is better, for every metric a run can be selected or stopped on.
@@ -75,6 +77,8 @@ UNITS = {
     VAL_RECONSTRUCTION_BCE_NATS_FRAME: "nats per frame",
     BASELINE_COPY_LAST_MSE_FRAME: "squared error per frame (sum over pixels)",
     BASELINE_ZEROS_MSE_FRAME: "squared error per frame (sum over pixels)",
+    BASELINE_COPY_LAST_SSIM: "SSIM (1 = identical)",
+    BASELINE_ZEROS_SSIM: "SSIM (1 = identical): high, since most of a frame is empty background",
     PROBE_ACCURACY: "fraction of held-out sequences' digits a linear probe of encode(past) finds",
     "probe_accuracy_untrained": "the same probe on an untrained encoder (baseline)",
     "probe_chance": "the probe's score when guessing the most frequent digits",
@@ -91,6 +95,8 @@ EVALUATION_METRICS = (
     VAL_RECONSTRUCTION_BCE_NATS_FRAME,
     BASELINE_COPY_LAST_MSE_FRAME,
     BASELINE_ZEROS_MSE_FRAME,
+    BASELINE_COPY_LAST_SSIM,
+    BASELINE_ZEROS_SSIM,
 )
 
 # Reference figures for results tables (README, "The model, the data and the metrics").
@@ -222,8 +228,10 @@ def add_reconstruction_metrics(accumulator: MetricAccumulator, reconstruction: T
 
 
 def add_baselines(accumulator: MetricAccumulator, past: Tensor, future: Tensor) -> None:
-    accumulator.add(
-        BASELINE_COPY_LAST_MSE_FRAME,
-        squared_error_per_frame(copy_last_frame(past, future.shape[1]), future),
-    )
-    accumulator.add(BASELINE_ZEROS_MSE_FRAME, squared_error_per_frame(torch.zeros_like(future), future))
+    """MSE and SSIM of the two trivial predictions. SSIM needs them: an empty (all-zeros)
+    prediction scores a high SSIM on Moving MNIST, whose frames are mostly background."""
+    copy_last, zeros = copy_last_frame(past, future.shape[1]), torch.zeros_like(future)
+    accumulator.add(BASELINE_COPY_LAST_MSE_FRAME, squared_error_per_frame(copy_last, future))
+    accumulator.add(BASELINE_ZEROS_MSE_FRAME, squared_error_per_frame(zeros, future))
+    accumulator.add(BASELINE_COPY_LAST_SSIM, ssim_per_frame(copy_last, future))
+    accumulator.add(BASELINE_ZEROS_SSIM, ssim_per_frame(zeros, future))

@@ -157,3 +157,20 @@ def test_accumulator_totals_round_trip_and_combine_shards():
     second.add(metrics.VAL_MSE_FRAME, values[1:])
     combined = metrics.MetricAccumulator.from_totals(first.totals() + second.totals())
     assert combined.means() == whole.means() == {metrics.VAL_MSE_FRAME: 4.0}
+
+
+def test_the_trivial_predictions_ssim_is_reported_beside_their_mse():
+    """Copying a frame that does not move scores SSIM 1; an empty prediction of a mostly empty
+    frame scores far above zero (why the SSIM column needs this baseline)."""
+    torch.manual_seed(0)
+    still = torch.zeros(2, 3, 1, 16, 16)
+    still[:, :, :, 4:7, 4:7] = 1.0  # a small square that stays where it is
+    accumulator = metrics.MetricAccumulator()
+    metrics.add_baselines(accumulator, still, still)
+    means = accumulator.means()
+    assert means[metrics.BASELINE_COPY_LAST_SSIM] == pytest.approx(1.0, abs=1e-6)
+    assert means[metrics.BASELINE_COPY_LAST_MSE_FRAME] == 0.0
+    assert 0.3 < means[metrics.BASELINE_ZEROS_SSIM] < 1.0
+    expected = metrics.ssim_per_frame(torch.zeros_like(still), still).mean().item()
+    assert means[metrics.BASELINE_ZEROS_SSIM] == pytest.approx(expected)
+    assert {metrics.BASELINE_COPY_LAST_SSIM, metrics.BASELINE_ZEROS_SSIM} <= set(metrics.EVALUATION_METRICS)

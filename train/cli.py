@@ -27,7 +27,14 @@ from lstm_ae.config import (
     config_overrides,
 )
 from lstm_ae.data import DataError
-from lstm_ae.metrics import BASELINE_COPY_LAST_MSE_FRAME, BASELINE_ZEROS_MSE_FRAME, VAL_MSE_FRAME
+from lstm_ae.metrics import (
+    BASELINE_COPY_LAST_MSE_FRAME,
+    BASELINE_COPY_LAST_SSIM,
+    BASELINE_ZEROS_MSE_FRAME,
+    BASELINE_ZEROS_SSIM,
+    VAL_MSE_FRAME,
+    VAL_SSIM,
+)
 from train.commandline import (
     OneLineParser,
     add_scaling_arguments,
@@ -193,5 +200,10 @@ def print_summary(summary) -> None:
         print(
             f"prediction MSE per frame {metrics[VAL_MSE_FRAME]:.1f} "
             f"(all-zeros {metrics[BASELINE_ZEROS_MSE_FRAME]:.1f}, copy-last-frame {metrics[BASELINE_COPY_LAST_MSE_FRAME]:.1f})"
+        )
+    if BASELINE_ZEROS_SSIM in metrics:  # an empty prediction scores high: compare with it
+        print(
+            f"prediction SSIM {metrics[VAL_SSIM]:.3f} "
+            f"(all-zeros {metrics[BASELINE_ZEROS_SSIM]:.3f}, copy-last-frame {metrics[BASELINE_COPY_LAST_SSIM]:.3f})"
         )
     print(f"best checkpoint ({result['metric']} {result['best_metric']}): {result['best_checkpoint']}")
