@@ -61,7 +61,7 @@ def plot_front(path: Path, rows: list[dict[str, Any]], objectives: Objectives) -
     axis.step(
         [r[first] for r in front],
         [r[second] for r in front],
-        where="post" if modes[0] == modes[1] else "pre",
+        where="post",  # each front trial's second value holds until the next trial's first value
         color="tab:blue",
         marker="o",
         label=f"Pareto front ({len(front)} of {len(points)} trials)",
@@ -73,6 +73,22 @@ def plot_front(path: Path, rows: list[dict[str, Any]], objectives: Objectives) -
             fontsize=7,
             xytext=(4, 4),
             textcoords="offset points",
+        )
+    references = [  # the all-zeros prediction, where the rows carry its figures (MSE/frame and SSIM)
+        row
+        for row in points
+        if is_finite_number(row.get("baseline_zeros_mse_frame"))
+        and is_finite_number(row.get("baseline_zeros_ssim"))
+    ]
+    if objectives == (("val_mse_frame", "min"), ("val_ssim", "max")) and references:
+        reference = references[0]
+        axis.scatter(
+            [reference["baseline_zeros_mse_frame"]],
+            [reference["baseline_zeros_ssim"]],
+            marker="x",
+            s=80,
+            color="black",
+            label="all-zeros prediction (a blank frame)",
         )
     chosen = [row for row in points if row.get("best")]
     if chosen:
@@ -89,7 +105,7 @@ def plot_front(path: Path, rows: list[dict[str, Any]], objectives: Objectives) -
     axis.set_xlabel(f"{first} ({better[modes[0]]})")
     axis.set_ylabel(f"{second} ({better[modes[1]]})")
     axis.set_title("two objectives: every trial and the Pareto front")
-    axis.legend(fontsize=8)
+    axis.legend(fontsize=8, loc="best")
     figure.tight_layout()
     figure.savefig(path, dpi=90)
     plt.close(figure)
