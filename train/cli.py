@@ -4,10 +4,16 @@
     python -m train --preset paper --num-workers 8 --use-gpu --output-dir s3://bucket/runs
     python -m train --name my-run --resume            # continue a stopped run
     python -m train --mlflow-tracking-uri file:mlruns  # also log the run to MLflow
+    python -m train --from runs/my-search --num-workers 4 --use-gpu   # train a search's best trial
     ray job submit --working-dir . -- python -m train --preset smoke
 
 Every config field is a flag (`--hidden-size 512`, `--learning-rate 3e-4`, ...); the config
 is validated before Ray starts, and a bad value exits with status 2 and one line naming it.
+
+`--from PATH` starts from the config of a run folder, a search trial, a search's or ablation
+grid's best trial (`--trial ID` another) or a config file instead of a preset (`train/source.py`);
+the flags given override it, and `--init-from-checkpoint` starts from its best checkpoint's
+weights (a new run: the optimizer and schedule start anew).
 """
 
 from __future__ import annotations
@@ -56,6 +62,7 @@ from train.launch import (
     run_training,
     saved_run,
 )
+from train.source import Source, SourceError, check_initial_weights, read_source, source_label
 from train.tracking import add_mlflow_arguments, mlflow_settings
 
 MLFLOW_EXPERIMENT = "lstm-ae"  # the MLflow experiment of train runs, unless --mlflow-experiment
@@ -69,12 +76,28 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--preset",
         choices=tuple(PRESETS),
-        default=DEFAULT_PRESET,
+        default=None,
         help=f"starting configuration (default {DEFAULT_PRESET}: 8 minutes of training, about 10 on 2 CPU cores)",
+    )
+    parser.add_argument(
+        "--from",
+        dest="from_path",
+        metavar="PATH",
+        default=None,
+        help="start from this config instead of a preset: a run folder, a search trial's folder, a search "
+        "or ablation folder (its best trial) or a config file (JSON or YAML); local or a URI such as s3://",
+    )
+    parser.add_argument(
+        "--trial", default=None, metavar="ID", help="with --from a search: this trial, not the best"
+    )
+    parser.add_argument(
+        "--init-from-checkpoint",
+        action="store_true",
+        help="with --from: start from the weights of its best checkpoint (a new run: optimizer and schedule anew)",
     )
     add_scaling_arguments(parser)
     parser.add_argument("--output-dir", default="runs", help="local folder or s3:// URI holding run folders")
-    parser.add_argument("--name", default=None, help="run name (default lstm-ae-<preset>-<time>)")
+    parser.add_argument("--name", default=None, help="run name (default lstm-ae-<preset>-<time>, or lstm-ae-from-<trial or folder>-<time>)")
     parser.add_argument("--resume", action="store_true", help="continue the run --name under --output-dir")
     parser.add_argument(
         "--max-failures",
@@ -87,8 +110,36 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def resolve_config(arguments: argparse.Namespace, saved: SavedRun | None) -> ExperimentConfig:
-    """The preset with flags applied; a resumed run starts from its saved config instead.
+def read_from(arguments: argparse.Namespace) -> Source | None:
+    """The source of --from (SourceError if it gives no config; ConfigError for flags that
+    only mean something with --from, or that --from rules out)."""
+    if arguments.from_path is None:
+        for flag, given in (
+            ("--trial", arguments.trial),
+            ("--init-from-checkpoint", arguments.init_from_checkpoint),
+        ):
+            if given:
+                raise ConfigError(f"{flag} needs --from (the search or run to start from)")
+        return None
+    if arguments.resume:
+        raise ConfigError(
+            "--from starts a new run; --resume continues one from its own config (give one of them)"
+        )
+    if arguments.preset is not None:
+        raise ConfigError(
+            f"--preset {arguments.preset} and --from both choose the starting config (give one)"
+        )
+    source = read_source(arguments.from_path, arguments.trial)
+    if arguments.init_from_checkpoint and source.checkpoint is None:
+        raise SourceError(f"--init-from-checkpoint: {source.describe()} kept no checkpoint to start from")
+    return source
+
+
+def resolve_config(
+    arguments: argparse.Namespace, saved: SavedRun | None, source: Source | None = None
+) -> ExperimentConfig:
+    """The preset (or the config of --from) with flags applied; a resumed run starts from its
+    saved config instead.
 
     A resumed run must reproduce what an uninterrupted run computes, so every flag that
     would change it is refused, naming the field: the model, the data, the optimizer, the
@@ -96,8 +147,10 @@ def resolve_config(arguments: argparse.Namespace, saved: SavedRun | None) -> Exp
     stream). Flags that only change when it validates, logs or checkpoints may change, and
     --max-steps may grow (the learning-rate schedule continues from where it was).
     """
+    if source is not None:
+        return source.config.replace(**config_overrides(arguments))
     if saved is None:
-        return config_from_arguments(arguments, arguments.preset)
+        return config_from_arguments(arguments, arguments.preset or DEFAULT_PRESET)
     overrides = config_overrides(arguments)
     saved_values = saved.config.values_by_field()
     for name, value in overrides.items():
@@ -127,7 +180,11 @@ def resolve_config(arguments: argparse.Namespace, saved: SavedRun | None) -> Exp
 
 def main(argv: Sequence[str] | None = None) -> int:
     arguments = build_parser().parse_args(argv)
-    name = arguments.name or default_run_name(arguments.preset)
+    name = arguments.name or default_run_name(
+        f"from-{source_label(arguments.from_path, arguments.trial)}"
+        if arguments.from_path
+        else arguments.preset or DEFAULT_PRESET
+    )
     settings = RunSettings(
         name=name,
         storage=arguments.output_dir,
@@ -158,9 +215,16 @@ def run_command(
         check_scaling_arguments(arguments)
         settings = replace(settings, mlflow=mlflow_settings(arguments, MLFLOW_EXPERIMENT))
         saved = None
+        source = read_from(arguments)
         if not arguments.resume:  # a new run's flags are checked before its folder exists
-            config = resolve_config(arguments, None)
+            config = resolve_config(arguments, None, source)
             check_split(config, arguments.num_workers)
+        if source is not None:
+            weights = (
+                check_initial_weights(source.checkpoint, config) if arguments.init_from_checkpoint else None
+            )
+            record = {**source.record, "overrides": config_overrides(arguments), "initial_weights": weights}
+            settings = replace(settings, source=record, initial_weights=weights)
         claim.enter_context(claim_run_folder(settings))  # before reading or writing the folder
         if arguments.resume:
             saved = saved_run(settings)
@@ -175,7 +239,13 @@ def run_command(
             "nothing to do (raise --max-steps to train longer)"
         )
         return 0
-    origin = "resumed from its saved config" if arguments.resume else f"preset {arguments.preset}"
+    origin = "resumed from its saved config" if arguments.resume else f"preset {arguments.preset or DEFAULT_PRESET}"
+    if source is not None:
+        overrides = " ".join(
+            f"--{key.replace('_', '-')} {value}" for key, value in config_overrides(arguments).items()
+        )
+        weights = f"weights from {settings.initial_weights}" if settings.initial_weights else "fresh weights"
+        origin = f"config of {source.describe()}, {f'overridden by {overrides}' if overrides else 'as it was'}, {weights}"
     print(f"run {name}: {origin}, {arguments.num_workers} worker(s), output {arguments.output_dir}", flush=True)
     try:
         summary = run_training(config, scaling, settings)

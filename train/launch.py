@@ -7,7 +7,8 @@ it back at the end; a resume first sets aside checkpoints that do not load
 (`damaged_checkpoint_<step>/`, `train/recovery.py`). After training the driver adds, from
 the final checkpoint:
 
-    config.json      the experiment config and how it was scaled
+    config.json      the experiment config and how it was scaled (and, for a run started
+                     with --from, `source`: where its config came from; result.json too)
     metrics.csv      one row per report (losses, throughput, validation metrics)
     result.json      final metrics with units, best checkpoint, wall time, sequences seen
     prediction.gif, reconstruction.gif, frames.png, curves.png
@@ -72,6 +73,10 @@ class RunSettings:
     max_failures: int = 1
     address: str | None = None
     mlflow: MLflowSettings | None = None  # also log to MLflow
+    # Where the config came from (--from; `train.source.Source.record`): kept in config.json
+    # and result.json as `source`. A resumed run keeps the one its config.json holds.
+    source: dict[str, Any] | None = None
+    initial_weights: str | None = None  # a checkpoint folder whose weights a new run starts from
 
 
 @dataclass(frozen=True)
@@ -247,7 +252,9 @@ def _train(config, scaling: Scaling, settings: RunSettings, train_loop) -> RunSu
     if waiting:
         print(waiting, flush=True)
     metric = config.training.metric
-    worker_config = loop_config(config, WorkerSettings(threads=max(1, int(cpus))))
+    worker_config = loop_config(
+        config, WorkerSettings(threads=max(1, int(cpus)), initial_weights=settings.initial_weights)
+    )
     worker_config[TRACKING_KEY] = {"tensorboard": f"{storage_path(settings.storage)}/{settings.name}"}
     mlflow_run = None
     if settings.mlflow is not None:
@@ -276,10 +283,12 @@ def _train(config, scaling: Scaling, settings: RunSettings, train_loop) -> RunSu
     filesystem, root = storage_filesystem(settings.storage)
     run_path = f"{root}/{settings.name}"
     filesystem.create_dir(run_path, recursive=True)
+    settings = replace(settings, source=settings.source or _saved_source(filesystem, run_path))
+    record = {"config": config.to_dict(), "scaling": asdict(scaling)}
     write_text(
         filesystem,
         f"{run_path}/config.json",
-        json.dumps({"config": config.to_dict(), "scaling": asdict(scaling)}, indent=2),
+        json.dumps({**record, **({"source": settings.source} if settings.source else {})}, indent=2),
     )
     try:
         result = trainer.fit()
@@ -295,6 +304,16 @@ def _train(config, scaling: Scaling, settings: RunSettings, train_loop) -> RunSu
     if mlflow_run is not None:
         mlflow_run.finish(filesystem, run_path)
     return summary
+
+
+def _saved_source(filesystem, run_path: str) -> dict[str, Any] | None:
+    """The `source` a run's config.json already holds (a resumed run started with --from)."""
+    if not path_exists(filesystem, f"{run_path}/config.json"):
+        return None
+    try:
+        return json.loads(read_text(filesystem, f"{run_path}/config.json")).get("source")
+    except (ValueError, AttributeError):
+        return None
 
 
 # ------------------------------------------------------------------------------- run folder
@@ -354,6 +373,8 @@ def write_run_folder(
         "precision_choice": state.get("precision_choice", {}),
         "config": config.to_dict(),
     }
+    if settings.source:
+        summary["source"] = settings.source
     write_text(filesystem, f"{run_path}/result.json", json.dumps(summary, indent=2))
     _record_precision(filesystem, run_path, summary["precision"], summary["precision_choice"])
     return RunSummary(run_path, summary)

@@ -35,3 +35,22 @@ def read_text(filesystem, path: str) -> str:
 def write_text(filesystem, path: str, text: str) -> None:
     with filesystem.open_output_stream(path) as stream:
         stream.write(text.encode())
+
+
+def is_local(filesystem) -> bool:
+    import pyarrow.fs
+
+    return isinstance(filesystem, pyarrow.fs.LocalFileSystem)
+
+
+def local_copy(location: str, folder: str) -> str:
+    """A local path of the file at `location` (a path or URI): the file itself where it is
+    local, else a copy of it in `folder`."""
+    filesystem, path = storage_filesystem(location)
+    if is_local(filesystem):
+        return path
+    target = Path(folder) / Path(path).name
+    with filesystem.open_input_stream(path) as stream, open(target, "wb") as file:
+        while chunk := stream.read(1 << 24):
+            file.write(chunk)
+    return str(target)

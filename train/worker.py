@@ -29,7 +29,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from lstm_ae.checkpoint import load_checkpoint, restore, save_checkpoint
+from lstm_ae.checkpoint import CHECKPOINT_FILE, load_checkpoint, restore, save_checkpoint
 from lstm_ae.config import ExperimentConfig, check_batch_split
 from lstm_ae.data import BouncingDigits, GeneratedSequences, PrefetchedBatches, load_test_set
 from lstm_ae.engine import (
@@ -53,6 +53,7 @@ from train.progress import ProgressClock, describe_run, progress_line
 from train.run_precision import resolve_precision
 from train.session import RayTrainSession, Session, quiet_report_logging
 from train.state import HISTORY_FILE, TrainingState, update_early_stopping
+from train.storage import local_copy
 from train.throughput import SinceLastReport
 from train.tracking import open_tracker
 
@@ -66,6 +67,9 @@ class WorkerSettings:
     threads: int = 0  # torch threads (0: torch's default)
     validation_reports_only: bool = False  # Tune wants its metric in every report
     quiet: bool = False  # no progress lines (Tune shows its own trial table)
+    # A checkpoint folder (path or URI) whose model weights a new run starts from (--from
+    # with --init-from-checkpoint); its optimizer, schedule and step are not taken.
+    initial_weights: str | None = None
 
 
 @dataclass
@@ -100,7 +104,7 @@ def train_function(loop_config: dict[str, Any], session: Session) -> TrainingSta
 
     # 1. Setup: model, optimizer and schedule, restored from the latest checkpoint if any;
     # the precision the hardware pays for, decided once for the whole run.
-    trainables, state = _build_or_restore(config, session)
+    trainables, state = _build_or_restore(config, session, settings.initial_weights)
     choice = resolve_precision(config, state, world_size, session.device)
     config = config.replace(precision=choice.precision)
     stream = _training_batches(config, rank, world_size, state.step, session.device)
@@ -169,9 +173,12 @@ def train_function(loop_config: dict[str, Any], session: Session) -> TrainingSta
     return state
 
 
-def _build_or_restore(config: ExperimentConfig, session: Session) -> tuple[Trainables, TrainingState]:
+def _build_or_restore(
+    config: ExperimentConfig, session: Session, initial_weights: str | None = None
+) -> tuple[Trainables, TrainingState]:
     """The model (same seed on every rank), AdamW and the schedule; restored from the latest
-    checkpoint when the run is resuming or recovering. DDP wraps the model last."""
+    checkpoint when the run is resuming or recovering, else the model's weights alone from
+    `initial_weights` where given. DDP wraps the model last."""
     device, training = session.device, config.training
     torch.manual_seed(training.seed)
     model = CompositeLSTMAutoencoder(config.model).to(device)
@@ -200,12 +207,29 @@ def _build_or_restore(config: ExperimentConfig, session: Session) -> tuple[Train
     scheduler = make_scheduler(optimizer, config.optim, state.schedule[0][1], state.schedule[1:])
     if checkpoint is not None:
         restore(checkpoint, model, optimizer, scheduler)
+    elif initial_weights:
+        _load_initial_weights(model, initial_weights, session)
     model = session.prepare_model(model)
     if training.bf16_allreduce and session.world_size > 1:
         from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
         model.register_comm_hook(dist.group.WORLD, default_hooks.bf16_compress_hook)
     return Trainables(model, optimizer, scheduler), state
+
+
+def _load_initial_weights(model: torch.nn.Module, location: str, session: Session) -> None:
+    """A new run's starting weights: the model's state of the checkpoint at `location` (a
+    folder, local or a URI), on every rank. Weights are fp32 whatever precision either run
+    computes in (bf16 runs keep fp32 parameters), so they load as they are."""
+    with tempfile.TemporaryDirectory(prefix="lstm_ae_initial_") as folder:
+        checkpoint = load_checkpoint(
+            local_copy(f"{location.rstrip('/')}/{CHECKPOINT_FILE}", folder), session.device
+        )
+    restore(checkpoint, model)  # the model alone: the optimizer and schedule start anew
+    _log(
+        session.world_rank,
+        f"initial weights from {location} (its step {checkpoint['step']}); a new run from step 0",
+    )
 
 
 def _training_batches(config: ExperimentConfig, rank: int, world_size: int, start_step: int, device):

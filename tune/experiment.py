@@ -26,7 +26,8 @@ Trials report after every validation. A failed trial (a lost node) is retried fr
 latest checkpoint up to `max_failures` times. The experiment folder is Tune's own,
 `<storage>/<name>/`, with `search.json` (what the experiment was started with); the
 experiment claims it before Ray starts (`claim.json`, see `train/claim.py`).
-Each trial's folder also holds the TensorBoard events its rank 0 writes (`train/tracking.py`).
+Each trial's folder also holds the TensorBoard events its rank 0 writes (`train/tracking.py`)
+and the trial's config (`config.json`, which `python -m train --from` reads).
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from train.cluster import HEAD_RESOURCE, ClusterCapacity, check_can_hold, cluste
 from train.connection import connect
 from train.launch import with_absolute_paths
 from train.session import quiet_report_logging
+from train.source import write_config_file
 from train.storage import path_exists, read_text, storage_filesystem, storage_path
 from train.tracking import TRACKING_KEY
 from train.worker import WorkerSettings, loop_config, train_function, train_loop_per_worker
@@ -187,6 +189,8 @@ def trial(sampled: dict[str, Any], base: dict[str, Any], plan: dict[str, Any]) -
     # get_trial_dir is a local staging folder that ends in the trial folder's name.
     trial_folder = PurePosixPath(ray.tune.get_context().get_trial_dir()).name
     worker_config[TRACKING_KEY] = {"tensorboard": f"{plan.experiment_folder}/{trial_folder}"}
+    # The trial's whole config beside its reports, for `python -m train --from`.
+    write_config_file(f"{plan.experiment_folder}/{trial_folder}", config)
     if plan.workers_per_trial == 1:
         train_function(worker_config, TuneSession(plan.use_gpu))
         return

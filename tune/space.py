@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from lstm_ae.config import FIELD_SECTIONS, ConfigError, ExperimentConfig, field_type
+from lstm_ae.yaml12 import yaml_loader
 
 KINDS = ("choice", "int", "uniform", "loguniform")
 # Fields the experiment itself is built on (ASHA's budget, the metric, the reporting grid):
@@ -179,26 +180,6 @@ def parse_space(entries: Any, source: str = "search space") -> SearchSpace:
                 )
         dimensions.append(Dimension(name, kind, tuple(values)))
     return SearchSpace(tuple(dimensions))
-
-
-# YAML 1.2's floats (its core schema): PyYAML follows YAML 1.1, which wants a dot, so that
-# `1e-4` would be read as the string '1e-4'.
-YAML12_FLOAT = r"""^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"""
-
-
-def yaml_loader():
-    """PyYAML's safe loader, reading numbers as YAML 1.2 does (`1e-4` is a float)."""
-    import re
-
-    import yaml
-
-    class SpaceLoader(yaml.SafeLoader):
-        pass
-
-    SpaceLoader.add_implicit_resolver(
-        "tag:yaml.org,2002:float", re.compile(YAML12_FLOAT), list("-+0123456789.")
-    )
-    return SpaceLoader
 
 
 def load_space(path: str | Path) -> SearchSpace:
