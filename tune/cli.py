@@ -43,6 +43,7 @@ from train.commandline import (
     root_cause,
     run_until_interrupted,
 )
+from train.source import train_command
 from train.storage import path_exists, storage_path
 from train.tracking import add_mlflow_arguments, mlflow_settings
 from tune.ablations import VARIANTS, final_metrics, run_ablations, write_ablations
@@ -320,7 +321,7 @@ def search_and_tabulate(
     )
     return (
         f"\n{to_markdown(rows, shown)}\n{legend}"
-        f"results: {folder / 'results.md'} (and {', '.join(written[2:])})"
+        f"results: {folder / 'results.md'} (and {', '.join(written[2:])})" + winner_line(rows, settings)
     )
 
 
@@ -339,6 +340,13 @@ def local_results_folder(settings) -> Path:
     if "://" in settings.storage:
         return Path("runs") / settings.name
     return Path(storage_path(settings.storage)) / settings.name
+
+
+def winner_line(rows: list[dict], settings) -> str:
+    """The line that trains the table's best trial again (`train.source.train_command`), if any."""
+    best = next((row["trial"] for row in rows if row.get("best")), None)
+    experiment = f"{storage_path(settings.storage)}/{settings.name}"
+    return f"\ntrain the best trial: {train_command(experiment, best)}" if best else ""
 
 
 def publish(folder: Path, names: list[str], settings) -> None:

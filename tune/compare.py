@@ -36,6 +36,7 @@ from lstm_ae.metrics import (
 )
 from lstm_ae.tables import read_table, to_csv, to_markdown
 from train.commandline import OneLineParser, fail
+from train.source import train_command
 from tune.front import FRONT_MARK
 from tune.report import html_report
 from tune.results import BEST_MARK, COMPLETED, REFERENCE, STOPPED, sort_rows, trial_status
@@ -290,6 +291,14 @@ def comparison_table(paths: Sequence[Path], metric: str) -> list[dict[str, Any]]
     ]
 
 
+def best_trial_line(rows: list[dict[str, Any]]) -> str | None:
+    """The command that trains the best row again, where that row is a search's trial."""
+    best = next((row for row in rows if row.get("best") == BEST_MARK), None)
+    if best is None or best.get("kind") != "tune trial" or not best.get("trial"):
+        return None
+    return f"train the best trial: {train_command(str(Path(best['_folder']).resolve()), str(best['trial']))}"
+
+
 def table_columns(metric: str, rows: Sequence[dict[str, Any]] = ()) -> list[str]:
     """The table's columns: the sort metric after the config, then the other metrics; `front`
     (a two-objective search's Pareto front, from its results.csv) where a row has the mark."""
@@ -327,14 +336,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         render = {"markdown": to_markdown, "csv": to_csv}[arguments.format]
         text = render(rows, table_columns(arguments.metric, rows))
+    winner = best_trial_line(rows)  # on stdout below a markdown table, else beside the file or on stderr
     if arguments.output is None:
         sys.stdout.write(text)
+        if winner and arguments.format == "markdown":
+            print(("\n" if text.endswith("\n") else "\n\n") + winner)
+        elif winner:
+            print(winner, file=sys.stderr)
         return 0
     try:
         arguments.output.write_text(text, encoding="utf-8")
     except OSError as error:
         fail(f"cannot write {arguments.output}: {error.strerror or error}")
-    print(f"wrote {arguments.output}")
+    print(f"wrote {arguments.output}" + (f"\n{winner}" if winner else ""))
     return 0
 
 
