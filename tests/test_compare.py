@@ -416,3 +416,23 @@ def test_a_two_objective_search_keeps_its_front_in_the_table_and_the_html(tmp_pa
 
     assert page.count("<img ") == 2  # the search's trials.png and pareto.png (no checkpoint pictures here)
     assert base64.b64encode((folder / "pareto.png").read_bytes()).decode("ascii") in page
+
+
+def test_the_command_that_trains_the_best_row_is_printed_where_it_is_a_search_trial(tmp_path, capsys):
+    search = tmp_path / "search"
+    search.mkdir()
+    (search / "search.json").write_text(json.dumps({"base": CONFIG, "settings": {"workers_per_trial": 1}}))
+    rows = [{"trial": "a1", "status": "completed", "best_val_mse_frame": 140.0, "steps": 6}]
+    write_csv(search / "results.csv", rows + [{**rows[0], "trial": "b2", "best_val_mse_frame": 145.0}])
+    write_train_run(tmp_path / "run", best_metric=150.0)
+    line = f"train the best trial: python -m train --from {search} --trial a1"
+    assert main([str(search), str(tmp_path / "run")]) == 0
+    assert capsys.readouterr().out.endswith(f"\n\n{line}\n")
+    assert main([str(search), "--format", "csv"]) == 0  # the table alone on stdout, the line beside it
+    captured = capsys.readouterr()
+    assert line not in captured.out and captured.err.strip() == line
+    assert main([str(search), "--output", str(tmp_path / "table.md")]) == 0
+    assert capsys.readouterr().out == f"wrote {tmp_path / 'table.md'}\n{line}\n"
+    write_train_run(tmp_path / "better-run", best_metric=120.0)  # a train run is best: no line
+    assert main([str(search), str(tmp_path / "better-run")]) == 0
+    assert "train the best trial" not in capsys.readouterr().out

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -12,7 +14,7 @@ from pathlib import Path
 import pytest
 from ray.tune import Callback
 
-from lstm_ae.config import preset
+from lstm_ae.config import ExperimentConfig, preset
 from train.launch import RunSettings, Scaling, run_training
 from tune.cli import search_and_tabulate
 from tune.experiment import SearchSettings
@@ -90,6 +92,34 @@ def test_a_search_of_four_trials_writes_the_table_and_asha_stops_a_trial(search)
     for picture in ("trials.png", "parameters.png", "importances.png"):
         assert (folder / picture).stat().st_size > 0
     assert "results.md" in summary
+
+
+def test_train_from_the_search_trains_its_printed_best_trial_and_records_its_source(search, tmp_path):
+    from train.cli import main as train_main
+
+    folder, summary = search
+    best = read_rows(folder)[0]
+    line = f"train the best trial: python -m train --from {folder} --trial {best['trial']}"
+    assert summary.rstrip().endswith(line)
+    assert all((trial / "config.json").is_file() for trial in folder.glob("trial_*"))
+    trial_folder = next(folder.glob(f"trial_{best['trial']}_*"))
+    trial_config = ExperimentConfig.from_dict(
+        json.loads((trial_folder / "config.json").read_text())["config"]
+    )
+    flags = ["--max-steps", "2", "--eval-every", "2", "--checkpoint-every", "2", "--probe-sequences", "0"]
+    command = shlex.split(line.split(": ", 1)[1])[3:]
+    where = ["--cpus-per-worker", "1", "--output-dir", str(tmp_path), "--name", "winner"]
+    assert train_main([*command, *flags, "--init-from-checkpoint", *where]) == 0
+    record = json.loads((tmp_path / "winner" / "config.json").read_text())
+    overridden = {"max_steps": 2, "eval_every": 2, "checkpoint_every": 2, "probe_sequences": 0}
+    assert record["config"] == trial_config.replace(**overridden).to_dict()
+    source = record["source"]
+    assert (source["trial"], source["metric"]) == (best["trial"], "val_mse_frame")
+    assert source["value"] == pytest.approx(float(best["best_val_mse_frame"]))
+    assert source["overrides"] == overridden
+    assert Path(source["initial_weights"]) == Path(best["best_checkpoint"])
+    result = json.loads((tmp_path / "winner" / "result.json").read_text())
+    assert result["source"] == source and result["steps"] == 2
 
 
 def test_an_interrupted_search_resumes_without_rerunning_finished_trials(ray_cluster, base, tmp_path):
