@@ -13,6 +13,8 @@ used. Rows are sorted by --metric, best first. Trials on the Pareto front of a t
 search keep its mark (`front`).
 
 `--format html` writes one self-contained page with each run's pictures (`tune.report`).
+Where the best row is a search's trial, the command that trains it follows the table
+(`train the best trial: python -m train --from ... --trial ...`; on stderr for csv and html).
 """
 
 from __future__ import annotations
