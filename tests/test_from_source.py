@@ -426,3 +426,30 @@ def test_initial_weights_are_the_checkpoints_model_and_nothing_else(tmp_path):
     session = LocalSession()
     final = train_function(loop_config(config, WorkerSettings(initial_weights=str(source))), session)
     assert final.step == 2 and (Path(session.checkpoints[-1]) / CHECKPOINT_FILE).is_file()
+
+
+def test_a_yaml_config_reads_numbers_as_yaml_1_2_does(tmp_path):
+    (tmp_path / "config.yaml").write_text("model:\n  hidden_size: 48\noptim:\n  learning_rate: 3e-4\n")
+    config, source = resolved(["--from", str(tmp_path / "config.yaml")])
+    assert config == ExperimentConfig().replace(hidden_size=48, learning_rate=3e-4)
+    assert source.record == {"kind": "config file", "path": str(tmp_path / "config.yaml")}
+
+
+def test_a_multi_worker_trials_best_checkpoint_is_its_train_runs(tmp_path):
+    """A trial with several workers reports its Train run's checkpoints as `checkpoint_path`."""
+    search = make_search(tmp_path)
+    trial = next((tmp_path / "search").glob("trial_a1_*"))
+    train_run = tmp_path / "search" / "train_runs" / "a1"
+    lines = []
+    for number, line in enumerate((trial / "result.json").read_text().splitlines()):
+        report = json.loads(line)
+        del report["checkpoint_dir_name"]
+        report["checkpoint_path"] = str(
+            checkpoint(train_run / f"checkpoint_{number:06d}", search["a1"], report["step"])
+        )
+        lines.append(json.dumps(report) + "\n")
+    (trial / "result.json").write_text("".join(lines))
+    _, source = resolved(["--from", str(tmp_path / "search"), "--trial", "a1"])
+    assert source.record["checkpoint"] == str(train_run / "checkpoint_000001")  # 139.0 at step 6
+    _, best = resolved(["--from", str(tmp_path / "search")])  # train_runs/ is not a trial
+    assert best.record["trial"] == "b2" and "of 2 trial(s)" in best.record["rule"]
