@@ -245,6 +245,8 @@ def test_two_objectives_take_the_fronts_rule_and_say_so(tmp_path, capsys):
     _, chosen = resolved(["--from", str(tmp_path / "search"), "--trial", "b2"])
     assert chosen.record["objectives"] == {"val_mse_frame": 137.0, "val_ssim": 0.20}
     assert chosen.record["rule"] == "chosen with --trial"
+    _, unreported = resolved(["--from", str(tmp_path / "search"), "--trial", "d4"])  # never validated
+    assert "val_mse_frame none, val_ssim none" in unreported.describe()
 
 
 def test_an_ablation_grid_never_picks_a_variant_that_does_not_train_the_metric(tmp_path):

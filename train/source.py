@@ -32,14 +32,20 @@ import math
 import posixpath
 import re
 import shlex
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lstm_ae.checkpoint import CHECKPOINT_FILE
+import torch
+import yaml
+
+from lstm_ae.checkpoint import CHECKPOINT_FILE, CheckpointError, load_checkpoint
 from lstm_ae.config import FIELD_SECTIONS, ConfigError, ExperimentConfig
 from lstm_ae.metrics import METRIC_MODES, is_finite_number
+from lstm_ae.model import CompositeLSTMAutoencoder
 from lstm_ae.pareto import front_choice, rule_text
+from lstm_ae.yaml12 import yaml_loader
 from train.recovery import left_empty
 from train.storage import local_copy, path_exists, read_text, storage_filesystem, write_text
 
@@ -79,11 +85,15 @@ class Source:
             "config file": f"config file {record['path']}",
         }[record["kind"]]
         if record.get("objectives"):
-            values = ", ".join(f"{name} {value:.5g}" for name, value in record["objectives"].items())
+            values = ", ".join(f"{name} {_number(value)}" for name, value in record["objectives"].items())
             what += f" ({values}; {record['rule']})"
         elif is_finite_number(record.get("value")):
             what += f" ({record['metric']} {record['value']:.5g}; {record['rule']})"
         return what
+
+
+def _number(value: Any) -> str:
+    return f"{value:.5g}" if is_finite_number(value) else "none"
 
 
 def source_label(path: str, trial: str | None = None) -> str:
@@ -135,10 +145,6 @@ def _json(filesystem, path: str) -> Any:
 
 
 def _yaml(filesystem, path: str) -> Any:
-    import yaml
-
-    from lstm_ae.yaml12 import yaml_loader
-
     try:
         return yaml.load(_read(filesystem, path), Loader=yaml_loader())
     except yaml.YAMLError as error:
@@ -454,13 +460,6 @@ def write_config_file(folder: str, config: ExperimentConfig) -> None:
 def check_initial_weights(checkpoint: str | None, config: ExperimentConfig) -> str:
     """`checkpoint` (a folder, path or URI), checked to load and to fit `config`'s model;
     SourceError names the problem (a flag that changed the model's shape, say)."""
-    import tempfile
-
-    import torch
-
-    from lstm_ae.checkpoint import CheckpointError, load_checkpoint
-    from lstm_ae.model import CompositeLSTMAutoencoder
-
     if checkpoint is None:
         raise SourceError("--init-from-checkpoint: the source kept no checkpoint to start from")
     try:
