@@ -33,7 +33,7 @@ import posixpath
 import re
 import shlex
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -297,7 +297,8 @@ def _is_trial_folder(filesystem, where: str) -> bool:
 
 def _trial(filesystem, where: str) -> _Trial:
     """A trial folder's reports (a line that does not parse, such as one cut short when the
-    trial died, is left out) and its id (from the reports, else from the folder's name)."""
+    trial died, is left out) and its id (from the reports; a trial that never reported has
+    only its folder's name, `trial_<id>_<index>_<values>_<time>`, whose id may hold `_`)."""
     reports = []
     if path_exists(filesystem, f"{where}/{RESULT_FILE}"):
         for line in _read(filesystem, f"{where}/{RESULT_FILE}").splitlines():
@@ -416,10 +417,15 @@ def _experiment(filesystem, where: str, shown: str, trial_id: str | None) -> Sou
     experiment = _open_experiment(filesystem, where, shown)
     trials = _trials(experiment)
     if trial_id is not None:
-        matches = [trial for trial in trials if trial.trial_id == trial_id]
+        matches = [trial for trial in trials if trial.trial_id == trial_id] or [
+            replace(trial, trial_id=trial_id)  # one that never reported: by its folder's name
+            for trial in trials
+            if posixpath.basename(trial.where).startswith(f"{TRIAL_PREFIX}{trial_id}_")
+        ]
         if not matches:
-            known = ", ".join(trial.trial_id for trial in trials) or "none"
-            raise SourceError(f"--trial {trial_id}: no such trial in {shown} (its trials: {known})")
+            ids = [trial.trial_id for trial in trials if trial.reports]
+            known = ", ".join(ids[:10]) + (f" and {len(ids) - 10} more" if len(ids) > 10 else "") or "none"
+            raise SourceError(f"--trial {trial_id}: no such trial in {shown} (trials that reported: {known})")
         return _chosen(experiment, matches[0], "chosen with --trial")
     (metric, mode), *others = experiment.objectives
     candidates = []  # (trial, best report by the first metric)
