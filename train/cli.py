@@ -97,7 +97,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_scaling_arguments(parser)
     parser.add_argument("--output-dir", default="runs", help="local folder or s3:// URI holding run folders")
-    parser.add_argument("--name", default=None, help="run name (default lstm-ae-<preset>-<time>, or lstm-ae-from-<trial or folder>-<time>)")
+    parser.add_argument(
+        "--name",
+        default=None,
+        help="run name (default lstm-ae-<preset>-<time>, or lstm-ae-from-<trial or folder>-<time>)",
+    )
     parser.add_argument("--resume", action="store_true", help="continue the run --name under --output-dir")
     parser.add_argument(
         "--max-failures",
@@ -239,7 +243,8 @@ def run_command(
             "nothing to do (raise --max-steps to train longer)"
         )
         return 0
-    origin = "resumed from its saved config" if arguments.resume else f"preset {arguments.preset or DEFAULT_PRESET}"
+    preset_name = arguments.preset or DEFAULT_PRESET
+    origin = "resumed from its saved config" if arguments.resume else f"preset {preset_name}"
     if source is not None:
         overrides = " ".join(
             f"--{key.replace('_', '-')} {value}" for key, value in config_overrides(arguments).items()
