@@ -178,7 +178,8 @@ def test_compare_puts_experiments_and_a_train_run_in_one_table_with_references(
     experiment, _ = search
     command = [sys.executable, "-m", "tune.compare", str(experiment), str(Path(run.path))]
     table = subprocess.run(command, capture_output=True, text=True, timeout=120, check=True).stdout
-    lines = table.strip().splitlines()
+    *lines, blank, winner = table.strip().splitlines()  # the table, then the line that trains its best
+    assert blank == "" and winner.startswith(f"train the best trial: python -m train --from {experiment} --trial ")
     assert lines[0].startswith("| best | source | kind | trial | status |")
     assert sum("| tune trial |" in line for line in lines) == 4
     assert sum("| train run |" in line for line in lines) == 1
