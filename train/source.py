@@ -28,72 +28,33 @@ A bad source raises SourceError with a one-line message.
 from __future__ import annotations
 
 import json
-import math
 import posixpath
 import re
 import shlex
 import tempfile
-from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 from lstm_ae.checkpoint import CHECKPOINT_FILE, CheckpointError, load_checkpoint
-from lstm_ae.config import FIELD_SECTIONS, ConfigError, ExperimentConfig
-from lstm_ae.metrics import METRIC_MODES, is_finite_number
+from lstm_ae.config import ExperimentConfig
 from lstm_ae.model import CompositeLSTMAutoencoder
-from lstm_ae.pareto import front_choice, rule_text
-from lstm_ae.yaml12 import yaml_loader
-from train.recovery import left_empty
-from train.storage import local_copy, path_exists, read_text, storage_filesystem, write_text
-
-CONFIG_FILE = "config.json"  # a run's (and, since --from, a trial's) config
-RESULT_FILE = "result.json"  # a run's summary; in a trial folder, Tune's reports (JSON lines)
-SEARCH_FILE = "search.json"  # an experiment's record (tune.experiment.SEARCH_FILE)
-PARAMS_FILE = "params.json"  # a trial's sampled values (Tune's)
-TRIAL_PREFIX = "trial_"  # Tune's trial folders: trial_<trial id>_<index>_<values>_<time>
-
-
-class SourceError(ValueError):
-    """A --from source that cannot give a config; the message is one line naming the problem."""
-
-
-@dataclass(frozen=True)
-class Source:
-    """A config and where it came from.
-
-    `record` is what the new run folder keeps (config.json and result.json, key `source`):
-    path, kind, trial, experiment, metric, mode, value (the metric value that made it the
-    choice), objectives (every objective's value, two-objective searches), rule, checkpoint.
-    """
-
-    config: ExperimentConfig
-    record: dict[str, Any]
-
-    @property
-    def checkpoint(self) -> str | None:
-        """The source's best checkpoint folder (a path or URI), None where it kept none."""
-        return self.record.get("checkpoint")
-
-    def describe(self) -> str:
-        record = self.record
-        what = {
-            "run": f"run folder {record['path']}",
-            "trial": f"trial {record.get('trial')} of {record.get('experiment')}",
-            "config file": f"config file {record['path']}",
-        }[record["kind"]]
-        if record.get("objectives"):
-            values = ", ".join(f"{name} {_number(value)}" for name, value in record["objectives"].items())
-            what += f" ({values}; {record['rule']})"
-        elif is_finite_number(record.get("value")):
-            what += f" ({record['metric']} {record['value']:.5g}; {record['rule']})"
-        return what
-
-
-def _number(value: Any) -> str:
-    return f"{value:.5g}" if is_finite_number(value) else "none"
+from train.source_records import (
+    CONFIG_FILE,
+    RESULT_FILE,
+    SEARCH_FILE,
+    Source,
+    SourceError,
+    config_from_record,
+    file_kind,
+    first_line,
+    open_location,
+    read_json,
+    read_yaml,
+)
+from train.storage import local_copy, path_exists, storage_filesystem, write_text
+from train.trials import chosen_trial, experiment_source, is_trial_folder, open_experiment, read_trial
 
 
 def source_label(path: str, trial: str | None = None) -> str:
@@ -109,82 +70,24 @@ def train_command(experiment: str, trial_id: str) -> str:
 # ------------------------------------------------------------------------------- reading
 
 
-def _location(path: str) -> tuple[Any, str, str]:
-    """(filesystem, path on it, the path as the record shows it: absolute, or the URI)."""
-    try:
-        filesystem, where = storage_filesystem(path)
-    except (OSError, ValueError) as error:  # pyarrow: an unknown scheme, no credentials, ...
-        raise SourceError(f"--from {path}: cannot open it: {_first_line(error)}") from None
-    return filesystem, where, path if "://" in path else where
-
-
-def _first_line(error: BaseException) -> str:
-    lines = [line for line in str(error).splitlines() if line.strip()]
-    return lines[0] if lines else type(error).__name__
-
-
-def _kind(filesystem, path: str):
-    try:
-        return filesystem.get_file_info(path).type
-    except (OSError, ValueError) as error:  # pyarrow's errors are OSError or ValueError kinds
-        raise SourceError(f"--from {path}: cannot read it: {_first_line(error)}") from None
-
-
-def _read(filesystem, path: str) -> str:
-    try:
-        return read_text(filesystem, path)
-    except (OSError, UnicodeDecodeError) as error:
-        raise SourceError(f"{path} is not readable: {_first_line(error)}") from None
-
-
-def _json(filesystem, path: str) -> Any:
-    try:
-        return json.loads(_read(filesystem, path))
-    except ValueError as error:
-        raise SourceError(f"{path} is not valid JSON: {_first_line(error)}") from None
-
-
-def _yaml(filesystem, path: str) -> Any:
-    try:
-        return yaml.load(_read(filesystem, path), Loader=yaml_loader())
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(error, "problem", None) or _first_line(error)
-        raise SourceError(f"{path} is not valid YAML{where}: {problem}") from None
-
-
-def config_from_record(values: Any, where: str) -> ExperimentConfig:
-    """The config in a config file's contents: a run's config.json ({"config": {...}, ...}) or
-    the sections alone. SourceError where it is not a config of this model."""
-    if isinstance(values, dict) and isinstance(values.get("config"), dict):
-        values = values["config"]
-    if not isinstance(values, dict):
-        raise SourceError(f"{where} holds no config (expected a mapping of config sections)")
-    try:
-        return ExperimentConfig.from_dict(values)
-    except (ConfigError, TypeError, ValueError, AttributeError) as error:
-        raise SourceError(f"{where} is not a config of this model: {_first_line(error)}") from None
-
-
 def read_source(path: str, trial: str | None = None) -> Source:
     """The config at `path` and where it came from; `trial` picks a trial of an experiment folder."""
     import pyarrow.fs
 
-    filesystem, where, shown = _location(path)
-    kind = _kind(filesystem, where)
+    filesystem, where, shown = open_location(path)
+    kind = file_kind(filesystem, where)
     if kind == pyarrow.fs.FileType.NotFound:
         raise SourceError(f"--from {path}: no such file or folder")
     if kind == pyarrow.fs.FileType.File:
         _no_trial(trial, path, "a config file")
         return _config_file(filesystem, where, shown)
     if path_exists(filesystem, f"{where}/{SEARCH_FILE}"):
-        return _experiment(filesystem, where, shown, trial)
+        return experiment_source(filesystem, where, shown, trial)
     parent = posixpath.dirname(where.rstrip("/"))
-    if path_exists(filesystem, f"{parent}/{SEARCH_FILE}") and _is_trial_folder(filesystem, where):
+    if path_exists(filesystem, f"{parent}/{SEARCH_FILE}") and is_trial_folder(filesystem, where):
         _no_trial(trial, path, "a trial folder")
-        experiment = _open_experiment(filesystem, parent, _parent_shown(shown))
-        return _chosen(experiment, _trial(filesystem, where), "given as its trial folder")
+        experiment = open_experiment(filesystem, parent, _parent_shown(shown))
+        return chosen_trial(experiment, read_trial(filesystem, where), "given as its trial folder")
     if path_exists(filesystem, f"{where}/{CONFIG_FILE}"):
         _no_trial(trial, path, "a run folder")
         return _run_folder(filesystem, where, shown)
@@ -205,16 +108,16 @@ def _parent_shown(shown: str) -> str:
 
 def _config_file(filesystem, where: str, shown: str) -> Source:
     text_kind = "yaml" if where.lower().endswith((".yaml", ".yml")) else "json"
-    values = _yaml(filesystem, where) if text_kind == "yaml" else _json(filesystem, where)
+    values = read_yaml(filesystem, where) if text_kind == "yaml" else read_json(filesystem, where)
     config = config_from_record(values, shown)
     return Source(config, {"kind": "config file", "path": shown})
 
 
 def _run_folder(filesystem, where: str, shown: str) -> Source:
-    config = config_from_record(_json(filesystem, f"{where}/{CONFIG_FILE}"), f"{shown}/{CONFIG_FILE}")
+    config = config_from_record(read_json(filesystem, f"{where}/{CONFIG_FILE}"), f"{shown}/{CONFIG_FILE}")
     record: dict[str, Any] = {"kind": "run", "path": shown}
     if path_exists(filesystem, f"{where}/{RESULT_FILE}"):
-        result = _json(filesystem, f"{where}/{RESULT_FILE}")
+        result = read_json(filesystem, f"{where}/{RESULT_FILE}")
         if not isinstance(result, dict):
             raise SourceError(f"{shown}/{RESULT_FILE} is not a run's result (expected a JSON object)")
         metric = result.get("metric")
@@ -241,220 +144,6 @@ def _run_checkpoint(filesystem, where: str, shown: str, recorded: Any) -> str | 
     return None
 
 
-# ------------------------------------------------------------------------------- experiments
-
-
-@dataclass(frozen=True)
-class _Experiment:
-    filesystem: Any
-    where: str
-    shown: str
-    base: ExperimentConfig
-    objectives: tuple[tuple[str, str], ...]  # (metric, mode): one, or two for a two-objective search
-
-
-@dataclass(frozen=True)
-class _Trial:
-    trial_id: str
-    where: str  # the trial folder
-    reports: tuple[dict[str, Any], ...]
-
-
-def _open_experiment(filesystem, where: str, shown: str) -> _Experiment:
-    record = _json(filesystem, f"{where}/{SEARCH_FILE}")
-    if not isinstance(record, dict) or not isinstance(record.get("base"), dict):
-        raise SourceError(f"{shown}/{SEARCH_FILE} is not an experiment record (no base config)")
-    base = config_from_record(record["base"], f"{shown}/{SEARCH_FILE}")
-    objectives = record.get("objectives")
-    try:
-        if objectives:
-            pairs = tuple((str(entry["metric"]), str(entry["mode"])) for entry in objectives)
-        else:
-            metric = base.training.metric
-            pairs = ((metric, METRIC_MODES[metric]),)
-    except (KeyError, TypeError) as error:
-        raise SourceError(f"{shown}/{SEARCH_FILE}: unreadable objectives: {_first_line(error)}") from None
-    if any(mode not in ("min", "max") for _, mode in pairs):
-        raise SourceError(f"{shown}/{SEARCH_FILE}: an objective's mode is not min or max: {pairs}")
-    return _Experiment(filesystem, where, shown, base, pairs)
-
-
-def _folders(filesystem, where: str) -> list[str]:
-    import pyarrow.fs
-
-    try:
-        entries = filesystem.get_file_info(pyarrow.fs.FileSelector(where))
-    except OSError as error:
-        raise SourceError(f"{where}: cannot list it: {_first_line(error)}") from None
-    return sorted(entry.path for entry in entries if entry.type == pyarrow.fs.FileType.Directory)
-
-
-def _is_trial_folder(filesystem, where: str) -> bool:
-    return posixpath.basename(where.rstrip("/")).startswith(TRIAL_PREFIX) or path_exists(
-        filesystem, f"{where}/{PARAMS_FILE}"
-    )
-
-
-def _trial(filesystem, where: str) -> _Trial:
-    """A trial folder's reports (a line that does not parse, such as one cut short when the
-    trial died, is left out) and its id (from the reports; a trial that never reported has
-    only its folder's name, `trial_<id>_<index>_<values>_<time>`, whose id may hold `_`)."""
-    reports = []
-    if path_exists(filesystem, f"{where}/{RESULT_FILE}"):
-        for line in _read(filesystem, f"{where}/{RESULT_FILE}").splitlines():
-            try:
-                report = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(report, dict):
-                reports.append(report)
-    trial_id = next((str(r["trial_id"]) for r in reports if r.get("trial_id")), None)
-    if trial_id is None:
-        name = posixpath.basename(where.rstrip("/"))
-        trial_id = name[len(TRIAL_PREFIX) :] if name.startswith(TRIAL_PREFIX) else name
-    return _Trial(trial_id, where, tuple(reports))
-
-
-def _trials(experiment: _Experiment) -> list[_Trial]:
-    fs = experiment.filesystem
-    return [_trial(fs, folder) for folder in _folders(fs, experiment.where) if _is_trial_folder(fs, folder)]
-
-
-def _trial_config(experiment: _Experiment, trial: _Trial) -> ExperimentConfig:
-    fs, shown = experiment.filesystem, f"{experiment.shown}/{posixpath.basename(trial.where)}"
-    if path_exists(fs, f"{trial.where}/{CONFIG_FILE}"):
-        return config_from_record(_json(fs, f"{trial.where}/{CONFIG_FILE}"), f"{shown}/{CONFIG_FILE}")
-    sampled = (
-        _json(fs, f"{trial.where}/{PARAMS_FILE}") if path_exists(fs, f"{trial.where}/{PARAMS_FILE}") else None
-    )
-    if not isinstance(sampled, dict) or not set(sampled) <= set(FIELD_SECTIONS):
-        raise SourceError(
-            f"trial {trial.trial_id} has no {CONFIG_FILE} (written by searches since --from) and its "
-            f"sampled values are not config fields alone: its config cannot be rebuilt from {shown}"
-        )
-    try:
-        return experiment.base.replace(**sampled)
-    except (ConfigError, TypeError, ValueError) as error:
-        raise SourceError(
-            f"trial {trial.trial_id}: its sampled values do not make a config: {error}"
-        ) from None
-
-
-def _measures(experiment: _Experiment, trial: _Trial, metric: str) -> bool:
-    """Whether a trial trains what `metric` measures: prediction metrics mean nothing for a
-    model that only reconstructs (weight 1), reconstruction metrics for one that only predicts.
-    (A trial whose config cannot be read counts; choosing it says why it cannot be trained.)"""
-    try:
-        weight = _trial_config(experiment, trial).model.reconstruction_weight
-    except SourceError:
-        return True
-    if "reconstruction" in metric:
-        return weight > 0
-    return weight < 1 or not metric.startswith("val_")
-
-
-def _best_report(trial: _Trial, metric: str, mode: str) -> dict[str, Any] | None:
-    """The trial's best report by `metric` (the earliest of equals), None where none has a finite value."""
-    reports = [report for report in trial.reports if is_finite_number(report.get(metric))]
-    if not reports:
-        return None
-    sign = 1.0 if mode == "min" else -1.0
-    return min(reports, key=lambda report: sign * float(report[metric]))
-
-
-def _best_checkpoint(experiment: _Experiment, trial: _Trial, metric: str, mode: str) -> str | None:
-    """The kept checkpoint of the trial's best checkpointed report: one-worker trials name it
-    in `checkpoint_dir_name` (inside the trial folder), multi-worker trials in `checkpoint_path`
-    (their Train run's). Folders Tune deleted (beyond keep_checkpoints) or left empty as
-    damaged never count."""
-    fs, scored = experiment.filesystem, []
-    for report in trial.reports:
-        if not is_finite_number(report.get(metric)):
-            continue
-        if isinstance(report.get("checkpoint_dir_name"), str):
-            name = report["checkpoint_dir_name"]
-            where = f"{trial.where}/{name}"
-            shown = f"{experiment.shown}/{posixpath.basename(trial.where)}/{name}"
-        elif isinstance(report.get("checkpoint_path"), str):
-            where = shown = report["checkpoint_path"]
-            if "://" in experiment.shown and "://" not in shown:  # pyarrow paths drop the scheme
-                shown = f"{experiment.shown.split('://', 1)[0]}://{shown}"
-            try:
-                fs, where = storage_filesystem(shown)
-            except (OSError, ValueError):
-                continue
-        else:
-            continue
-        if path_exists(fs, f"{where}/{CHECKPOINT_FILE}") and not left_empty(fs, where):
-            scored.append((float(report[metric]), shown))
-    if not scored:
-        return None
-    sign = 1.0 if mode == "min" else -1.0
-    return min(scored, key=lambda pair: sign * pair[0])[1]
-
-
-def _chosen(experiment: _Experiment, trial: _Trial, rule: str) -> Source:
-    config = _trial_config(experiment, trial)
-    (metric, mode), *others = experiment.objectives
-    report = _best_report(trial, metric, mode) or {}
-    record: dict[str, Any] = {
-        "kind": "trial",
-        "path": f"{experiment.shown}/{posixpath.basename(trial.where)}",
-        "trial": trial.trial_id,
-        "experiment": experiment.shown,
-        "metric": metric,
-        "mode": mode,
-        "value": report.get(metric),
-        "rule": rule,
-        "checkpoint": _best_checkpoint(experiment, trial, metric, mode),
-    }
-    if others:
-        record["objectives"] = {name: report.get(name) for name, _ in experiment.objectives}
-    return Source(config, record)
-
-
-def _experiment(filesystem, where: str, shown: str, trial_id: str | None) -> Source:
-    experiment = _open_experiment(filesystem, where, shown)
-    trials = _trials(experiment)
-    if trial_id is not None:
-        matches = [trial for trial in trials if trial.trial_id == trial_id] or [
-            replace(trial, trial_id=trial_id)  # one that never reported: by its folder's name
-            for trial in trials
-            if posixpath.basename(trial.where).startswith(f"{TRIAL_PREFIX}{trial_id}_")
-        ]
-        if not matches:
-            ids = [trial.trial_id for trial in trials if trial.reports]
-            known = ", ".join(ids[:10]) + (f" and {len(ids) - 10} more" if len(ids) > 10 else "") or "none"
-            raise SourceError(f"--trial {trial_id}: no such trial in {shown} (trials that reported: {known})")
-        return _chosen(experiment, matches[0], "chosen with --trial")
-    (metric, mode), *others = experiment.objectives
-    candidates = []  # (trial, best report by the first metric)
-    for trial in trials:
-        report = _best_report(trial, metric, mode)
-        if report is None or not _measures(experiment, trial, metric):
-            continue
-        candidates.append((trial, report))
-    if not candidates:
-        raise SourceError(
-            f"no finished trial in {shown}: none of its {len(trials)} trial(s) reported a finite {metric}"
-        )
-    if others:
-        names = [name for name, _ in experiment.objectives]
-        points = [
-            [report.get(name) if is_finite_number(report.get(name)) else math.nan for name in names[:2]]
-            for _, report in candidates
-        ]
-        index = front_choice(points, [mode for _, mode in experiment.objectives[:2]])
-        if index is None:
-            raise SourceError(
-                f"no finished trial in {shown}: no trial reported finite {names[0]} and {names[1]} together"
-            )
-        return _chosen(experiment, candidates[index][0], f"{rule_text(names)}, of {len(candidates)} trial(s)")
-    sign = 1.0 if mode == "min" else -1.0
-    best, _ = min(candidates, key=lambda pair: sign * float(pair[1][metric]))
-    return _chosen(experiment, best, f"the best {metric} ({mode}) of {len(candidates)} trial(s)")
-
-
 def write_config_file(folder: str, config: ExperimentConfig) -> None:
     """Write `config` as `folder/config.json` (a path or URI), shaped as a run folder's is:
     what a search's trial leaves beside its reports for --from."""
@@ -475,7 +164,7 @@ def check_initial_weights(checkpoint: str | None, config: ExperimentConfig) -> s
             )
             weights = {name: tuple(tensor.shape) for name, tensor in state["model"].items()}
     except (CheckpointError, OSError) as error:
-        raise SourceError(f"--init-from-checkpoint: {_first_line(error)}") from None
+        raise SourceError(f"--init-from-checkpoint: {first_line(error)}") from None
     with torch.device("meta"):  # shapes only, no memory
         expected = {
             name: tuple(tensor.shape)
