@@ -229,11 +229,14 @@ def evaluate(
     config: ModelConfig,
     precision: str,
     accumulator: MetricAccumulator | None = None,
+    baselines: bool = True,
 ) -> MetricAccumulator:
     """Validation metrics over batches of sequences (B, T, C, H, W), both decoders free-running.
 
     Returns the accumulator (its `means()` are the metrics) so that shards evaluated on
-    several workers can be combined before averaging.
+    several workers can be combined before averaging. `baselines` False leaves out the trivial
+    predictions' metrics (`BASELINE_METRICS`), which depend on the sequences alone: a caller that
+    validates on the same set again keeps them from the first time.
     """
     bare = unwrap(model)
     device = next(bare.parameters()).device
@@ -247,7 +250,8 @@ def evaluate(
                 reconstruction, prediction = bare.reconstruct_and_predict(past)
             add_prediction_metrics(accumulator, prediction, future)
             add_reconstruction_metrics(accumulator, reconstruction, past)
-            add_baselines(accumulator, past, future)
+            if baselines:
+                add_baselines(accumulator, past, future)
     finally:
         bare.train(was_training)
     return accumulator

@@ -99,6 +99,14 @@ EVALUATION_METRICS = (
     BASELINE_ZEROS_SSIM,
 )
 
+# The trivial predictions' metrics: the same at every validation on the same sequences.
+BASELINE_METRICS = (
+    BASELINE_COPY_LAST_MSE_FRAME,
+    BASELINE_ZEROS_MSE_FRAME,
+    BASELINE_COPY_LAST_SSIM,
+    BASELINE_ZEROS_SSIM,
+)
+
 # Reference figures for results tables (README, "The model, the data and the metrics").
 PAPER_COMPOSITE_CONDITIONAL_BCE_NATS_FRAME = 341.2
 

@@ -9,7 +9,9 @@ from faults import FailOnceSession, InjectedFailure
 import train.clock
 from lstm_ae.checkpoint import load_checkpoint
 from lstm_ae.config import preset
-from lstm_ae.engine import NonFiniteLossError, step_seed, train_step
+from lstm_ae.data import load_test_set
+from lstm_ae.engine import NonFiniteLossError, evaluate, step_seed, train_step
+from lstm_ae.metrics import BASELINE_METRICS, MetricAccumulator, add_baselines
 from lstm_ae.model import CompositeLSTMAutoencoder
 from train.budget import TimeBudget
 from train.progress import ProgressClock
@@ -44,6 +46,24 @@ def test_smoke_run_reports_losses_validation_and_checkpoints(smoke):
         report["val_bce_nats_frame"] for report in session.reports if "val_bce_nats_frame" in report
     ]
     assert validations[-1] < validations[0]  # on the fixed validation set
+
+
+def test_every_validation_reports_the_trivial_predictions_measured_once_on_the_set(smoke):
+    """The baselines depend on the validation set alone: the first validation measures them,
+    the later ones carry the same values (and evaluate can leave them out)."""
+    _, session = run(smoke)
+    validated = [report for report in session.reports if "val_mse_frame" in report]
+    assert len(validated) >= 2
+    test_set = load_test_set(smoke.model, smoke.data)
+    expected = MetricAccumulator()
+    for frames in test_set.batches(7):
+        add_baselines(expected, frames[:, : smoke.model.past_length], frames[:, smoke.model.past_length :])
+    for report in validated:
+        for name in BASELINE_METRICS:
+            assert report[name] == pytest.approx(expected.means()[name], rel=1e-6), name
+    model = CompositeLSTMAutoencoder(smoke.model)
+    left_out = evaluate(model, test_set.batches(4), smoke.model, "fp32", baselines=False).means()
+    assert "val_mse_frame" in left_out and not set(BASELINE_METRICS) & set(left_out)
 
 
 def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(smoke):

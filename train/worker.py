@@ -42,7 +42,7 @@ from lstm_ae.engine import (
     train_step,
     unwrap,
 )
-from lstm_ae.metrics import MetricAccumulator
+from lstm_ae.metrics import BASELINE_METRICS, MetricAccumulator
 from lstm_ae.model import CompositeLSTMAutoencoder
 from lstm_ae.probe import probe_with_baseline
 from lstm_ae.viz import render_run
@@ -118,6 +118,7 @@ def train_function(loop_config: dict[str, Any], session: Session) -> TrainingSta
     budget = TimeBudget(training, config.optim.warmup_steps, state) if training.max_minutes else None
     interval = SinceLastReport(state.step, state.sequences_seen)
     progress = ProgressClock(now=clock.now)
+    baselines: dict[str, float] = {}  # the trivial predictions' metrics, from the first validation
     while not state.finished:
         # 2. One optimizer step on this worker's share of the global batch.
         interval.add(_train_one_step(trainables, next(stream), config, state, rank))
@@ -140,7 +141,8 @@ def train_function(loop_config: dict[str, Any], session: Session) -> TrainingSta
         # 3. Validation (every worker a shard) and early stopping.
         if validate_now:
             evaluation_start = clock.now()
-            row.update(_validate(trainables.model, test_set, config, rank, world_size, session.device))
+            model = trainables.model
+            row.update(_validate(model, test_set, config, rank, world_size, session.device, baselines))
             update_early_stopping(state, row, training.metric, training.patience)
             state.elapsed_seconds += clock.now() - evaluation_start
             if state.stopped_early:
@@ -267,16 +269,27 @@ def _train_one_step(
 
 
 def _validate(
-    model, test_set, config: ExperimentConfig, rank: int, world_size: int, device: torch.device
+    model,
+    test_set,
+    config: ExperimentConfig,
+    rank: int,
+    world_size: int,
+    device: torch.device,
+    baselines: dict[str, float],
 ) -> dict[str, float]:
-    """All validation metrics; with several workers each evaluates a shard, then sums are combined."""
+    """All validation metrics; with several workers each evaluates a shard, then sums are combined.
+    The trivial predictions' metrics are measured at the first validation and kept in `baselines`
+    (the set does not change, and their two SSIMs would be recomputed over it every time)."""
     batches = test_set.batches(max(1, config.training.batch_size // world_size), rank, world_size)
-    accumulator = evaluate(model, batches, config.model, config.training.precision)
+    accumulator = evaluate(model, batches, config.model, config.training.precision, baselines=not baselines)
     if world_size > 1 and dist.is_initialized():
         totals = accumulator.totals().to(device)
         dist.all_reduce(totals)
         accumulator = MetricAccumulator.from_totals(totals)
-    return accumulator.means()
+    means = accumulator.means()
+    if not baselines:
+        baselines.update({name: means[name] for name in BASELINE_METRICS if name in means})
+    return {**means, **baselines}
 
 
 def _final_checks(model, config: ExperimentConfig, rank: int, world_size: int) -> dict[str, Any]:
