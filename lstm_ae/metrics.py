@@ -26,16 +26,28 @@ callers can accumulate sums over batches and divide once.
 from __future__ import annotations
 
 import math
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+T = TypeVar("T")
+
 
 def is_finite_number(value: Any) -> bool:
     """An int or float that is neither NaN nor infinite (a bool is not a number here)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def best_of(items: Iterable[T], value: Callable[[T], Any], mode: str) -> T | None:
+    """The item whose `value` is best under `mode` ("min" or "max"), the earliest of equals;
+    items without a finite value are passed over, and None is returned when none has one."""
+    sign = 1.0 if mode == "min" else -1.0
+    scored = [(sign * float(value(item)), index, item) for index, item in enumerate(items)
+              if is_finite_number(value(item))]  # fmt: skip
+    return min(scored, key=lambda entry: entry[:2])[2] if scored else None
 
 
 # Names of reported metrics. Validation metrics describe the prediction of the future

@@ -15,7 +15,7 @@ from typing import Any
 
 from lstm_ae.checkpoint import CHECKPOINT_FILE
 from lstm_ae.config import FIELD_SECTIONS, ConfigError, ExperimentConfig
-from lstm_ae.metrics import METRIC_MODES, is_finite_number
+from lstm_ae.metrics import METRIC_MODES, best_of, is_finite_number
 from lstm_ae.pareto import front_choice, rule_text
 from train.recovery import left_empty
 from train.source_records import (
@@ -151,11 +151,7 @@ def _measures(experiment: _Experiment, trial: _Trial, metric: str) -> bool:
 
 def _best_report(trial: _Trial, metric: str, mode: str) -> dict[str, Any] | None:
     """The trial's best report by `metric` (the earliest of equals), None where none has a finite value."""
-    reports = [report for report in trial.reports if is_finite_number(report.get(metric))]
-    if not reports:
-        return None
-    sign = 1.0 if mode == "min" else -1.0
-    return min(reports, key=lambda report: sign * float(report[metric]))
+    return best_of(trial.reports, lambda report: report.get(metric), mode)
 
 
 def _best_checkpoint(experiment: _Experiment, trial: _Trial, metric: str, mode: str) -> str | None:
@@ -163,16 +159,16 @@ def _best_checkpoint(experiment: _Experiment, trial: _Trial, metric: str, mode: 
     in `checkpoint_dir_name` (inside the trial folder), multi-worker trials in `checkpoint_path`
     (their Train run's). Folders Tune deleted (beyond keep_checkpoints) or left empty as
     damaged never count."""
-    fs, scored = experiment.filesystem, []
+    scored = []
     for report in trial.reports:
         if not is_finite_number(report.get(metric)):
             continue
         if isinstance(report.get("checkpoint_dir_name"), str):
             name = report["checkpoint_dir_name"]
-            where = f"{trial.where}/{name}"
+            fs, where = experiment.filesystem, f"{trial.where}/{name}"
             shown = f"{experiment.shown}/{posixpath.basename(trial.where)}/{name}"
         elif isinstance(report.get("checkpoint_path"), str):
-            where = shown = report["checkpoint_path"]
+            shown = report["checkpoint_path"]
             if "://" in experiment.shown and "://" not in shown:  # pyarrow paths drop the scheme
                 shown = f"{experiment.shown.split('://', 1)[0]}://{shown}"
             try:
@@ -183,10 +179,8 @@ def _best_checkpoint(experiment: _Experiment, trial: _Trial, metric: str, mode: 
             continue
         if path_exists(fs, f"{where}/{CHECKPOINT_FILE}") and not left_empty(fs, where):
             scored.append((float(report[metric]), shown))
-    if not scored:
-        return None
-    sign = 1.0 if mode == "min" else -1.0
-    return min(scored, key=lambda pair: sign * pair[0])[1]
+    best = best_of(scored, lambda pair: pair[0], mode)
+    return best[1] if best else None
 
 
 def chosen_trial(experiment: _Experiment, trial: _Trial, rule: str) -> Source:
@@ -248,6 +242,5 @@ def experiment_source(filesystem, where: str, shown: str, trial_id: str | None) 
         return chosen_trial(
             experiment, candidates[index][0], f"{rule_text(names)}, of {len(candidates)} trial(s)"
         )
-    sign = 1.0 if mode == "min" else -1.0
-    best, _ = min(candidates, key=lambda pair: sign * float(pair[1][metric]))
+    best, _ = best_of(candidates, lambda pair: pair[1][metric], mode)
     return chosen_trial(experiment, best, f"the best {metric} ({mode}) of {len(candidates)} trial(s)")

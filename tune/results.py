@@ -29,6 +29,7 @@ from lstm_ae.metrics import (
     VAL_PSNR_DB,
     VAL_RECONSTRUCTION_MSE_FRAME,
     VAL_SSIM,
+    best_of,
     is_finite_number,
 )
 from lstm_ae.tables import to_csv, to_markdown
@@ -59,13 +60,6 @@ FINAL_METRICS = (
     "probe_accuracy_untrained",
 )
 MIN_TRIALS_FOR_IMPORTANCES = 4
-
-
-def _best(values: list[float], metric: str) -> float | None:
-    finite = [value for value in values if is_finite_number(value)]
-    if not finite:
-        return None
-    return min(finite) if METRIC_MODES[metric] == "min" else max(finite)
 
 
 def trial_status(
@@ -131,15 +125,15 @@ def trial_rows(
         )
         row = {"trial": trial_id, "status": status}
         row.update({name: (result.config or {}).get(name) for name in space.names})
-        row[f"best_{metric}"] = _best(values, metric)
+        best = best_of(reported, lambda report: report[metric], METRIC_MODES[metric])
+        row[f"best_{metric}"] = best[metric] if best else None
         row[f"final_{metric}"] = values[-1] if values else None
         for name in FINAL_METRICS:
             if name != metric:
                 row[name] = last.get(name)
         if is_multi(objectives):
-            at_best = [r for r in reported if r[metric] == row[f"best_{metric}"]]
             second = objectives[1][0]
-            row[second] = at_best[0].get(second) if at_best else None
+            row[second] = best.get(second) if best else None
         row["steps"] = steps
         if is_finite_number(last.get("training_seconds")):
             row["training_seconds"] = round(float(last["training_seconds"]), 1)
