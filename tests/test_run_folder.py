@@ -328,6 +328,16 @@ def restore_sigint():
     signal.signal(signal.SIGINT, handler)
 
 
+def assert_exits_130_with_one_line(main, argv, capsys, expected: str, folder) -> None:
+    """Ctrl-C: exit status 130, one line on stderr holding `expected`, the folder's claim given back."""
+    with pytest.raises(SystemExit) as exit_status:
+        main(argv)
+    assert exit_status.value.code == 130
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and expected in lines[0]
+    assert not (folder / CLAIM_FILE).exists()  # the claim is given back
+
+
 def test_ctrl_c_of_a_train_run_exits_130_with_the_line_to_continue_it(
     tmp_path, monkeypatch, capsys, restore_sigint
 ):
@@ -342,12 +352,10 @@ def test_ctrl_c_of_a_train_run_exits_130_with_the_line_to_continue_it(
         raise RuntimeError("The actor died unexpectedly before finishing this task.")
 
     monkeypatch.setattr(train.cli, "run_training", interrupted_run)
-    with pytest.raises(SystemExit) as exit_status:
-        train.cli.main(["--preset", "smoke", "--output-dir", str(tmp_path), "--name", "x"])
-    assert exit_status.value.code == 130
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1 and f"python -m train --name x --output-dir {tmp_path} --resume" in lines[0]
-    assert not (tmp_path / "x" / CLAIM_FILE).exists()  # the claim is given back
+    assert_exits_130_with_one_line(
+        train.cli.main, ["--preset", "smoke", "--output-dir", str(tmp_path), "--name", "x"], capsys,
+        f"python -m train --name x --output-dir {tmp_path} --resume", tmp_path / "x",
+    )  # fmt: skip
 
 
 def test_ctrl_c_of_a_search_exits_130_with_the_line_to_continue_it(
@@ -364,12 +372,10 @@ def test_ctrl_c_of_a_search_exits_130_with_the_line_to_continue_it(
         return [], str(tmp_path / "s"), None
 
     monkeypatch.setattr(tune.search, "run_search", interrupted_search)
-    with pytest.raises(SystemExit) as exit_status:
-        tune.cli.main(["--preset", "smoke", "--output-dir", str(tmp_path), "--name", "s"])
-    assert exit_status.value.code == 130
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1 and f"python -m tune --name s --output-dir {tmp_path} --resume" in lines[0]
-    assert not (tmp_path / "s" / CLAIM_FILE).exists()
+    assert_exits_130_with_one_line(
+        tune.cli.main, ["--preset", "smoke", "--output-dir", str(tmp_path), "--name", "s"], capsys,
+        f"python -m tune --name s --output-dir {tmp_path} --resume", tmp_path / "s",
+    )  # fmt: skip
 
 
 def test_ctrl_c_before_the_first_checkpoint_says_to_start_again(
