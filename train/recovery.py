@@ -28,9 +28,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+import torch
+
 from lstm_ae.checkpoint import CHECKPOINT_FILE, CheckpointError, load_checkpoint
 from train.state import HISTORY_FILE, TrainingState
-from train.storage import path_exists, read_text, write_text
+from train.storage import local_copy, path_exists, read_text, write_text
 
 SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # Ray Train's list of kept checkpoints
 DAMAGED_PREFIX = "damaged_"
@@ -150,6 +152,17 @@ def set_aside(filesystem, path: str, placeholder: bool = False) -> str | None:
 
 
 # ------------------------------------------------------------------------------ the worker
+
+
+@contextlib.contextmanager
+def stored_checkpoint(
+    location: str, map_location: str | torch.device = "cpu", mmap: bool = False
+) -> Iterator[dict]:
+    """The checkpoint in the folder at `location` (a path or URI): read where it is when local,
+    else from a temporary copy of its checkpoint file, kept until the block ends."""
+    with tempfile.TemporaryDirectory(prefix="lstm_ae_checkpoint_") as folder:
+        file = local_copy(f"{location.rstrip('/')}/{CHECKPOINT_FILE}", folder)
+        yield load_checkpoint(file, map_location, mmap)
 
 
 def _open_stored(filesystem, path: str) -> contextlib.AbstractContextManager[str]:

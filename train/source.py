@@ -31,15 +31,15 @@ import json
 import posixpath
 import re
 import shlex
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from lstm_ae.checkpoint import CHECKPOINT_FILE, CheckpointError, load_checkpoint
+from lstm_ae.checkpoint import CHECKPOINT_FILE, CheckpointError
 from lstm_ae.config import ExperimentConfig
 from lstm_ae.model import CompositeLSTMAutoencoder
+from train.recovery import stored_checkpoint
 from train.source_records import (
     CONFIG_FILE,
     RESULT_FILE,
@@ -53,7 +53,7 @@ from train.source_records import (
     read_json,
     read_yaml,
 )
-from train.storage import local_copy, path_exists, storage_filesystem, write_text
+from train.storage import path_exists, storage_filesystem, write_text
 from train.trials import chosen_trial, experiment_source, is_trial_folder, open_experiment, read_trial
 
 
@@ -158,10 +158,7 @@ def check_initial_weights(checkpoint: str | None, config: ExperimentConfig) -> s
     if checkpoint is None:
         raise SourceError("--init-from-checkpoint: the source kept no checkpoint to start from")
     try:
-        with tempfile.TemporaryDirectory(prefix="lstm_ae_initial_") as folder:
-            state = load_checkpoint(
-                local_copy(f"{checkpoint.rstrip('/')}/{CHECKPOINT_FILE}", folder), mmap=True
-            )
+        with stored_checkpoint(checkpoint, mmap=True) as state:
             weights = {name: tuple(tensor.shape) for name, tensor in state["model"].items()}
     except (CheckpointError, OSError) as error:
         raise SourceError(f"--init-from-checkpoint: {first_line(error)}") from None

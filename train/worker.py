@@ -29,7 +29,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from lstm_ae.checkpoint import CHECKPOINT_FILE, load_checkpoint, restore, save_checkpoint
+from lstm_ae.checkpoint import load_checkpoint, restore, save_checkpoint
 from lstm_ae.config import ExperimentConfig, check_batch_split
 from lstm_ae.data import BouncingDigits, GeneratedSequences, PrefetchedBatches, load_test_set
 from lstm_ae.engine import (
@@ -50,10 +50,10 @@ from train import clock
 from train.budget import TimeBudget, with_eta
 from train.collective import all_reduce_mean, replica_checksums
 from train.progress import ProgressClock, describe_run, progress_line
+from train.recovery import stored_checkpoint
 from train.run_precision import resolve_precision
 from train.session import RayTrainSession, Session, quiet_report_logging
 from train.state import HISTORY_FILE, TrainingState, update_early_stopping
-from train.storage import local_copy
 from train.throughput import SinceLastReport
 from train.tracking import open_tracker
 
@@ -223,11 +223,8 @@ def _load_initial_weights(model: torch.nn.Module, location: str, session: Sessio
     """A new run's starting weights: the model's state of the checkpoint at `location` (a
     folder, local or a URI), on every rank. Weights are fp32 whatever precision either run
     computes in (bf16 runs keep fp32 parameters), so they load as they are."""
-    with tempfile.TemporaryDirectory(prefix="lstm_ae_initial_") as folder:
-        checkpoint = load_checkpoint(
-            local_copy(f"{location.rstrip('/')}/{CHECKPOINT_FILE}", folder), session.device
-        )
-    restore(checkpoint, model)  # the model alone: the optimizer and schedule start anew
+    with stored_checkpoint(location, session.device) as checkpoint:
+        restore(checkpoint, model)  # the model alone: the optimizer and schedule start anew
     _log(
         session.world_rank,
         f"initial weights from {location} (its step {checkpoint['step']}); a new run from step 0",
