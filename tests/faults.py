@@ -45,7 +45,8 @@ class FaultyTrainLoop:
         self.at_step, self.marker = at_step, str(marker)
 
     def __call__(self, loop_config: dict[str, Any]) -> None:
-        from train.session import RayTrainSession, quiet_report_logging
+        from train.ray_internals import quiet_report_logging
+        from train.session import RayTrainSession
         from train.worker import train_function
 
         quiet_report_logging()

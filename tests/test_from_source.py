@@ -21,9 +21,9 @@ from lstm_ae.checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
 from lstm_ae.config import ExperimentConfig, preset
 from lstm_ae.model import CompositeLSTMAutoencoder
 from lstm_ae.pareto import rule_text
+from records.sources import SourceError, source_label, train_command, write_config_file
 from train import cli
 from train.session import LocalSession
-from train.source import source_label, train_command, write_config_file
 from train.worker import WorkerSettings, _build_or_restore, loop_config, train_function
 
 BASE = preset("smoke", hidden_size=16, cache_dir="/tmp/lstm_ae_from_source_cache")
@@ -257,12 +257,12 @@ def test_an_ablation_grid_never_picks_a_variant_that_does_not_train_the_metric(t
     assert chosen.config.model.reconstruction_weight == 1.0  # --trial still takes it
 
 
-def test_a_trial_of_an_older_search_is_its_base_with_its_sampled_values(tmp_path):
-    search = make_search(tmp_path)
+def test_a_trial_without_its_config_file_is_refused_in_one_line(tmp_path):
+    make_search(tmp_path)
     trial = next((tmp_path / "search").glob("trial_b2_*"))
     (trial / "config.json").unlink()
-    config, _ = resolved(["--from", str(tmp_path / "search"), "--trial", "b2"])
-    assert config == search["b2"]
+    with pytest.raises(SourceError, match=r"trial b2 has no config.json \(it never started\)"):
+        resolved(["--from", str(tmp_path / "search"), "--trial", "b2"])
 
 
 def test_the_printed_command_reproduces_the_trials_config_exactly(tmp_path):
@@ -367,7 +367,7 @@ def test_each_bad_source_exits_2_with_one_line_before_ray_starts(tmp_path, capsy
             captured.err,
         )
         assert "Traceback" not in captured.err + captured.out, case
-    assert not (tmp_path / "runs").exists()  # no run folder was claimed
+    assert not (tmp_path / "runs").exists()  # no run folder was locked
 
 
 # ------------------------------------------------------------------------------- the new run

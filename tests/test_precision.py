@@ -19,8 +19,8 @@ from lstm_ae.precision import (
     matmul_gflops,
     model_products,
 )
+from records.checkpoints import HISTORY_FILE
 from train.session import LocalSession
-from train.state import HISTORY_FILE
 from train.worker import WorkerSettings, loop_config, train_function
 
 

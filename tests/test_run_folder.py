@@ -22,8 +22,9 @@ from faults import FailOnceSession, InjectedFailure
 
 from lstm_ae.checkpoint import CheckpointError, load_checkpoint
 from lstm_ae.config import preset
-from train.claim import CLAIM_FILE, STALE_SECONDS, FolderClaim, FolderClaimedError
-from train.recovery import SNAPSHOT_FILE, left_empty, repair_snapshot, stored_problem
+from records.checkpoints import SNAPSHOT_FILE, left_empty, stored_problem
+from records.folder_lock import LOCK_FILE, STALE_SECONDS, FolderLock, FolderLockedError
+from train.ray_internals import repair_snapshot
 from train.session import LocalSession
 from train.worker import WorkerSettings, loop_config, train_function
 
@@ -34,84 +35,84 @@ def truncate(file: Path, size: int = 100) -> None:
     file.write_bytes(file.read_bytes()[:size])
 
 
-# ------------------------------------------------------------------------------ claims
+# ------------------------------------------------------------------------------ locks
 
 
 def test_a_held_folder_is_refused_naming_the_holder_until_released(tmp_path):
-    first = FolderClaim(LOCAL, str(tmp_path / "d")).acquire()
-    with pytest.raises(FolderClaimedError) as refused:
-        FolderClaim(LOCAL, str(tmp_path / "d")).acquire()
+    first = FolderLock(LOCAL, str(tmp_path / "d")).acquire()
+    with pytest.raises(FolderLockedError) as refused:
+        FolderLock(LOCAL, str(tmp_path / "d")).acquire()
     message = str(refused.value)
     assert f"host {socket.gethostname()}, pid {os.getpid()}, started " in message
     assert "in use by another run" in message and "\n" not in message
     first.release()
-    assert not (tmp_path / "d").exists()  # the claim made the folder and nothing else used it
-    second = FolderClaim(LOCAL, str(tmp_path / "d")).acquire()
-    assert json.loads((tmp_path / "d" / CLAIM_FILE).read_text())["token"] == second.token
+    assert not (tmp_path / "d").exists()  # the lock made the folder and nothing else used it
+    second = FolderLock(LOCAL, str(tmp_path / "d")).acquire()
+    assert json.loads((tmp_path / "d" / LOCK_FILE).read_text())["token"] == second.token
     second.release()
 
 
-def test_of_many_runs_claiming_at_once_exactly_one_wins(tmp_path):
+def test_of_many_runs_locking_at_once_exactly_one_wins(tmp_path):
     (tmp_path / "d").mkdir()
-    claims = [FolderClaim(LOCAL, str(tmp_path / "d")) for _ in range(8)]
-    start, won, refused = threading.Barrier(len(claims)), [], []
+    locks = [FolderLock(LOCAL, str(tmp_path / "d")) for _ in range(8)]
+    start, won, refused = threading.Barrier(len(locks)), [], []
 
-    def claim(candidate):
+    def lock(candidate):
         start.wait()
         try:
             won.append(candidate.acquire())
-        except FolderClaimedError:
+        except FolderLockedError:
             refused.append(candidate)
 
-    threads = [threading.Thread(target=claim, args=(candidate,)) for candidate in claims]
+    threads = [threading.Thread(target=lock, args=(candidate,)) for candidate in locks]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
     assert len(won) == 1 and len(refused) == 7
-    assert json.loads((tmp_path / "d" / CLAIM_FILE).read_text())["token"] == won[0].token
+    assert json.loads((tmp_path / "d" / LOCK_FILE).read_text())["token"] == won[0].token
 
 
 def test_a_claim_left_by_a_dead_process_on_this_host_is_taken_over_with_one_line(tmp_path):
-    FolderClaim(LOCAL, str(tmp_path / "d"), pid=4_000_001).acquire()  # never released: killed
+    FolderLock(LOCAL, str(tmp_path / "d"), pid=4_000_001).acquire()  # never released: killed
     lines = []
-    gone = FolderClaim(
+    gone = FolderLock(
         LOCAL, str(tmp_path / "d"), alive=lambda pid, ticks: pid != 4_000_001, log=lines.append
     )
     gone.acquire()
     assert len(lines) == 1 and "pid 4000001" in lines[0] and "that process is gone" in lines[0]
     # A live holder (the same pid, alive) is never taken over.
-    with pytest.raises(FolderClaimedError, match=f"pid {os.getpid()}"):
-        FolderClaim(LOCAL, str(tmp_path / "d"), alive=lambda pid, ticks: True).acquire()
+    with pytest.raises(FolderLockedError, match=f"pid {os.getpid()}"):
+        FolderLock(LOCAL, str(tmp_path / "d"), alive=lambda pid, ticks: True).acquire()
 
 
 def test_a_claim_from_another_host_is_taken_over_only_when_not_renewed_for_the_stated_age(tmp_path):
     clock = [1_000_000.0]
-    elsewhere = FolderClaim(LOCAL, str(tmp_path / "d"), host="node-b", pid=7, now=lambda: clock[0]).acquire()
+    elsewhere = FolderLock(LOCAL, str(tmp_path / "d"), host="node-b", pid=7, now=lambda: clock[0]).acquire()
     here = dict(now=lambda: clock[0], alive=lambda pid, ticks: False, log=lambda line: None)
     clock[0] += STALE_SECONDS - 1
-    with pytest.raises(FolderClaimedError, match="host node-b, pid 7"):
-        FolderClaim(LOCAL, str(tmp_path / "d"), **here).acquire()  # pid 7 means nothing here
-    assert elsewhere.renew()  # a live run renews its claim ...
+    with pytest.raises(FolderLockedError, match="host node-b, pid 7"):
+        FolderLock(LOCAL, str(tmp_path / "d"), **here).acquire()  # pid 7 means nothing here
+    assert elsewhere.renew()  # a live run renews its lock ...
     clock[0] += STALE_SECONDS - 1
-    with pytest.raises(FolderClaimedError):
-        FolderClaim(LOCAL, str(tmp_path / "d"), **here).acquire()
+    with pytest.raises(FolderLockedError):
+        FolderLock(LOCAL, str(tmp_path / "d"), **here).acquire()
     clock[0] += 2  # ... and one that stopped renewing is taken over
-    taker = FolderClaim(LOCAL, str(tmp_path / "d"), **here).acquire()
+    taker = FolderLock(LOCAL, str(tmp_path / "d"), **here).acquire()
     assert not elsewhere.renew()  # the old holder learns it lost the folder
-    elsewhere.release()  # and its release leaves the new holder's claim alone
-    assert json.loads((tmp_path / "d" / CLAIM_FILE).read_text())["token"] == taker.token
+    elsewhere.release()  # and its release leaves the new holder's lock alone
+    assert json.loads((tmp_path / "d" / LOCK_FILE).read_text())["token"] == taker.token
 
 
 def test_on_storage_without_exclusive_create_the_claim_is_checked_and_read_back(tmp_path):
     remote = pyarrow.fs.SubTreeFileSystem(str(tmp_path), LOCAL)  # stands in for s3://
-    first = FolderClaim(remote, "runs/d")
+    first = FolderLock(remote, "runs/d")
     assert not first.local
     first.acquire()
-    with pytest.raises(FolderClaimedError, match="in use by another run"):
-        FolderClaim(remote, "runs/d").acquire()
+    with pytest.raises(FolderLockedError, match="in use by another run"):
+        FolderLock(remote, "runs/d").acquire()
     first.release()
-    assert not (tmp_path / "runs" / "d" / CLAIM_FILE).exists()
+    assert not (tmp_path / "runs" / "d" / LOCK_FILE).exists()
 
 
 def run_cli(module: str, *arguments: str, timeout: int = 120) -> subprocess.CompletedProcess:
@@ -122,7 +123,7 @@ def run_cli(module: str, *arguments: str, timeout: int = 120) -> subprocess.Comp
 
 @pytest.mark.parametrize("resume", [False, True])
 def test_a_second_run_or_resume_of_a_claimed_folder_exits_2_naming_the_first(tmp_path, resume):
-    holder = FolderClaim(LOCAL, str(tmp_path / "d")).acquire()  # this test process: alive
+    holder = FolderLock(LOCAL, str(tmp_path / "d")).acquire()  # this test process: alive
     (tmp_path / "d" / "events.first").write_text("the first run's file")
     before = sorted(path.name for path in (tmp_path / "d").iterdir())
     flags = ["--resume"] if resume else ["--preset", "smoke"]
@@ -142,10 +143,10 @@ def test_a_second_run_or_resume_of_a_claimed_folder_exits_2_naming_the_first(tmp
 
 def test_the_command_line_takes_over_a_dead_runs_claim_and_gives_it_back(tmp_path):
     (tmp_path / "d").mkdir()
-    dead = FolderClaim(LOCAL, str(tmp_path / "d"), pid=os.getpid())
-    record = {**dead.record(), "pid": 4_000_002, "pid_start_ticks": None}  # a killed run's claim
-    (tmp_path / "d" / CLAIM_FILE).write_text(json.dumps(record))
-    # The claim is taken over, then the run stops on a missing file, before Ray.
+    dead = FolderLock(LOCAL, str(tmp_path / "d"), pid=os.getpid())
+    record = {**dead.record(), "pid": 4_000_002, "pid_start_ticks": None}  # a killed run's lock
+    (tmp_path / "d" / LOCK_FILE).write_text(json.dumps(record))
+    # The lock is taken over, then the run stops on a missing file, before Ray.
     missing = str(tmp_path / "missing.npy")
     completed = run_cli(
         "train", "--preset", "smoke", "--output-dir", str(tmp_path), "--name", "d", "--test-file", missing
@@ -153,7 +154,7 @@ def test_the_command_line_takes_over_a_dead_runs_claim_and_gives_it_back(tmp_pat
     assert completed.returncode == 2 and "sequence file not found" in completed.stderr
     taken = [line for line in completed.stdout.splitlines() if "taking over" in line]
     assert len(taken) == 1 and "pid 4000002" in taken[0] and "that process is gone" in taken[0]
-    assert not (tmp_path / "d" / CLAIM_FILE).exists()
+    assert not (tmp_path / "d" / LOCK_FILE).exists()
 
 
 # ------------------------------------------------------------------------------ damaged checkpoints
@@ -300,22 +301,20 @@ def test_the_command_line_resume_exits_2_in_one_line_when_no_checkpoint_loads(ru
 
 
 def test_a_checkpoint_folder_left_empty_is_never_the_best(tmp_path):
-    from train.launch import best_checkpoint
-
-    class Checkpoint:
-        def __init__(self, path):
-            self.path, self.filesystem = str(path), LOCAL
+    from records.checkpoints import best_checkpoint
 
     (tmp_path / "checkpoint_00000002").mkdir()
     (tmp_path / "checkpoint_00000002" / "checkpoint.pt").write_bytes(b"weights")
     (tmp_path / "checkpoint_00000004").mkdir()  # set aside: the controller still lists it
     (tmp_path / "damaged_checkpoint_00000004").mkdir()
     kept = [
-        (Checkpoint(tmp_path / "checkpoint_00000002"), {"step": 2, "val_mse_frame": 150.0}),
-        (Checkpoint(tmp_path / "checkpoint_00000004"), {"step": 4, "val_mse_frame": 140.0}),
+        (150.0, LOCAL, str(tmp_path / "checkpoint_00000002"), 2),
+        (140.0, LOCAL, str(tmp_path / "checkpoint_00000004"), 4),
     ]
-    path, row = best_checkpoint(kept, "val_mse_frame")
-    assert path.endswith("checkpoint_00000002") and row["step"] == 2
+    assert best_checkpoint(kept, "min") == 2
+    assert best_checkpoint(kept[1:], "min") is None
+    (tmp_path / "checkpoint_00000004" / "checkpoint.pt").write_bytes(b"weights")  # not empty: counts
+    assert best_checkpoint(kept, "min") == 4
 
 
 # ------------------------------------------------------------------------------ Ctrl-C
@@ -329,13 +328,13 @@ def restore_sigint():
 
 
 def assert_exits_130_with_one_line(main, argv, capsys, expected: str, folder) -> None:
-    """Ctrl-C: exit status 130, one line on stderr holding `expected`, the folder's claim given back."""
+    """Ctrl-C: exit status 130, one line on stderr holding `expected`, the folder's lock given back."""
     with pytest.raises(SystemExit) as exit_status:
         main(argv)
     assert exit_status.value.code == 130
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and expected in lines[0]
-    assert not (folder / CLAIM_FILE).exists()  # the claim is given back
+    assert not (folder / LOCK_FILE).exists()  # the lock is given back
 
 
 def test_ctrl_c_of_a_train_run_exits_130_with_the_line_to_continue_it(
@@ -389,4 +388,4 @@ def test_ctrl_c_before_the_first_checkpoint_says_to_start_again(
         train.cli.main(["--preset", "smoke", "--output-dir", str(tmp_path), "--name", "y"])
     assert exit_status.value.code == 130
     assert "start it again with python -m train --name y" in capsys.readouterr().err
-    assert not (tmp_path / "y").exists()  # nothing was written: the claim's folder is gone again
+    assert not (tmp_path / "y").exists()  # nothing was written: the lock's folder is gone again

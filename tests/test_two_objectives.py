@@ -55,7 +55,7 @@ def test_the_command_refuses_bad_objectives_in_one_line_before_ray(flags, messag
     error = capsys.readouterr().err
     assert exit_info.value.code == 2 and message in error
     assert "Traceback" not in error and len(error.strip().splitlines()) == 1
-    assert list(tmp_path.iterdir()) == []  # nothing claimed or written
+    assert list(tmp_path.iterdir()) == []  # nothing locked or written
 
 
 def rows_of(points):

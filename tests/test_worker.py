@@ -13,10 +13,10 @@ from lstm_ae.data import load_test_set
 from lstm_ae.engine import NonFiniteLossError, evaluate, step_seed, train_step
 from lstm_ae.metrics import BASELINE_METRICS, MetricAccumulator, add_baselines
 from lstm_ae.model import CompositeLSTMAutoencoder
+from records.checkpoints import TrainingState
 from train.budget import TimeBudget
 from train.progress import ProgressClock
 from train.session import LocalSession
-from train.state import TrainingState
 from train.worker import WorkerSettings, loop_config, train_function
 
 

@@ -9,8 +9,8 @@ from typing import Any
 
 import torch.distributed as dist
 
+from records.checkpoints import TrainingState
 from train.collective import all_reduce
-from train.state import TrainingState
 
 
 class TimeBudget:

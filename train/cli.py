@@ -11,7 +11,7 @@ Every config field is a flag (`--hidden-size 512`, `--learning-rate 3e-4`, ...);
 is validated before Ray starts, and a bad value exits with status 2 and one line naming it.
 
 `--from PATH` starts from the config of a run folder, a search trial, a search's or ablation
-grid's best trial (`--trial ID` another) or a config file instead of a preset (`train/source.py`);
+grid's best trial (`--trial ID` another) or a config file instead of a preset (`records/sources.py`);
 the flags given override it, and `--init-from-checkpoint` starts from its best checkpoint's
 weights (a new run: the optimizer and schedule start anew).
 """
@@ -41,6 +41,7 @@ from lstm_ae.metrics import (
     VAL_MSE_FRAME,
     VAL_SSIM,
 )
+from records.sources import Source, SourceError, check_initial_weights, read_source, source_label
 from train.commandline import (
     OneLineParser,
     add_scaling_arguments,
@@ -56,13 +57,12 @@ from train.launch import (
     RunSettings,
     SavedRun,
     Scaling,
-    claim_run_folder,
     continue_line,
     default_run_name,
+    lock_run_folder,
     run_training,
     saved_run,
 )
-from train.source import Source, SourceError, check_initial_weights, read_source, source_label
 from train.tracking import add_mlflow_arguments, mlflow_settings
 
 MLFLOW_EXPERIMENT = "lstm-ae"  # the MLflow experiment of train runs, unless --mlflow-experiment
@@ -197,16 +197,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         address=arguments.address,
     )
     return run_until_interrupted(
-        lambda claim, interrupted: run_command(arguments, settings, claim, interrupted),
+        lambda held, interrupted: run_command(arguments, settings, held, interrupted),
         f"run {name}",
         lambda: continue_line(settings),
     )
 
 
 def run_command(
-    arguments: argparse.Namespace, settings: RunSettings, claim: contextlib.ExitStack, interrupted
+    arguments: argparse.Namespace, settings: RunSettings, held: contextlib.ExitStack, interrupted
 ) -> int:
-    """Check everything, claim the run folder (held until `claim` closes), then train.
+    """Check everything, lock the run folder (held until `held` closes), then train.
     `interrupted()`: whether Ctrl-C came (then an error is the interrupt's, not reported)."""
     name = settings.name
     try:
@@ -229,7 +229,7 @@ def run_command(
             )
             record = {**source.record, "overrides": config_overrides(arguments), "initial_weights": weights}
             settings = replace(settings, source=record, initial_weights=weights)
-        claim.enter_context(claim_run_folder(settings))  # before reading or writing the folder
+        held.enter_context(lock_run_folder(settings))  # before reading or writing the folder
         if arguments.resume:
             saved = saved_run(settings)
             config = resolve_config(arguments, saved)

@@ -6,7 +6,7 @@ runs on clusters that can never get a GPU.
 few or none, so a plan sized from it alone would run one trial at a time. The node types
 come from, in order:
 
-1. the GCS's cluster config (`ray._private.state.state.get_cluster_config`, what Ray Train
+1. the GCS's cluster config (`train.ray_internals.autoscaler_node_groups`, what Ray Train
    reads); Ray 2.60's own autoscalers do not publish it yet, so usually:
 2. the autoscaling config file: `$LSTM_AE_AUTOSCALING_CONFIG`, else
    `~/ray_bootstrap_config.yaml`, where `ray up` puts it on the head node (where
@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lstm_ae.config import ConfigError
+from train.ray_internals import autoscaler_node_groups
 
 HEAD_RESOURCE = "lstm_ae_head"  # the cluster files give only the head node this resource
 AUTOSCALING_CONFIG_VARIABLE = "LSTM_AE_AUTOSCALING_CONFIG"
@@ -96,17 +97,9 @@ def cluster_capacity(joined: bool = True) -> ClusterCapacity:
 
 def _autoscaler_node_types() -> list[NodeGroup] | None:
     """The autoscaler's node types, or None where no autoscaler is known."""
-    try:
-        from ray._private.state import state
-
-        config = state.get_cluster_config()
-    except Exception:  # private API: absent or changed in another Ray version
-        config = None
-    if config is not None and config.node_group_configs:
-        return [
-            NodeGroup({name: float(value) for name, value in group.resources.items()}, int(group.max_count))
-            for group in config.node_group_configs
-        ]
+    groups = autoscaler_node_groups()
+    if groups:
+        return [NodeGroup(resources, count) for resources, count in groups]
     path = Path(os.environ.get(AUTOSCALING_CONFIG_VARIABLE) or BOOTSTRAP_CONFIG).expanduser()
     return node_types_from_file(path) if path.is_file() else None
 

@@ -86,12 +86,12 @@ def run_until_interrupted(
     what: str,
     continue_line: Callable[[], str],
 ) -> int:
-    """`command(claim, interrupted)` with Ctrl-C watched; `claim` (what the command holds, such
-    as its folder's claim) is released however it ends. After a SIGINT, whatever Ray raised
+    """`command(held, interrupted)` with Ctrl-C watched; `held` (what the command holds, such
+    as its folder lock) is released however it ends. After a SIGINT, whatever Ray raised
     meanwhile, exit 130 with one line: `what` stopped, and `continue_line()`."""
-    with watch_interrupts() as watch, contextlib.ExitStack() as claim:
+    with watch_interrupts() as watch, contextlib.ExitStack() as held:
         try:
-            return command(claim, watch.interrupted)
+            return command(held, watch.interrupted)
         except BaseException:
             if not watch.interrupted():
                 raise

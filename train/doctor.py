@@ -29,10 +29,10 @@ from typing import Any
 from lstm_ae.hardware import gpu_problem, nvidia_driver
 from lstm_ae.precision import bf16_support
 from lstm_ae.tables import to_markdown
+from records.storage import storage_filesystem
 from train.cluster import cluster_capacity
 from train.commandline import OneLineParser, add_address_argument, check_address, fail
 from train.connection import connect
-from train.storage import storage_filesystem
 
 REQUIREMENTS = Path(__file__).resolve().parents[1] / "requirements.txt"
 COLUMNS = ("node", "CPUs", "GPUs", "torch", "CUDA build", "driver", "bf16", "Ray", "output dir")

@@ -2,9 +2,9 @@
 
 The run folder is Ray Train's own folder, `<storage>/<name>/`, where Ray keeps the
 checkpoints (`checkpoint_<step>/`, the best `keep_checkpoints` by the validation metric plus
-the latest). The run claims it before Ray starts (`claim.json`, `train/claim.py`) and gives
+the latest). The run locks it before Ray starts (`lock.json`, `records/folder_lock.py`) and gives
 it back at the end; a resume first sets aside checkpoints that do not load
-(`damaged_checkpoint_<step>/`, `train/recovery.py`). After training the driver adds, from
+(`damaged_checkpoint_<step>/`, `records/checkpoints.py`). After training the driver adds, from
 the final checkpoint:
 
     config.json      the experiment config and how it was scaled (and, for a run started
@@ -36,12 +36,12 @@ from lstm_ae.config import ConfigError, ExperimentConfig
 from lstm_ae.data import STANDARD_FILE, load_test_set
 from lstm_ae.metrics import METRIC_MODES, UNITS
 from lstm_ae.viz import RUN_PICTURES
-from train.claim import claimed
+from records.checkpoints import HISTORY_FILE, SNAPSHOT_FILE, best_checkpoint
+from records.folder_lock import locked
+from records.storage import path_exists, read_text, storage_filesystem, storage_path, write_text
 from train.cluster import ClusterCapacity, check_can_hold, cluster_capacity, waiting_line
 from train.connection import connect
-from train.recovery import SNAPSHOT_FILE, left_empty, repair_snapshot
-from train.state import HISTORY_FILE
-from train.storage import path_exists, read_text, storage_filesystem, storage_path, write_text
+from train.ray_internals import repair_snapshot
 from train.tracking import TRACKING_KEY, MLflowSettings, MLflowTrainRun
 from train.worker import WorkerSettings, loop_config, train_loop_per_worker
 
@@ -73,7 +73,7 @@ class RunSettings:
     max_failures: int = 1
     address: str | None = None
     mlflow: MLflowSettings | None = None  # also log to MLflow
-    # Where the config came from (--from; `train.source.Source.record`): kept in config.json
+    # Where the config came from (--from; `records.sources.Source.record`): kept in config.json
     # and result.json as `source`. A resumed run keeps the one its config.json holds.
     source: dict[str, Any] | None = None
     initial_weights: str | None = None  # a checkpoint folder whose weights a new run starts from
@@ -92,11 +92,11 @@ def default_run_name(preset_name: str) -> str:
 # ------------------------------------------------------------------------------- resuming
 
 
-def claim_run_folder(settings: RunSettings):
-    """The claim on the run folder, held for the `with` block (FolderClaimedError if a live
-    run holds it; a nested claim by the same process is a no-op)."""
+def lock_run_folder(settings: RunSettings):
+    """The lock on the run folder, held for the `with` block (FolderLockedError if a live
+    run holds it; a nested lock by the same process is a no-op)."""
     filesystem, root = storage_filesystem(settings.storage)
-    return claimed(filesystem, f"{root}/{settings.name}")
+    return locked(filesystem, f"{root}/{settings.name}")
 
 
 def continue_line(settings: RunSettings) -> str:
@@ -227,7 +227,7 @@ def run_training(
 
     `train_loop` replaces `train.worker.train_loop_per_worker` (tests wrap it to inject faults).
     """
-    with claim_run_folder(settings):
+    with lock_run_folder(settings):
         check_run_folder(settings)
         filesystem, root = storage_filesystem(settings.storage)
         if settings.resume:
@@ -338,7 +338,7 @@ def write_run_folder(
             with filesystem.open_output_stream(f"{run_path}/{picture}") as writer:
                 writer.write(data)
     metric = config.training.metric
-    best, best_row = best_checkpoint(result.best_checkpoints, metric)
+    best, best_row = _best_kept_checkpoint(result.best_checkpoints, metric)
     summary = {
         "name": settings.name,
         "status": "stopped_early" if state["stopped_early"] else "completed",
@@ -391,19 +391,14 @@ def _record_precision(filesystem, run_path: str, precision: str, choice: dict[st
     write_text(filesystem, path, json.dumps(record, indent=2))
 
 
-def best_checkpoint(best_checkpoints, metric: str) -> tuple[str | None, dict[str, Any]]:
-    """(path, reported row) of the best kept checkpoint by `metric` (Ray keeps their metrics);
-    a checkpoint set aside as damaged (its folder left empty) never counts."""
-    scored = [
-        (checkpoint, row)
-        for checkpoint, row in best_checkpoints
-        if metric in row and not left_empty(checkpoint.filesystem, checkpoint.path)
-    ]
-    if not scored:
-        return None, {}
-    choose = min if METRIC_MODES[metric] == "min" else max
-    checkpoint, row = choose(scored, key=lambda pair: pair[1][metric])
-    return checkpoint.path, row
+def _best_kept_checkpoint(best_checkpoints, metric: str) -> tuple[str | None, dict[str, Any]]:
+    """(path, reported row) of the best checkpoint Ray kept (Ray keeps their metrics)."""
+    best = best_checkpoint(
+        ((row.get(metric), checkpoint.filesystem, checkpoint.path, (checkpoint.path, row))
+         for checkpoint, row in best_checkpoints),
+        METRIC_MODES[metric],
+    )  # fmt: skip
+    return best or (None, {})
 
 
 def history_csv(history: list[dict[str, Any]]) -> str:

@@ -8,8 +8,8 @@ import torch.distributed as dist
 
 from lstm_ae.config import ExperimentConfig
 from lstm_ae.precision import PrecisionChoice, agreed, choose_precision
+from records.checkpoints import TrainingState
 from train.collective import all_reduce
-from train.state import TrainingState
 
 
 def resolve_precision(

@@ -8,7 +8,7 @@ how it reports and finds its checkpoint:
 - `tune.session.TuneSession`: a Tune trial that runs the function directly in its own
   process (one worker per trial), reporting through `ray.tune.*`.
 
-Every session hands the function the newest checkpoint that loads (`train.recovery`): a
+Every session hands the function the newest checkpoint that loads (`records.checkpoints`): a
 damaged one is skipped with one line and set aside, and checkpoints written afterwards take
 a fresh name where the skipped one's would repeat.
 """
@@ -16,7 +16,6 @@ a fresh name where the skipped one's would repeat.
 from __future__ import annotations
 
 import contextlib
-import logging
 import tempfile
 from collections.abc import Iterator
 from typing import Any, Protocol
@@ -25,7 +24,7 @@ import torch
 from torch import nn
 
 from lstm_ae.hardware import gpu_problem
-from train.recovery import fresh_checkpoint_name, newest_loadable
+from records.checkpoints import fresh_checkpoint_name, newest_loadable
 
 
 class Session(Protocol):
@@ -99,18 +98,6 @@ class RayTrainSession:
         checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
         name = fresh_checkpoint_name(checkpoint_name(step), self.skipped)
         ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
-
-
-def quiet_report_logging() -> None:
-    """Ray 2.60 logs every report's full metrics and every checkpoint's path at INFO (from
-    the worker or trial process); our own progress line and results table say the same."""
-    for name in ("ray.train._internal.storage", "ray.train.v2._internal.execution.storage"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    try:
-        from ray.train.v2._internal.execution import context
-    except ImportError:
-        return
-    logging.getLogger(context.__file__).setLevel(logging.WARNING)
 
 
 class LocalSession:

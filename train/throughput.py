@@ -6,8 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from records.checkpoints import TrainingState
 from train import clock
-from train.state import TrainingState
 
 
 @dataclass

@@ -48,7 +48,8 @@ from PIL import Image
 from lstm_ae.config import ConfigError, ExperimentConfig
 from lstm_ae.metrics import BASELINE_COPY_LAST_MSE_FRAME, BASELINE_ZEROS_MSE_FRAME, VAL_MSE_FRAME
 from lstm_ae.viz import RUN_PICTURES, frames_png, model_outputs
-from train.storage import path_exists, storage_filesystem
+from records.storage import path_exists, storage_filesystem
+from train.ray_internals import mlflow_schemes
 
 TRACKING_KEY = "tracking"  # the loop_config entry that asks for TensorBoard events
 FRAMES_TAG = "frames"
@@ -212,24 +213,6 @@ def absolute_tracking_uri(uri: str) -> str:
     return Path(uri).expanduser().resolve().as_uri()
 
 
-def _mlflow_schemes() -> set[str] | None:
-    """The URI schemes the installed mlflow has both a tracking store and a model-registry
-    store for (an MlflowClient needs both); None where this mlflow does not say."""
-    try:
-        from mlflow.tracking._tracking_service import utils as tracking_utils
-
-        schemes = set(tracking_utils._tracking_store_registry._registry)
-    except (ImportError, AttributeError):
-        return None
-    try:
-        from mlflow.tracking._model_registry import utils as registry_utils
-
-        schemes &= set(registry_utils._get_store_registry()._registry)
-    except (ImportError, AttributeError):
-        pass  # older mlflow: the tracking stores alone
-    return schemes
-
-
 def check_tracking_uri(tracking_uri: str, given: str | None = None) -> None:
     """ConfigError (one line) where the installed mlflow could not log to `tracking_uri`: a
     scheme it has no store for, or a `file:` folder that cannot be created. Nothing is
@@ -244,7 +227,7 @@ def check_tracking_uri(tracking_uri: str, given: str | None = None) -> None:
         scheme = get_uri_scheme(tracking_uri)
     except Exception as error:  # noqa: BLE001 (mlflow's own parse errors vary by version)
         raise ConfigError(f"--mlflow-tracking-uri {given}: not a URI mlflow reads ({error})") from None
-    schemes = _mlflow_schemes()
+    schemes = mlflow_schemes()
     if schemes is not None and scheme not in schemes:
         named = sorted(scheme for scheme in schemes if scheme not in ("", "file"))
         raise ConfigError(

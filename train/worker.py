@@ -14,7 +14,7 @@ call `train_function` with their own session. Each worker:
 5. stops early after `patience` validations without improvement.
 
 Rank 0 prints a progress line per report and at least every 30 s. The run's history (one
-row per report) travels inside every checkpoint. Helpers: `train.state`, `train.budget`
+row per report) travels inside every checkpoint. Helpers: `records.checkpoints`, `train.budget`
 (--max-minutes), `train.run_precision`, `train.throughput`, `train.progress`, `train.collective`.
 """
 
@@ -46,14 +46,14 @@ from lstm_ae.metrics import BASELINE_METRICS, MetricAccumulator
 from lstm_ae.model import CompositeLSTMAutoencoder
 from lstm_ae.probe import probe_with_baseline
 from lstm_ae.viz import render_run
+from records.checkpoints import HISTORY_FILE, TrainingState, stored_checkpoint, update_early_stopping
 from train import clock
 from train.budget import TimeBudget, with_eta
 from train.collective import all_reduce_mean, replica_checksums
 from train.progress import ProgressClock, describe_run, progress_line
-from train.recovery import stored_checkpoint
+from train.ray_internals import quiet_report_logging
 from train.run_precision import resolve_precision
-from train.session import RayTrainSession, Session, quiet_report_logging
-from train.state import HISTORY_FILE, TrainingState, update_early_stopping
+from train.session import RayTrainSession, Session
 from train.throughput import SinceLastReport
 from train.tracking import open_tracker
 

@@ -33,7 +33,9 @@ from lstm_ae.config import (
 from lstm_ae.data import DataError
 from lstm_ae.pareto import rule_text
 from lstm_ae.tables import to_markdown
-from train.claim import FolderClaimedError, claimed
+from records.folder_lock import FolderLockedError, locked
+from records.sources import train_command
+from records.storage import path_exists, storage_path
 from train.commandline import (
     OneLineParser,
     add_address_argument,
@@ -43,8 +45,6 @@ from train.commandline import (
     root_cause,
     run_until_interrupted,
 )
-from train.source import train_command
-from train.storage import path_exists, storage_path
 from train.tracking import add_mlflow_arguments, mlflow_settings
 from tune.ablations import VARIANTS, final_metrics, run_ablations, write_ablations
 from tune.experiment import (
@@ -187,7 +187,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         or f"lstm-ae-{arguments.experiment}-{arguments.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
     )
     return run_until_interrupted(
-        lambda claim, interrupted: run_command(arguments, name, claim, interrupted),
+        lambda held, interrupted: run_command(arguments, name, held, interrupted),
         f"{arguments.experiment} {name}",
         lambda: continue_line(arguments, name),
     )
@@ -206,8 +206,8 @@ def continue_line(arguments: argparse.Namespace, name: str) -> str:
     return f"it had not started yet: start it again with python -m tune {flags} and the same flags"
 
 
-def run_command(arguments: argparse.Namespace, name: str, claim: contextlib.ExitStack, interrupted) -> int:
-    """Check everything, claim the experiment folder (held until `claim` closes), then run."""
+def run_command(arguments: argparse.Namespace, name: str, held: contextlib.ExitStack, interrupted) -> int:
+    """Check everything, lock the experiment folder (held until `held` closes), then run."""
     record = None
     try:
         objectives = take_objectives(arguments)
@@ -219,7 +219,7 @@ def run_command(arguments: argparse.Namespace, name: str, claim: contextlib.Exit
         if not arguments.resume:  # a new experiment's flags are checked before its folder exists
             base, space = new_experiment(arguments)
         filesystem, path = experiment_path(SearchSettings(name=name, storage=arguments.output_dir))
-        claim.enter_context(claimed(filesystem, path, "experiment folder"))
+        held.enter_context(locked(filesystem, path, "experiment folder"))
         if arguments.resume:
             record = saved_experiment(SearchSettings(name=name, storage=arguments.output_dir))
             if record is not None:
@@ -228,7 +228,7 @@ def run_command(arguments: argparse.Namespace, name: str, claim: contextlib.Exit
             else:
                 base, space = new_experiment(arguments)  # the driver says there is nothing to resume
         first = [space.base_point(base)] if arguments.base_first and space is not None else None
-    except (ConfigError, SpaceError, ExperimentFolderError, FolderClaimedError) as error:
+    except (ConfigError, SpaceError, ExperimentFolderError, FolderLockedError) as error:
         fail(str(error))
     settings = SearchSettings(
         name=name,
@@ -266,7 +266,7 @@ def run_command(arguments: argparse.Namespace, name: str, claim: contextlib.Exit
             summary = ablations_and_tabulate(base, arguments.seeds, settings, callbacks, interrupted)
         else:
             summary = search_and_tabulate(base, space, settings, callbacks, first, interrupted)
-    except (ExperimentFolderError, DataError, ConfigError, SpaceError, FolderClaimedError) as error:
+    except (ExperimentFolderError, DataError, ConfigError, SpaceError, FolderLockedError) as error:
         fail(str(error))
     except Exception as error:  # Ray errors: one line, not a traceback
         if interrupted():
@@ -343,7 +343,7 @@ def local_results_folder(settings) -> Path:
 
 
 def winner_line(rows: list[dict], settings) -> str:
-    """The line that trains the table's best trial again (`train.source.train_command`), if any."""
+    """The line that trains the table's best trial again (`records.sources.train_command`), if any."""
     best = next((row["trial"] for row in rows if row.get("best")), None)
     experiment = f"{storage_path(settings.storage)}/{settings.name}"
     return f"\ntrain the best trial: {train_command(experiment, best)}" if best else ""

@@ -37,8 +37,8 @@ from lstm_ae.metrics import (
     is_finite_number,
 )
 from lstm_ae.tables import read_table, to_csv, to_markdown
+from records.sources import train_command
 from train.commandline import OneLineParser, fail
-from train.source import train_command
 from tune.front import FRONT_MARK
 from tune.report import html_report
 from tune.results import BEST_MARK, COMPLETED, REFERENCE, STOPPED, sort_rows, trial_status

@@ -25,7 +25,7 @@ within seconds: a search never sits on reserved, unused CPUs.
 Trials report after every validation. A failed trial (a lost node) is retried from its
 latest checkpoint up to `max_failures` times. The experiment folder is Tune's own,
 `<storage>/<name>/`, with `search.json` (what the experiment was started with); the
-experiment claims it before Ray starts (`claim.json`, see `train/claim.py`).
+experiment locks it before Ray starts (`lock.json`, see `records/folder_lock.py`).
 Each trial's folder also holds the TensorBoard events its rank 0 writes (`train/tracking.py`)
 and the trial's config (`config.json`, which `python -m train --from` reads).
 """
@@ -41,17 +41,16 @@ from typing import Any
 from lstm_ae.config import ExperimentConfig
 from lstm_ae.data import load_test_set
 from lstm_ae.metrics import METRIC_MODES
-from train.claim import claimed
+from records.folder_lock import locked
+from records.sources import write_config_file
+from records.storage import path_exists, read_text, storage_filesystem, storage_path
 from train.cluster import HEAD_RESOURCE, ClusterCapacity, check_can_hold, cluster_capacity, waiting_line
 from train.connection import connect
 from train.launch import with_absolute_paths
-from train.session import quiet_report_logging
-from train.source import write_config_file
-from train.storage import path_exists, read_text, storage_filesystem, storage_path
+from train.ray_internals import DeadTrainerReaper, quiet_report_logging
 from train.tracking import TRACKING_KEY
 from train.worker import WorkerSettings, loop_config, train_function, train_loop_per_worker
 from tune.objectives import Objectives
-from tune.reaper import DeadTrainerReaper
 from tune.session import TuneSession
 from tune.space import Dimension, SearchSpace
 from tune.variants import expand_variant
@@ -264,11 +263,11 @@ def run_experiment(
     Returns (ResultGrid, experiment path, plan).
     """
     filesystem, path = experiment_path(settings)
-    with claimed(filesystem, path, "experiment folder"):  # before Ray starts, until the end
-        return _run_claimed(base, settings, setup, record, callbacks, num_trials)
+    with locked(filesystem, path, "experiment folder"):  # before Ray starts, until the end
+        return _run_locked(base, settings, setup, record, callbacks, num_trials)
 
 
-def _run_claimed(base: ExperimentConfig, settings: SearchSettings, setup, record, callbacks, num_trials):
+def _run_locked(base: ExperimentConfig, settings: SearchSettings, setup, record, callbacks, num_trials):
     from ray import tune as ray_tune  # (this project's package is `tune` too)
 
     filesystem, path = experiment_path(settings)

@@ -33,8 +33,8 @@ from lstm_ae.metrics import (
     is_finite_number,
 )
 from lstm_ae.tables import to_csv, to_markdown
-from train.recovery import left_empty
-from train.storage import storage_filesystem
+from records.checkpoints import best_checkpoint
+from records.storage import storage_filesystem
 from tune.front import BEST_MARK, mark_front, plot_front
 from tune.objectives import Objectives, is_multi
 from tune.space import SearchSpace
@@ -155,33 +155,31 @@ def _best_checkpoint(result, reported: list[dict[str, Any]], metric: str) -> str
     A multi-worker trial runs a Train run inside it whose TuneReportCallback reports each
     checkpoint only as a `checkpoint_path` metric: Tune holds none of them, so the best is
     the best of those rows (blank, NaN in the dataframe, on reports without a checkpoint).
-    A checkpoint set aside as damaged (its folder left empty, `train/recovery.py`) never counts.
+    A checkpoint set aside as damaged (its folder left empty, `records/checkpoints.py`) never counts.
     """
-    mode = METRIC_MODES[metric]
     if result.best_checkpoints:
         candidates = [
-            (checkpoint.path, row[metric])
+            (row.get(metric), checkpoint.filesystem, checkpoint.path, checkpoint.path)
             for checkpoint, row in result.best_checkpoints
-            if is_finite_number(row.get(metric)) and not left_empty(checkpoint.filesystem, checkpoint.path)
         ]
     else:
         candidates = [
-            (row["checkpoint_path"], row[metric])
+            (row.get(metric), *_filesystem_of(row["checkpoint_path"]), row["checkpoint_path"])
             for row in reported
-            if isinstance(row.get("checkpoint_path"), str) and not _left_empty(row["checkpoint_path"])
+            if isinstance(row.get("checkpoint_path"), str)
         ]
-    if not candidates:
-        return None
-    choose = min if mode == "min" else max
-    return choose(candidates, key=lambda pair: pair[1])[0]
+    return best_checkpoint(candidates, METRIC_MODES[metric])
 
 
-def _left_empty(path: str) -> bool:
-    """A checkpoint folder left empty (set aside as damaged); no where storage cannot be asked."""
+def _filesystem_of(path: str) -> tuple[Any, str]:
+    """(filesystem, path) of a checkpoint a multi-worker trial reported; a local stand-in where
+    its storage cannot be reached from here (it then counts, unseen)."""
     try:
-        return left_empty(*storage_filesystem(path))
+        return storage_filesystem(path)
     except Exception:  # noqa: BLE001 (a URI whose filesystem is not reachable from here)
-        return False
+        import pyarrow.fs
+
+        return pyarrow.fs.LocalFileSystem(), "/nonexistent"
 
 
 def sort_rows(rows: list[dict[str, Any]], column: str, mode: str) -> list[dict[str, Any]]:

@@ -20,7 +20,7 @@ from typing import Any
 from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
 from lstm_ae.config import ExperimentConfig
-from train.storage import path_exists, storage_filesystem
+from records.storage import path_exists, storage_filesystem
 from tune.experiment import SearchSettings, experiment_path, run_experiment
 from tune.objectives import is_multi, to_record
 from tune.space import SearchSpace

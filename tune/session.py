@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from lstm_ae.hardware import gpu_problem
-from train.recovery import newest_loadable
+from records.checkpoints import newest_loadable
 from train.session import checkpoint_folder
 
 

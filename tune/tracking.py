@@ -13,7 +13,7 @@ from pathlib import Path
 
 from lstm_ae.config import ExperimentConfig
 from lstm_ae.viz import RUN_PICTURES
-from train.storage import path_exists, storage_filesystem
+from records.storage import path_exists, storage_filesystem
 from train.tracking import MLflowSettings, allow_file_store, numeric_metrics
 from tune.variants import expand_variant
 

@@ -1,14 +1,14 @@
-"""Who holds a run folder: a run (or a search) claims its folder before Ray starts and gives
+"""Who holds a run folder: a run (or a search) locks its folder before Ray starts and gives
 it back at the end, so that two runs with one name never train into the same folder.
 
-The claim is a marker file, `claim.json`, in the folder: host, pid, start time and command
+The lock is a marker file, `lock.json`, in the folder: host, pid, start time and command
 of the holder. It is created exclusively: on a local folder (and any `file://` URI) by a hard
 link of a finished file onto the name, which fails when the name exists, so of two runs
 started at once exactly one wins. Object stores (s3://, gs://) have no exclusive create in
-pyarrow: there the claim is written after a check and read back, which shrinks the window
+pyarrow: there the lock is written after a check and read back, which shrinks the window
 in which two runs could both proceed but cannot close it.
 
-A claim left by a dead holder is taken over with one line: on the same host when the pid is
+A lock left by a dead holder is taken over with one line: on the same host when the pid is
 gone (or belongs to a newer process, or the host rebooted); from another host when the
 holder has not renewed it for `STALE_SECONDS` (a live holder renews it every
 `RENEW_SECONDS`).
@@ -28,16 +28,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-CLAIM_FILE = "claim.json"
+LOCK_FILE = "lock.json"
 RENEW_SECONDS = 60.0
-STALE_SECONDS = 600.0  # a claim from another host not renewed for this long is taken over
+STALE_SECONDS = 600.0  # a lock from another host not renewed for this long is taken over
 ATTEMPTS = 3
 
-_held: dict[str, FolderClaim] = {}  # folders this process holds (a nested claim is a no-op)
+_held: dict[str, FolderLock] = {}  # folders this process holds (a nested lock is a no-op)
 
 
-class FolderClaimedError(ValueError):
-    """The folder is claimed by a live run (or could not be claimed)."""
+class FolderLockedError(ValueError):
+    """The folder is locked by a live run (or could not be locked)."""
 
 
 def _proc_start_ticks(pid: int) -> int | None:
@@ -82,10 +82,10 @@ def describe_holder(holder: dict[str, Any]) -> str:
     return f"host {holder.get('host', '?')}, pid {holder.get('pid', '?')}, started {when}"
 
 
-class FolderClaim:
-    """The claim of one folder, `<root>/<name>` on a pyarrow filesystem.
+class FolderLock:
+    """The lock of one folder, `<root>/<name>` on a pyarrow filesystem.
 
-    `host`, `pid`, `now` and `process_alive` are the facts the claim is made of and judged by;
+    `host`, `pid`, `now` and `process_alive` are the facts the lock is made of and judged by;
     tests inject them instead of waiting or killing processes.
     """
 
@@ -104,7 +104,7 @@ class FolderClaim:
         import pyarrow.fs
 
         self.filesystem, self.folder, self.what = filesystem, folder.rstrip("/"), what
-        self.path = f"{self.folder}/{CLAIM_FILE}"
+        self.path = f"{self.folder}/{LOCK_FILE}"
         self.local = isinstance(filesystem, pyarrow.fs.LocalFileSystem)
         self.host = host or socket.gethostname()
         self.pid = os.getpid() if pid is None else pid
@@ -132,7 +132,7 @@ class FolderClaim:
         }
 
     def read(self) -> dict[str, Any] | None:
-        """The claim on the folder now, or None where there is none ({} if unreadable)."""
+        """The lock on the folder now, or None where there is none ({} if unreadable)."""
         import pyarrow.fs
 
         try:
@@ -149,7 +149,7 @@ class FolderClaim:
         return record if isinstance(record, dict) else {}
 
     def stale_reason(self, holder: dict[str, Any]) -> str | None:
-        """Why the claim `holder` is left by a run that is gone, or None if it may be live."""
+        """Why the lock `holder` is left by a run that is gone, or None if it may be live."""
         now = self.now()
         renewed = float(holder.get("renewed") or holder.get("started") or 0)
         if holder.get("host") == self.host and isinstance(holder.get("pid"), int):
@@ -163,10 +163,10 @@ class FolderClaim:
             return f"not renewed for {(now - renewed) / 60:.0f} min (a live run renews it every {RENEW_SECONDS:.0f} s)"
         return None
 
-    # ------------------------------------------------------------------ claiming
+    # ------------------------------------------------------------------ locking
 
-    def acquire(self) -> FolderClaim:
-        """Claim the folder, taking over a dead holder's claim; FolderClaimedError if a live
+    def acquire(self) -> FolderLock:
+        """Lock the folder, taking over a dead holder's lock; FolderLockedError if a live
         run holds it."""
         import pyarrow.fs
 
@@ -191,25 +191,25 @@ class FolderClaim:
                     if age > STALE_SECONDS:
                         reason = f"unreadable and {age / 60:.0f} min old"
                 if reason is None:
-                    raise FolderClaimedError(
+                    raise FolderLockedError(
                         f"{self.what} {self.folder} is in use by another run ({describe_holder(holder)}): "
                         "wait for it to end, or choose another --name"
                     )
             if self._remove_stale(holder):
                 self.log(
-                    f"taking over the claim on {self.folder} left by {describe_holder(holder)}: {reason}"
+                    f"taking over the lock on {self.folder} left by {describe_holder(holder)}: {reason}"
                 )
-        raise FolderClaimedError(
-            f"{self.what} {self.folder}: could not claim it (other runs keep claiming it)"
+        raise FolderLockedError(
+            f"{self.what} {self.folder}: could not lock it (other runs keep locking it)"
         )
 
     def _create(self) -> bool:
-        """Create the claim if there is none; True if this call created it."""
+        """Create the lock if there is none; True if this call created it."""
         text = json.dumps(self.record(), indent=2)
         if self.local:
             # A finished file, hard-linked onto the name: atomic, and fails if the name exists.
             parent = str(Path(self.folder).parent)
-            temporary = f"{parent}/.{Path(self.folder).name}.claim.{self.token}"
+            temporary = f"{parent}/.{Path(self.folder).name}.lock.{self.token}"
             Path(temporary).write_text(text)
             try:
                 os.link(temporary, self.path)
@@ -234,7 +234,7 @@ class FolderClaim:
         return (self.read() or {}).get("token") == self.token
 
     def _remove_stale(self, holder: dict[str, Any]) -> bool:
-        """Remove the stale claim `holder`, and only it; False if another run got there first."""
+        """Remove the stale lock `holder`, and only it; False if another run got there first."""
         if not self.local:
             if self.read() != holder:
                 return False
@@ -249,7 +249,7 @@ class FolderClaim:
             moved = json.loads(Path(aside).read_text())
         except ValueError:
             moved = {}
-        if moved != holder:  # a fresh claim was moved: put it back
+        if moved != holder:  # a fresh lock was moved: put it back
             with contextlib.suppress(OSError):
                 os.link(aside, self.path)
             Path(aside).unlink(missing_ok=True)
@@ -260,7 +260,7 @@ class FolderClaim:
     # ------------------------------------------------------------------ holding
 
     def renew(self) -> bool:
-        """Refresh `renewed` (other hosts judge the claim by it); False if it is no longer ours."""
+        """Refresh `renewed` (other hosts judge the lock by it); False if it is no longer ours."""
         holder = self.read()
         if not holder or holder.get("token") != self.token:
             return False
@@ -279,14 +279,14 @@ class FolderClaim:
         while not self._stop.wait(RENEW_SECONDS):
             try:
                 if not self.renew():
-                    self.log(f"warning: the claim on {self.folder} was taken over by another run")
+                    self.log(f"warning: the lock on {self.folder} was taken over by another run")
                     return
             except OSError:
                 pass  # storage hiccup: try again at the next renewal
 
     def release(self) -> None:
-        """Give the folder back (only if the claim is still ours); remove the folder if the
-        claim created it and nothing else was written there."""
+        """Give the folder back (only if the lock is still ours); remove the folder if the
+        lock created it and nothing else was written there."""
         self._stop.set()
         if self._renewer is not None:
             self._renewer.join(timeout=5)
@@ -304,11 +304,11 @@ class FolderClaim:
                 if not self.filesystem.get_file_info(pyarrow.fs.FileSelector(self.folder)):
                     self.filesystem.delete_dir(self.folder)
 
-    def __enter__(self) -> FolderClaim:
+    def __enter__(self) -> FolderLock:
         if not self.held:
             self.acquire()
         _held[self.folder] = self
-        self._renewer = threading.Thread(target=self._renew_until_released, name="claim-renewer", daemon=True)
+        self._renewer = threading.Thread(target=self._renew_until_released, name="lock-renewer", daemon=True)
         self._renewer.start()
         return self
 
@@ -316,9 +316,9 @@ class FolderClaim:
         self.release()
 
 
-def claimed(filesystem, folder: str, what: str = "run folder") -> contextlib.AbstractContextManager:
-    """A context holding the claim on `folder`; a no-op where this process holds it already
-    (the command line claims before its checks, the driver again before Ray)."""
+def locked(filesystem, folder: str, what: str = "run folder") -> contextlib.AbstractContextManager:
+    """A context holding the lock on `folder`; a no-op where this process holds it already
+    (the command line locks before its checks, the driver again before Ray)."""
     if folder.rstrip("/") in _held:
         return contextlib.nullcontext(_held[folder.rstrip("/")])
-    return FolderClaim(filesystem, folder, what)
+    return FolderLock(filesystem, folder, what)

@@ -1,41 +1,94 @@
-"""The newest checkpoint that loads: a damaged checkpoint (a node lost mid-upload, a full
-disk) is skipped with one line, set aside as `damaged_<name>` (never deleted) and never
-counted as the best; the run goes on from the newest checkpoint before it.
+"""The checkpoints of a run as they lie in its folder: the training state each carries, and
+the newest one that loads.
 
-Two places meet damaged checkpoints:
+A checkpoint folder holds `checkpoint.pt` (`lstm_ae.checkpoint`: weights, optimizer,
+schedule, config) and `history.json` (`TrainingState`: what the run has done so far: the
+step, the clocks, the best validation and early stopping, the schedule's ends, the reports),
+so that a restarted or resumed run carries on where it was.
 
-- the worker, when Ray Train (or Tune) hands it a checkpoint to restart or resume from
-  (`newest_loadable`, used by the sessions): it tries the handed one, then the run folder's
-  older `checkpoint_<step>` folders, newest first. Rank 0 sets a damaged one aside and leaves
-  an empty folder in its place, because Ray's controller still lists it and deletes it when
-  it drops out of the kept checkpoints; the checkpoints written after the fallback get a
-  fresh name where the skipped one's would repeat (`checkpoint_<step>_1`).
-- the driver, before Ray starts on `--resume` (and after a run, to tidy up): Ray's
-  checkpoint list (`checkpoint_manager_snapshot.json`) loses the damaged checkpoints and
-  the empty folders left for the controller, and its latest becomes the newest that loads
-  (`repair_snapshot`). Ray's own resume then hands that one to the workers.
+A damaged checkpoint (a node lost mid-upload, a full disk) is skipped with one line, set
+aside as `damaged_<name>` (never deleted) and never counted as the best; the run goes on
+from the newest checkpoint before it. The worker meets one when Ray Train (or Tune) hands it
+a checkpoint to restart or resume from (`newest_loadable`): it tries the handed one, then the
+run folder's older `checkpoint_<step>` folders, newest first. Rank 0 sets a damaged one aside
+and leaves an empty folder in its place, because Ray's controller still lists it and deletes
+it when it drops out of the kept checkpoints; the checkpoints written after the fallback get
+a fresh name where the skipped one's would repeat (`checkpoint_<step>_1`). The driver meets
+them before Ray starts on `--resume`: `train.ray_internals.repair_snapshot` drops them from
+Ray's own list of checkpoints.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import re
 import tempfile
 import zipfile
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+from typing import Any, TypeVar
 
 import torch
 
 from lstm_ae.checkpoint import CHECKPOINT_FILE, CheckpointError, load_checkpoint
-from train.state import HISTORY_FILE, TrainingState
-from train.storage import local_copy, path_exists, read_text, write_text
+from lstm_ae.metrics import METRIC_MODES, best_of, is_finite_number
+from records.storage import local_copy, path_exists, read_text
+
+HISTORY_FILE = "history.json"
+
+
+@dataclass
+class TrainingState:
+    """Progress that must survive a restart; saved beside the weights in every checkpoint."""
+
+    step: int = 0
+    sequences_seen: int = 0
+    elapsed_seconds: float = 0.0  # training steps and validations
+    training_seconds: float = 0.0  # training steps only (what --max-minutes budgets)
+    best_metric: float | None = None
+    best_step: int | None = None
+    evaluations_since_best: int = 0
+    stopped_early: bool = False
+    resumed_from: list[int] = field(default_factory=list)  # steps the run restarted at
+    # max_minutes the schedule's end was last planned for (0: none; see TimeBudget).
+    planned_minutes: float = 0.0
+    # The precision the run trains in, resolved once at its start (train.run_precision)
+    # and kept by every restart and resume, with the facts that decided it.
+    precision: str = ""
+    precision_choice: dict[str, Any] = field(default_factory=dict)
+    # The learning-rate schedule's ends: [[0, max_steps]], then [step, new max_steps] for each
+    # resume that raised max_steps (engine.learning_rate_factor keeps the rate continuous).
+    schedule: list[list[int]] = field(default_factory=list)
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def finished(self) -> bool:
+        return self.stopped_early or (bool(self.schedule) and self.step >= self.schedule[-1][1])
+
+
+def update_early_stopping(state: TrainingState, row: dict[str, Any], metric: str, patience: int) -> None:
+    """Track the best value of `metric` in a validation row; stop after `patience` (0: never)
+    validations without improvement."""
+    value = row.get(metric)
+    if value is None or not math.isfinite(value):
+        return
+    better = state.best_metric is None or (
+        value < state.best_metric if METRIC_MODES[metric] == "min" else value > state.best_metric
+    )
+    if better:
+        state.best_metric, state.best_step, state.evaluations_since_best = value, state.step, 0
+    else:
+        state.evaluations_since_best += 1
+        state.stopped_early = patience > 0 and state.evaluations_since_best >= patience
+
 
 SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # Ray Train's list of kept checkpoints
 DAMAGED_PREFIX = "damaged_"
+T = TypeVar("T")
 _NAME = re.compile(r"checkpoint_(\d+)(?:_(\d+))?")
 
 
@@ -124,6 +177,23 @@ def left_empty(filesystem, path: str) -> bool:
         return not filesystem.get_file_info(pyarrow.fs.FileSelector(path)) and path_exists(filesystem, aside)
     except OSError:
         return False
+
+def best_checkpoint(candidates: Iterable[tuple[Any, Any, str, T]], mode: str, require_file: bool = False) -> T | None:
+    """The one rule for a run's or a trial's best checkpoint: of `(value, filesystem, path,
+    item)` candidates, the `item` of the best finite value under `mode` (the earliest of
+    equals, `lstm_ae.metrics.best_of`). A folder left empty as damaged never counts, nor, with
+    `require_file`, one that no longer holds `checkpoint.pt` (deleted by Tune beyond
+    `keep_checkpoints`). None when no candidate counts."""
+    counted = [
+        (value, item)
+        for value, filesystem, path, item in candidates
+        if is_finite_number(value)
+        and not left_empty(filesystem, path)
+        and (not require_file or path_exists(filesystem, f"{path}/{CHECKPOINT_FILE}"))
+    ]
+    best = best_of(counted, lambda pair: pair[0], mode)
+    return best[1] if best else None
+
 
 
 def set_aside(filesystem, path: str, placeholder: bool = False) -> str | None:
@@ -232,101 +302,3 @@ def newest_loadable(
         damaged.append((candidate, problem, aside))
     reasons = "; ".join(f"{PurePosixPath(name).name}: {reason}" for name, reason, _ in damaged)
     raise CheckpointError(f"no checkpoint of this run loads ({reasons})")
-
-
-# ------------------------------------------------------------------------------ the driver
-
-
-@dataclass(frozen=True)
-class Repair:
-    """What `repair_snapshot` changed: the checkpoints dropped, and the newest one left."""
-
-    dropped: tuple[str, ...] = ()
-    newest: str | None = None
-    step: int | None = None
-
-
-def repair_snapshot(
-    filesystem, run_path: str, load: bool = True, log: Callable[[str], None] = print
-) -> Repair:
-    """Drop from Ray's checkpoint list (and set aside) every checkpoint that does not load;
-    its latest becomes the newest that does. `load=False` only drops the empty folders the
-    workers left for Ray's controller (after a run). CheckpointError (one line) when none
-    loads: the folder is then left as it is."""
-    snapshot_path = f"{run_path}/{SNAPSHOT_FILE}"
-    if not path_exists(filesystem, snapshot_path):
-        return Repair()
-    try:
-        snapshot = json.loads(read_text(filesystem, snapshot_path))
-        entries = snapshot["checkpoint_results"]
-        indices = snapshot["checkpoint_report_indices"]
-        names = [entry["checkpoint_dir_name"] for entry in entries]
-    except (ValueError, KeyError, TypeError) as error:
-        raise CheckpointError(f"{snapshot_path} is not Ray Train's checkpoint list: {error}") from None
-    problems: dict[str, str] = {}
-    states: dict[str, TrainingState] = {}
-    for name in names:
-        folder = f"{run_path}/{name}"
-        if load:
-            problem, state = stored_problem(filesystem, folder)
-        else:
-            problem = None if path_exists(filesystem, f"{folder}/{CHECKPOINT_FILE}") else "left empty"
-            state = None
-        if problem is None:
-            states[name] = state
-        else:
-            problems[name] = problem
-    if not problems:
-        return Repair()
-    good = sorted((index, name) for name, index in zip(names, indices) if name not in problems)
-    if not good:
-        reasons = "; ".join(f"{name}: {reason}" for name, reason in problems.items())
-        raise CheckpointError(f"no checkpoint of {run_path} loads ({reasons}): nothing to resume from")
-    newest = good[-1][1]
-    step = states[newest].step if states.get(newest) is not None else None
-    for name in sorted(problems, key=lambda name: checkpoint_key(name) or (0, 0), reverse=True):
-        aside = set_aside(filesystem, f"{run_path}/{name}")
-        if load:
-            kept = f"kept as {aside}" if aside else "nothing to keep"
-            log(
-                f"skipping damaged checkpoint {run_path}/{name} ({problems[name]}; {kept}): resuming from step {step}"
-            )
-        elif aside:
-            log(
-                f"checkpoint {run_path}/{name} has no {CHECKPOINT_FILE}: kept as {aside}, out of the run's list"
-            )
-    keep = [index for index, name in enumerate(names) if name not in problems]
-    snapshot["checkpoint_results"] = [entries[index] for index in keep]
-    snapshot["checkpoint_report_indices"] = [indices[index] for index in keep]
-    latest = snapshot.get("latest_checkpoint_result")
-    if latest is None or latest.get("checkpoint_dir_name") in problems:
-        snapshot["latest_checkpoint_result"] = entries[names.index(newest)]
-    pending = list(
-        zip(snapshot.get("pending_training_results", []), snapshot.get("pending_validation_specs", []))
-    )
-    pending = [
-        (result, spec) for result, spec in pending if result.get("checkpoint_dir_name") not in problems
-    ]
-    snapshot["pending_training_results"] = [result for result, _ in pending]
-    snapshot["pending_validation_specs"] = [spec for _, spec in pending]
-    for key in (
-        "validated_checkpoint_dir_names",
-        "timed_out_validation_checkpoint_dir_names",
-        "failed_validation_checkpoint_dir_names",
-    ):
-        if key in snapshot:
-            snapshot[key] = [name for name in snapshot[key] if name not in problems]
-    _write_atomically(filesystem, snapshot_path, json.dumps(snapshot))
-    return Repair(tuple(sorted(problems)), newest, step)
-
-
-def _write_atomically(filesystem, path: str, text: str) -> None:
-    """A local file through a temporary name and a rename; an object store's put is whole."""
-    import pyarrow.fs
-
-    if not isinstance(filesystem, pyarrow.fs.LocalFileSystem):
-        write_text(filesystem, path, text)
-        return
-    temporary = f"{path}.tmp"
-    Path(temporary).write_text(text)
-    os.replace(temporary, path)
