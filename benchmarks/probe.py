@@ -1,7 +1,7 @@
 """Time the linear digit probe on one checkpoint and print its scores.
 
     python benchmarks/probe.py runs/my-run/checkpoint_00000900 --sequences 2000
-    git show bc31b51:lstm_ae/probe.py > /tmp/old_probe.py
+    git show bc31b51:lstm_ae/linear_probe.py > /tmp/old_probe.py
     python benchmarks/probe.py CHECKPOINT --implementation /tmp/old_probe.py   # another version
 
 Runs what training runs at its end (`probe_with_baseline`: the trained encoder and an
@@ -10,7 +10,7 @@ accuracy, the untrained baseline, chance, the shuffled-label accuracy and the se
 took (wall clock; `cpu_seconds` sum all the process's threads). `fit_seconds` time the
 classifier alone: the trained encoder's features are computed once and handed to `probe`
 again, so two implementations are compared on the part that differs. `--implementation` loads a probe module from a file (an older version, say); it
-must offer `encoder_features`, `probe` and `probe_with_baseline` as lstm_ae/probe.py does.
+must offer `encoder_features`, `probe` and `probe_with_baseline` as lstm_ae/linear_probe.py does.
 The last line is `seconds=<end-to-end seconds of probe_with_baseline>`.
 """
 
@@ -32,11 +32,11 @@ from lstm_ae.checkpoint import load_model  # noqa: E402
 
 
 def load_implementation(path: Path | None) -> ModuleType:
-    """lstm_ae.probe, or the probe module in the file `path`."""
+    """lstm_ae.linear_probe, or the probe module in the file `path`."""
     if path is None:
-        import lstm_ae.probe
+        import lstm_ae.linear_probe
 
-        return lstm_ae.probe
+        return lstm_ae.linear_probe
     specification = importlib.util.spec_from_file_location("probe_under_test", path)
     module = importlib.util.module_from_spec(specification)
     sys.modules[specification.name] = module  # dataclasses look their module up there
@@ -73,7 +73,7 @@ def main() -> int:
         "--sequences", type=int, default=2000, help="training sequences (half as many held out)"
     )
     parser.add_argument(
-        "--implementation", type=Path, default=None, help="probe module file (default: lstm_ae/probe.py)"
+        "--implementation", type=Path, default=None, help="probe module file (default: lstm_ae/linear_probe.py)"
     )
     parser.add_argument("--cache-dir", default=None, help="where the digit data are cached")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -93,7 +93,7 @@ def main() -> int:
     shuffled_seconds = time.perf_counter() - start
     _, fit_seconds, fit_cpu_seconds = time_fit_only(implementation, model, config, arguments.sequences)
     report = {
-        "implementation": str(arguments.implementation or "lstm_ae/probe.py"),
+        "implementation": str(arguments.implementation or "lstm_ae/linear_probe.py"),
         "sequences": arguments.sequences,
         "feature_size": config.model.hidden_size * config.model.num_layers * 2,
         **scores,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -527,3 +528,24 @@ def config_overrides(arguments: argparse.Namespace) -> dict[str, Any]:
 def config_from_arguments(arguments: argparse.Namespace, preset_name: str) -> ExperimentConfig:
     """The preset, overridden by every config flag that was given."""
     return preset(preset_name, **config_overrides(arguments))
+
+
+# ------------------------------------------------------------------------------ YAML files
+# Config files and search spaces are YAML read as YAML 1.2 reads numbers: PyYAML follows
+# YAML 1.1, which wants a dot in a float, so that `1e-4` would be read as the string '1e-4'.
+
+# YAML 1.2's floats (its core schema).
+YAML12_FLOAT = r"""^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"""
+
+
+def yaml_loader():
+    """PyYAML's safe loader, reading numbers as YAML 1.2 does (`1e-4` is a float)."""
+    import yaml
+
+    class Yaml12Loader(yaml.SafeLoader):
+        pass
+
+    Yaml12Loader.add_implicit_resolver(
+        "tag:yaml.org,2002:float", re.compile(YAML12_FLOAT), list("-+0123456789.")
+    )
+    return Yaml12Loader

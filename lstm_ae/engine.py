@@ -43,7 +43,7 @@ class StepResult:
     learning_rate: float
 
 
-def resolve_precision(precision: str, device: torch.device) -> str:
+def unmeasured_precision(precision: str, device: torch.device) -> str:
     """'auto' without measuring: bf16 on a CUDA GPU with native bf16, fp32 elsewhere. Training
     runs resolve 'auto' once, by measurement, before they start (lstm_ae.precision)."""
     if precision == "auto":
@@ -53,7 +53,7 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 
 def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
     """bf16 autocast for 'bf16' (the model keeps states, loss and gradients in fp32)."""
-    if resolve_precision(precision, device) == "bf16":
+    if unmeasured_precision(precision, device) == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 

@@ -36,9 +36,8 @@ import torch
 
 from lstm_ae.checkpoint import CHECKPOINT_FILE, CheckpointError, load_checkpoint
 from lstm_ae.metrics import METRIC_MODES, best_of, is_finite_number
+from records.layout import DAMAGED_PREFIX, HISTORY_FILE
 from records.storage import local_copy, path_exists, read_text
-
-HISTORY_FILE = "history.json"
 
 
 @dataclass
@@ -56,7 +55,7 @@ class TrainingState:
     resumed_from: list[int] = field(default_factory=list)  # steps the run restarted at
     # max_minutes the schedule's end was last planned for (0: none; see TimeBudget).
     planned_minutes: float = 0.0
-    # The precision the run trains in, resolved once at its start (train.run_precision)
+    # The precision the run trains in, resolved once at its start (train.worker)
     # and kept by every restart and resume, with the facts that decided it.
     precision: str = ""
     precision_choice: dict[str, Any] = field(default_factory=dict)
@@ -86,8 +85,6 @@ def update_early_stopping(state: TrainingState, row: dict[str, Any], metric: str
         state.stopped_early = patience > 0 and state.evaluations_since_best >= patience
 
 
-SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # Ray Train's list of kept checkpoints
-DAMAGED_PREFIX = "damaged_"
 T = TypeVar("T")
 _NAME = re.compile(r"checkpoint_(\d+)(?:_(\d+))?")
 

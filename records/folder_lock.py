@@ -28,7 +28,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-LOCK_FILE = "lock.json"
+from records.layout import LOCK_FILE
+
 RENEW_SECONDS = 60.0
 STALE_SECONDS = 600.0  # a lock from another host not renewed for this long is taken over
 ATTEMPTS = 3

@@ -44,19 +44,13 @@ import torch
 import yaml
 
 from lstm_ae.checkpoint import CHECKPOINT_FILE, CheckpointError
-from lstm_ae.config import ConfigError, ExperimentConfig
+from lstm_ae.config import ConfigError, ExperimentConfig, yaml_loader
 from lstm_ae.metrics import METRIC_MODES, best_of, is_finite_number
 from lstm_ae.model import CompositeLSTMAutoencoder
 from lstm_ae.pareto import front_choice, rule_text
-from lstm_ae.yaml12 import yaml_loader
 from records.checkpoints import best_checkpoint, stored_checkpoint
+from records.layout import CONFIG_FILE, PARAMS_FILE, RESULT_FILE, SEARCH_FILE, TRIAL_PREFIX
 from records.storage import path_exists, read_text, storage_filesystem, write_text
-
-CONFIG_FILE = "config.json"  # a run's (and, since --from, a trial's) config
-RESULT_FILE = "result.json"  # a run's summary; in a trial folder, Tune's reports (JSON lines)
-SEARCH_FILE = "search.json"  # an experiment's record (tune.experiment.SEARCH_FILE)
-PARAMS_FILE = "params.json"  # a trial's sampled values (Tune's)
-TRIAL_PREFIX = "trial_"  # Tune's trial folders: trial_<trial id>_<index>_<values>_<time>
 
 
 class SourceError(ValueError):

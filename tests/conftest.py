@@ -21,7 +21,7 @@ def ray_cluster():
     Logical CPUs exceed the 2 cores so that a Tune trial and the Train workers it launches
     can be scheduled together; each worker still runs one torch thread.
     """
-    from train.connection import RAY_ENVIRONMENT
+    from train.driver import RAY_ENVIRONMENT
 
     for key, value in RAY_ENVIRONMENT.items():
         os.environ.setdefault(key, value)

@@ -46,8 +46,7 @@ class FaultyTrainLoop:
 
     def __call__(self, loop_config: dict[str, Any]) -> None:
         from train.ray_internals import quiet_report_logging
-        from train.session import RayTrainSession
-        from train.worker import train_function
+        from train.worker import RayTrainSession, train_function
 
         quiet_report_logging()
         train_function(loop_config, FailOnceSession(RayTrainSession(), self.at_step, self.marker))

@@ -23,8 +23,7 @@ from lstm_ae.model import CompositeLSTMAutoencoder
 from lstm_ae.pareto import rule_text
 from records.sources import SourceError, source_label, train_command, write_config_file
 from train import cli
-from train.session import LocalSession
-from train.worker import WorkerSettings, _build_or_restore, loop_config, train_function
+from train.worker import LocalSession, WorkerSettings, _build_or_restore, loop_config, train_function
 
 BASE = preset("smoke", hidden_size=16, cache_dir="/tmp/lstm_ae_from_source_cache")
 OVERRIDES = ["--max-steps", "7", "--learning-rate", "0.002", "--eval-every", "7", "--checkpoint-every", "7"]

@@ -51,7 +51,7 @@ def run_training(config, session):
 
 @needs_digits
 def test_bf16_training_on_one_gpu_lowers_the_validation_loss(tmp_path):
-    from train.session import LocalSession
+    from train.worker import LocalSession
 
     config = preset("smoke", precision="bf16", cache_dir=str(tmp_path / "data"))
     session = LocalSession(device=DEVICE)
@@ -69,7 +69,7 @@ def test_interrupted_and_resumed_run_on_the_gpu_matches_an_uninterrupted_one(tmp
     from faults import FailOnceSession, InjectedFailure
 
     from lstm_ae.checkpoint import load_checkpoint
-    from train.session import LocalSession
+    from train.worker import LocalSession
 
     config = preset(
         "smoke", hidden_size=16, num_layers=2, dropout=0.5, checkpoint_every=4, eval_every=2, log_every=1,

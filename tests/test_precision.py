@@ -19,9 +19,8 @@ from lstm_ae.precision import (
     matmul_gflops,
     model_products,
 )
-from records.checkpoints import HISTORY_FILE
-from train.session import LocalSession
-from train.worker import WorkerSettings, loop_config, train_function
+from records.layout import HISTORY_FILE
+from train.worker import LocalSession, WorkerSettings, loop_config, train_function
 
 
 def test_a_cpu_without_native_bf16_trains_in_fp32_and_says_why():

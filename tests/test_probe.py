@@ -8,14 +8,20 @@ import json
 import pytest
 import torch
 
-import lstm_ae.probe as probe_module
+import lstm_ae.linear_probe as probe_module
 from lstm_ae.checkpoint import load_model
 from lstm_ae.config import preset
+from lstm_ae.linear_probe import (
+    CLASSES,
+    digit_presence,
+    fit_linear_probe,
+    probe,
+    probe_with_baseline,
+    set_accuracy,
+)
 from lstm_ae.model import CompositeLSTMAutoencoder
-from lstm_ae.probe import CLASSES, digit_presence, fit_linear_probe, probe, probe_with_baseline, set_accuracy
 from train.probe import main as probe_main
-from train.session import LocalSession
-from train.worker import train_function
+from train.worker import LocalSession, train_function
 
 SEQUENCES = 600
 NOISE_FEATURES = 32

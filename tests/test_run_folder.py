@@ -22,11 +22,11 @@ from faults import FailOnceSession, InjectedFailure
 
 from lstm_ae.checkpoint import CheckpointError, load_checkpoint
 from lstm_ae.config import preset
-from records.checkpoints import SNAPSHOT_FILE, left_empty, stored_problem
-from records.folder_lock import LOCK_FILE, STALE_SECONDS, FolderLock, FolderLockedError
+from records.checkpoints import left_empty, stored_problem
+from records.folder_lock import STALE_SECONDS, FolderLock, FolderLockedError
+from records.layout import LOCK_FILE, SNAPSHOT_FILE
 from train.ray_internals import repair_snapshot
-from train.session import LocalSession
-from train.worker import WorkerSettings, loop_config, train_function
+from train.worker import LocalSession, WorkerSettings, loop_config, train_function
 
 LOCAL = pyarrow.fs.LocalFileSystem()
 

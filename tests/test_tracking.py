@@ -16,7 +16,6 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from lstm_ae.config import preset
 from lstm_ae.metrics import BASELINE_COPY_LAST_MSE_FRAME, BASELINE_ZEROS_MSE_FRAME, VAL_MSE_FRAME
 from lstm_ae.viz import RUN_PICTURES
-from train.session import LocalSession
 from train.tracking import (
     FRAMES_TAG,
     TRACKING_KEY,
@@ -25,7 +24,7 @@ from train.tracking import (
     absolute_tracking_uri,
     tensorboard_tag,
 )
-from train.worker import WorkerSettings, loop_config, train_function
+from train.worker import LocalSession, WorkerSettings, loop_config, train_function
 
 
 @pytest.fixture
@@ -193,11 +192,11 @@ def test_train_and_tune_runs_sit_side_by_side_in_tensorboard_and_in_mlflow(ray_c
     pytest.importorskip("mlflow")
     from mlflow.tracking import MlflowClient
 
-    from train.launch import RunSettings, Scaling, run_training
+    from train.driver import RunSettings, Scaling, run_training
     from tune.cli import search_and_tabulate
     from tune.experiment import SearchSettings
+    from tune.mlflow_trials import trial_mlflow_callback
     from tune.space import parse_space
-    from tune.tracking import trial_mlflow_callback
 
     config = preset("smoke", hidden_size=16, cache_dir=str(tmp_path / "data"))
     mlflow = MLflowSettings(absolute_tracking_uri(str(tmp_path / "mlruns")), "lstm-ae")

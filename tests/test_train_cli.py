@@ -15,8 +15,7 @@ from lstm_ae.checkpoint import CheckpointError
 from lstm_ae.config import preset
 from train.commandline import resolve_checkpoint
 from train.predict import main as predict_main
-from train.session import LocalSession
-from train.worker import train_function
+from train.worker import LocalSession, train_function
 
 
 def run_train(*arguments: str, cwd=None) -> subprocess.CompletedProcess:
@@ -74,13 +73,13 @@ def test_resume_keeps_the_model_of_the_saved_run(tmp_path):
 
 
 def test_a_time_limited_run_is_complete_until_given_more_minutes(tmp_path):
-    from train.launch import RunSettings, saved_run
+    from records.run_folder import saved_run
 
     config = preset("smoke", max_minutes=2.0, max_steps=100_000)
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "config.json").write_text(json.dumps({"config": config.to_dict()}))
     (tmp_path / "run" / "result.json").write_text(json.dumps({"status": "completed", "steps": 340, "planned_minutes": 2.0}))
-    saved = saved_run(RunSettings(name="run", storage=str(tmp_path)))
+    saved = saved_run(str(tmp_path), "run")
     assert saved.is_complete(config) and not saved.is_complete(config.replace(max_minutes=3.0))
     common = ("--preset", "smoke", "--output-dir", str(tmp_path), "--name", "run", "--resume")
     completed = run_train(*common, "--max-minutes", "1")

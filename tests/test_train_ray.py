@@ -16,7 +16,7 @@ from faults import FaultyTrainLoop
 from lstm_ae.checkpoint import load_checkpoint, load_model
 from lstm_ae.config import preset
 from lstm_ae.viz import RUN_PICTURES
-from train.launch import RunSettings, Scaling, run_training
+from train.driver import RunSettings, Scaling, run_training
 
 pytestmark = pytest.mark.ray
 

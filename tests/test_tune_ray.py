@@ -15,7 +15,7 @@ import pytest
 from ray.tune import Callback
 
 from lstm_ae.config import ExperimentConfig, preset
-from train.launch import RunSettings, Scaling, run_training
+from train.driver import RunSettings, Scaling, run_training
 from tune.cli import search_and_tabulate
 from tune.experiment import SearchSettings
 from tune.results import COMPLETED, STOPPED_BY_SCHEDULER

@@ -7,8 +7,8 @@ import pytest
 from lstm_ae.config import ConfigError
 from lstm_ae.pareto import dominates
 from tune.cli import main
-from tune.front import mark_front, plot_front
 from tune.objectives import from_record, objectives_from_flags, to_record
+from tune.results import mark_front, plot_front
 from tune.space import parse_space
 
 OBJECTIVES = (("val_mse_frame", "min"), ("val_ssim", "max"))

@@ -6,7 +6,7 @@ import pytest
 import torch
 from faults import FailOnceSession, InjectedFailure
 
-import train.clock
+import train.worker
 from lstm_ae.checkpoint import load_checkpoint
 from lstm_ae.config import preset
 from lstm_ae.data import load_test_set
@@ -14,10 +14,8 @@ from lstm_ae.engine import NonFiniteLossError, evaluate, step_seed, train_step
 from lstm_ae.metrics import BASELINE_METRICS, MetricAccumulator, add_baselines
 from lstm_ae.model import CompositeLSTMAutoencoder
 from records.checkpoints import TrainingState
-from train.budget import TimeBudget
 from train.progress import ProgressClock
-from train.session import LocalSession
-from train.worker import WorkerSettings, loop_config, train_function
+from train.worker import LocalSession, TimeBudget, WorkerSettings, loop_config, train_function
 
 
 @pytest.fixture
@@ -209,7 +207,7 @@ def test_a_budgeted_run_under_a_fake_clock_keeps_its_budget_and_prints_progress_
     smoke, monkeypatch, capsys
 ):
     fake = FakeClock(tick=1.0)  # a step reads the clock twice: 1 s of training per step
-    monkeypatch.setattr(train.clock, "now", fake)
+    monkeypatch.setattr(train.worker, "now", fake)
     config = smoke.replace(max_steps=100_000, max_minutes=1.0, log_every=1000, eval_every=1000,
                            checkpoint_every=1000, precision="fp32")
     state, session = run(config)

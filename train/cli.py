@@ -41,6 +41,7 @@ from lstm_ae.metrics import (
     VAL_MSE_FRAME,
     VAL_SSIM,
 )
+from records.run_folder import RESUMABLE_FIELDS, RunFolderError, SavedRun, saved_run
 from records.sources import Source, SourceError, check_initial_weights, read_source, source_label
 from train.commandline import (
     OneLineParser,
@@ -51,17 +52,13 @@ from train.commandline import (
     root_cause,
     run_until_interrupted,
 )
-from train.launch import (
-    RESUMABLE_FIELDS,
-    RunFolderError,
+from train.driver import (
     RunSettings,
-    SavedRun,
     Scaling,
-    continue_line,
     default_run_name,
     lock_run_folder,
+    run_continue_line,
     run_training,
-    saved_run,
 )
 from train.tracking import add_mlflow_arguments, mlflow_settings
 
@@ -199,7 +196,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run_until_interrupted(
         lambda held, interrupted: run_command(arguments, settings, held, interrupted),
         f"run {name}",
-        lambda: continue_line(settings),
+        lambda: run_continue_line(settings),
     )
 
 
@@ -231,7 +228,7 @@ def run_command(
             settings = replace(settings, source=record, initial_weights=weights)
         held.enter_context(lock_run_folder(settings))  # before reading or writing the folder
         if arguments.resume:
-            saved = saved_run(settings)
+            saved = saved_run(settings.storage, settings.name)
             config = resolve_config(arguments, saved)
             check_split(config, arguments.num_workers)
         scaling = Scaling(arguments.num_workers, arguments.use_gpu, arguments.cpus_per_worker)

@@ -21,6 +21,7 @@ from pathlib import Path, PurePosixPath
 from typing import NoReturn
 
 from lstm_ae.config import ConfigError, ExperimentConfig, check_batch_split
+from records.layout import RESULT_FILE
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -200,7 +201,7 @@ def resolve_checkpoint(path: Path) -> Path:
     """
     from lstm_ae.checkpoint import CheckpointError
 
-    result_file = path / "result.json"
+    result_file = path / RESULT_FILE
     if not result_file.is_file():
         return path
     try:

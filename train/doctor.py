@@ -32,7 +32,7 @@ from lstm_ae.tables import to_markdown
 from records.storage import storage_filesystem
 from train.cluster import cluster_capacity
 from train.commandline import OneLineParser, add_address_argument, check_address, fail
-from train.connection import connect
+from train.driver import connect
 
 REQUIREMENTS = Path(__file__).resolve().parents[1] / "requirements.txt"
 COLUMNS = ("node", "CPUs", "GPUs", "torch", "CUDA build", "driver", "bf16", "Ray", "output dir")

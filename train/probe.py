@@ -5,7 +5,7 @@
 
 Freezes the encoder, fits a linear classifier on `encode(past)` features of generated
 sequences whose digits are known, and scores it on sequences of held-out digits (see
-lstm_ae/probe.py). Prints the accuracy beside an untrained encoder of the same shape and
+lstm_ae/linear_probe.py). Prints the accuracy beside an untrained encoder of the same shape and
 chance, and with --shuffle-labels runs the control that must stay at chance.
 """
 
@@ -17,7 +17,7 @@ from pathlib import Path
 
 from lstm_ae.checkpoint import CheckpointError, load_model
 from lstm_ae.data import DataError
-from lstm_ae.probe import probe, probe_with_baseline
+from lstm_ae.linear_probe import probe, probe_with_baseline
 from train.commandline import OneLineParser, add_device_argument, check_device, fail, resolve_checkpoint
 
 

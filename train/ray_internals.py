@@ -28,7 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lstm_ae.checkpoint import CHECKPOINT_FILE, CheckpointError
-from records.checkpoints import SNAPSHOT_FILE, TrainingState, checkpoint_key, set_aside, stored_problem
+from records.checkpoints import TrainingState, checkpoint_key, set_aside, stored_problem
+from records.layout import SNAPSHOT_FILE
 from records.storage import path_exists, read_text, write_text
 
 RAY_CHECKED = "2.60.0"

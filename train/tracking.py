@@ -24,7 +24,7 @@ and at the end the run folder's pictures and result.json as artefacts.
 - `python -m train`: `MLflowTrainRun` opens the run on the driver (a resumed run continues
   its MLflow run), `MLflowReportCallback` (a Ray Train callback, run by Train's controller)
   logs each report, and the driver adds the artefacts and closes the run.
-- `python -m tune`: `tune.tracking.TrialMLflowCallback`, Ray Tune's logger callback, built on
+- `python -m tune`: `tune.mlflow_trials.TrialMLflowCallback`, Ray Tune's logger callback, built on
   the settings and helpers here.
 """
 
@@ -48,6 +48,7 @@ from PIL import Image
 from lstm_ae.config import ConfigError, ExperimentConfig
 from lstm_ae.metrics import BASELINE_COPY_LAST_MSE_FRAME, BASELINE_ZEROS_MSE_FRAME, VAL_MSE_FRAME
 from lstm_ae.viz import RUN_PICTURES, frames_png, model_outputs
+from records.layout import CONFIG_FILE, METRICS_FILE, RESULT_FILE
 from records.storage import path_exists, storage_filesystem
 from train.ray_internals import mlflow_schemes
 
@@ -56,7 +57,7 @@ FRAMES_TAG = "frames"
 IMAGE_SEQUENCES = 2  # validation sequences in the TensorBoard frame grid
 MLFLOW_PACKAGE = "mlflow-skinny"
 MLFLOW_RUN_TAG = "lstm_ae.run"  # the train run an MLflow run records
-RUN_ARTEFACTS = ("result.json", "config.json", "metrics.csv")  # beside viz.RUN_PICTURES
+RUN_ARTEFACTS = (RESULT_FILE, CONFIG_FILE, METRICS_FILE)  # beside viz.RUN_PICTURES
 
 
 # ----------------------------------------------------------------------------- TensorBoard

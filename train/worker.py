@@ -1,33 +1,52 @@
 """The training function: one per worker, the only training loop in the project.
 
-`train_loop_per_worker` is what Ray Train's `TorchTrainer` runs on every worker; Tune trials
-call `train_function` with their own session. Each worker:
+`train_loop_per_worker` is what Ray Train's `TorchTrainer` runs on every worker; a Tune trial
+of one worker calls `train_function` with its own session. Each worker:
 
 1. builds the model (same seed everywhere; DDP broadcasts rank 0's weights), restores the
-   latest checkpoint if resuming or recovering, and settles the run's precision;
+   latest checkpoint if resuming or recovering, and settles the run's precision (chosen on
+   each worker's hardware by `lstm_ae.precision`, agreed by all: any fp32 wins);
 2. draws its own batches: step s on rank r from the seed (seed, r, s), so workers never share
    sequences and a resumed run sees exactly the batches it would have seen;
 3. trains on `batch_size / world_size` sequences per step (in `grad_accumulation_steps`
-   micro-batches); DDP all-reduces the gradients;
+   micro-batches, `lstm_ae.engine.train_step`); DDP all-reduces the gradients;
 4. reports every `log_every` steps, validates every `eval_every` (each worker a shard, sums
    all-reduced), checkpoints every `checkpoint_every` and at the end (rank 0 writes);
-5. stops early after `patience` validations without improvement.
+5. stops early after `patience` validations without improvement, or when its minutes
+   (`--max-minutes`, `TimeBudget`) run out.
 
-Rank 0 prints a progress line per report and at least every 30 s. The run's history (one
-row per report) travels inside every checkpoint. Helpers: `records.checkpoints`, `train.budget`
-(--max-minutes), `train.run_precision`, `train.throughput`, `train.progress`, `train.collective`.
+The few Ray calls sit behind one small interface, the session (`Session`): where the function
+runs is what differs, not what it does.
+
+- `RayTrainSession`: inside a Ray Train `TorchTrainer` worker (`ray.train.*`, DDP via
+  `prepare_model`). This is `python -m train`, and each multi-worker Tune trial.
+- `TuneSession`: a Tune trial that runs the function directly in its own process (one worker
+  per trial), reporting through `ray.tune.*`.
+- `LocalSession`: no Ray at all (tests, notebooks).
+
+Every session hands the function the newest checkpoint that loads (`records.checkpoints`): a
+damaged one is skipped with one line and set aside, and checkpoints written afterwards take a
+fresh name where the skipped one's would repeat. Rank 0 prints a progress line per report and
+at least every 30 s (`train.progress`). The run's history (one row per report) travels inside
+every checkpoint. Steps, validations and the time between progress lines are timed with
+`now`, which tests replace with a fake clock.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import tempfile
-from dataclasses import asdict, dataclass
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from lstm_ae.checkpoint import load_checkpoint, restore, save_checkpoint
 from lstm_ae.config import ExperimentConfig, check_batch_split
@@ -42,20 +61,26 @@ from lstm_ae.engine import (
     train_step,
     unwrap,
 )
+from lstm_ae.hardware import gpu_problem
+from lstm_ae.linear_probe import probe_with_baseline
 from lstm_ae.metrics import BASELINE_METRICS, MetricAccumulator
 from lstm_ae.model import CompositeLSTMAutoencoder
-from lstm_ae.probe import probe_with_baseline
+from lstm_ae.precision import PrecisionChoice, agreed, choose_precision
 from lstm_ae.viz import render_run
-from records.checkpoints import HISTORY_FILE, TrainingState, stored_checkpoint, update_early_stopping
-from train import clock
-from train.budget import TimeBudget, with_eta
-from train.collective import all_reduce_mean, replica_checksums
+from records.checkpoints import (
+    HISTORY_FILE,
+    TrainingState,
+    fresh_checkpoint_name,
+    newest_loadable,
+    stored_checkpoint,
+    update_early_stopping,
+)
 from train.progress import ProgressClock, describe_run, progress_line
 from train.ray_internals import quiet_report_logging
-from train.run_precision import resolve_precision
-from train.session import RayTrainSession, Session
-from train.throughput import SinceLastReport
 from train.tracking import open_tracker
+
+now = time.perf_counter  # the workers' clock (tests replace it)
+
 
 VISUALISED_SEQUENCES = 4
 
@@ -105,7 +130,7 @@ def train_function(loop_config: dict[str, Any], session: Session) -> TrainingSta
     # 1. Setup: model, optimizer and schedule, restored from the latest checkpoint if any;
     # the precision the hardware pays for, decided once for the whole run.
     trainables, state = _build_or_restore(config, session, settings.initial_weights)
-    choice = resolve_precision(config, state, world_size, session.device)
+    choice = agree_precision(config, state, world_size, session.device)
     config = config.replace(precision=choice.precision)
     stream = _training_batches(config, rank, world_size, state.step, session.device)
     test_set = load_test_set(config.model, config.data)
@@ -117,7 +142,7 @@ def train_function(loop_config: dict[str, Any], session: Session) -> TrainingSta
 
     budget = TimeBudget(training, config.optim.warmup_steps, state) if training.max_minutes else None
     interval = SinceLastReport(state.step, state.sequences_seen)
-    progress = ProgressClock(now=clock.now)
+    progress = ProgressClock(now=now)
     baselines: dict[str, float] = {}  # the trivial predictions' metrics, from the first validation
     while not state.finished:
         # 2. One optimizer step on this worker's share of the global batch.
@@ -140,11 +165,11 @@ def train_function(loop_config: dict[str, Any], session: Session) -> TrainingSta
 
         # 3. Validation (every worker a shard) and early stopping.
         if validate_now:
-            evaluation_start = clock.now()
+            evaluation_start = now()
             model = trainables.model
             row.update(_validate(model, test_set, config, rank, world_size, session.device, baselines))
             update_early_stopping(state, row, training.metric, training.patience)
-            state.elapsed_seconds += clock.now() - evaluation_start
+            state.elapsed_seconds += now() - evaluation_start
             if state.stopped_early:
                 row["stopped_early"] = True
         final = state.finished
@@ -245,7 +270,7 @@ def _train_one_step(
 ):
     """One optimizer step on this worker's frames (B, T, C, H, W); advances `state`."""
     training = config.training
-    step_start = clock.now()
+    step_start = now()
     torch.manual_seed(step_seed(training.seed, rank, state.step))  # dropout masks
     result = train_step(
         trainables.model,
@@ -259,7 +284,7 @@ def _train_one_step(
     )
     state.step += 1
     state.sequences_seen += training.batch_size
-    seconds = clock.now() - step_start
+    seconds = now() - step_start
     state.elapsed_seconds += seconds
     state.training_seconds += seconds
     return result
@@ -342,3 +367,350 @@ def _reported(row: dict[str, Any], final: bool) -> dict[str, Any]:
 def _log(rank: int, message: str | None) -> None:
     if rank == 0 and message:
         print(message, flush=True)
+
+
+class Session(Protocol):
+    world_rank: int
+    world_size: int
+    device: torch.device
+
+    def prepare_model(self, model: nn.Module) -> nn.Module: ...
+
+    def latest_checkpoint(self) -> contextlib.AbstractContextManager[str | None]:
+        """A local folder holding the newest checkpoint that loads, to resume from, or None."""
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None, step: int) -> None:
+        """Report metrics (every rank, same number of calls); rank 0 may attach a checkpoint folder."""
+
+
+@contextlib.contextmanager
+def checkpoint_folder(checkpoint) -> Iterator[str | None]:
+    if checkpoint is None:
+        yield None
+        return
+    with checkpoint.as_directory() as folder:
+        yield folder
+
+
+def checkpoint_name(step: int) -> str:
+    return f"checkpoint_{step:08d}"
+
+
+def _ray_folder(filesystem, path: str):
+    import ray.train
+
+    return ray.train.Checkpoint(path=path, filesystem=filesystem).as_directory()
+
+
+class RayTrainSession:
+    """A Ray Train worker: rank and device from the Train context, DDP from prepare_model."""
+
+    def __init__(self) -> None:
+        import ray.train
+        import ray.train.torch
+
+        if ray.get_gpu_ids():  # this worker holds a GPU: never train on the CPU by surprise
+            problem = gpu_problem()
+            if problem:
+                raise RuntimeError(problem)
+        context = ray.train.get_context()
+        self.world_rank = context.get_world_rank()
+        self.world_size = context.get_world_size()
+        self.device = ray.train.torch.get_device()
+        self.skipped: set[str] = set()  # damaged checkpoints skipped on restoring
+
+    def prepare_model(self, model: nn.Module) -> nn.Module:
+        import ray.train.torch
+
+        return ray.train.torch.prepare_model(model)
+
+    def latest_checkpoint(self):
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            return checkpoint_folder(None)
+        return newest_loadable(
+            checkpoint.filesystem, checkpoint.path, self.world_rank, self.skipped, open_folder=_ray_folder
+        )
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None, step: int) -> None:
+        import ray.train
+
+        checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        name = fresh_checkpoint_name(checkpoint_name(step), self.skipped)
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
+
+
+class LocalSession:
+    """No Ray at all: one process, checkpoints kept in a folder (for notebooks and tests)."""
+
+    def __init__(self, device: str | torch.device = "cpu", checkpoint_root: str | None = None):
+        self.world_rank, self.world_size = 0, 1
+        self.device = torch.device(device)
+        self.checkpoint_root = checkpoint_root or tempfile.mkdtemp(prefix="lstm_ae_local_")
+        self.reports: list[dict[str, Any]] = []
+        self.checkpoints: list[str] = []
+        self.skipped: set[str] = set()
+
+    def prepare_model(self, model: nn.Module) -> nn.Module:
+        return model.to(self.device)
+
+    def latest_checkpoint(self):
+        import pyarrow.fs
+
+        latest = self.checkpoints[-1] if self.checkpoints else None
+        return newest_loadable(pyarrow.fs.LocalFileSystem(), latest, self.world_rank, self.skipped)
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None, step: int) -> None:
+        import shutil
+        from pathlib import Path
+
+        self.reports.append(dict(metrics))
+        if checkpoint_dir:
+            target = Path(self.checkpoint_root) / fresh_checkpoint_name(checkpoint_name(step), self.skipped)
+            shutil.copytree(checkpoint_dir, target, dirs_exist_ok=True)
+            self.checkpoints.append(str(target))
+
+
+class TuneSession:
+    """Reports through `ray.tune.report`; resumes from `ray.tune.get_checkpoint()`."""
+
+    world_rank = 0
+    world_size = 1
+
+    def __init__(self, use_gpu: bool = False):
+        self.skipped: set[str] = set()  # damaged checkpoints skipped on restoring
+        if use_gpu:  # never train on the CPU by surprise
+            problem = gpu_problem()
+            if problem:
+                raise RuntimeError(problem)
+        self.device = torch.device("cuda" if use_gpu else "cpu")
+
+    def prepare_model(self, model: nn.Module) -> nn.Module:
+        return model.to(self.device)
+
+    def latest_checkpoint(self):
+        """The newest of the trial's checkpoints that loads (Tune names them by report, so a
+        checkpoint written after skipping a damaged one never takes its name)."""
+        import ray.tune
+
+        checkpoint = ray.tune.get_checkpoint()
+        if checkpoint is None:
+            return checkpoint_folder(None)
+        return newest_loadable(
+            checkpoint.filesystem,
+            checkpoint.path,
+            self.world_rank,
+            self.skipped,
+            open_folder=lambda filesystem, path: ray.tune.Checkpoint(path=path, filesystem=filesystem).as_directory(),
+        )
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None, step: int) -> None:
+        import ray.tune
+
+        checkpoint = ray.tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        ray.tune.report(metrics, checkpoint=checkpoint)
+
+
+class TimeBudget:
+    """Fits a run into `max_minutes` of training steps (`TrainingState.training_seconds`;
+    validations are not counted, so how often a run validates does not change what it learns).
+
+    From the speed measured since this process started (skipping its first `SKIPPED_STEPS`
+    or `SKIPPED_SHARE` of the budget, whichever ends first: they can run slow while memory is
+    first touched), it plans the step at which the budget runs out as soon as `MIN_MEASURED_STEPS`
+    steps or `MIN_MEASURED_SECONDS` of them are measured, whichever comes first, then again at
+    every report and every `REPLAN_SECONDS`. The plan becomes the learning-rate schedule's end
+    (`TrainingState.schedule`, which keeps the rate continuous), so the run ends annealed
+    instead of cut off mid-decay; `max_steps` stays an upper bound. Whatever the plan says, the
+    run ends once its training time reaches the budget, or when one more step would pass it
+    by more than `OVERSHOOT`: slow first steps on a slow machine cannot overrun it.
+    Every worker takes the earliest end any of them wants (one all-reduce per step).
+    """
+
+    SKIPPED_STEPS = 5
+    SKIPPED_SHARE = 0.02
+    MIN_MEASURED_STEPS = 10
+    MIN_MEASURED_SECONDS = 15.0
+    REPLAN_SECONDS = 30.0
+    OVERSHOOT = 0.05
+    TOLERANCE = 0.01  # of the steps left: smaller corrections are not worth a schedule entry
+
+    def __init__(self, training, warmup_steps: int, state: TrainingState):
+        self.training = training
+        self.warmup_steps = warmup_steps
+        self.budget_seconds = 60.0 * training.max_minutes
+        self.start = (state.step, state.training_seconds)
+        self.reference: tuple[int, float] | None = None  # (step, training seconds) speed is measured from
+        self.last_plan_seconds: float | None = None
+        self.stop_line: str | None = None  # why the budget ended the run, once it did
+
+    def seconds_per_step(self, state: TrainingState) -> float | None:
+        """The measured seconds per step, once enough steps are measured (None before)."""
+        if self.reference is None:
+            skipped_steps, skipped_seconds = (
+                state.step - self.start[0],
+                state.training_seconds - self.start[1],
+            )
+            if (
+                skipped_steps >= self.SKIPPED_STEPS
+                or skipped_seconds >= self.SKIPPED_SHARE * self.budget_seconds
+            ):
+                self.reference = (state.step, state.training_seconds)
+            return None
+        steps, seconds = state.step - self.reference[0], state.training_seconds - self.reference[1]
+        if steps >= self.MIN_MEASURED_STEPS or (steps >= 1 and seconds >= self.MIN_MEASURED_SECONDS):
+            return seconds / steps
+        return None
+
+    def seconds_left(self, state: TrainingState) -> float:
+        return max(0.0, self.budget_seconds - state.training_seconds)
+
+    def replan(self, state: TrainingState, world_size: int, device) -> bool:
+        """After every step: plan (or end) the schedule where the budget says; True if it moved."""
+        training, used = self.training, state.training_seconds
+        per_step = self.seconds_per_step(state)
+        # For the overshoot check any estimate will do, even one over the first, slow steps.
+        estimate = per_step or (used - self.start[1]) / max(1, state.step - self.start[0])
+        wanted = math.inf  # this worker's wish for the schedule's end (inf: no change)
+        if used + estimate > (1 + self.OVERSHOOT) * self.budget_seconds or used >= self.budget_seconds:
+            wanted = state.step
+        elif per_step is not None and self._due(state):
+            wanted = min(training.max_steps, state.step + int(self.seconds_left(state) / per_step))
+        wanted = all_reduce([float(wanted)], world_size, device, dist.ReduceOp.MIN)[0]
+        if math.isinf(wanted):
+            return False
+        end, current = int(wanted), state.schedule[-1][1]
+        if current <= state.step:  # already ending at this step
+            return False
+        state.planned_minutes = training.max_minutes
+        if end <= state.step:
+            self.stop_line = self._stop_line(state)
+        else:
+            self.last_plan_seconds = used
+            if abs(end - current) <= self.TOLERANCE * (current - state.step):
+                return False
+        state.schedule.append([state.step, end])
+        return True
+
+    def _due(self, state: TrainingState) -> bool:
+        training = self.training
+        return (
+            self.last_plan_seconds is None
+            or state.step == self.warmup_steps
+            or any(state.step % every == 0 for every in (training.log_every, training.eval_every))
+            or state.training_seconds - self.last_plan_seconds >= self.REPLAN_SECONDS
+        )
+
+    def _stop_line(self, state: TrainingState) -> str:
+        minutes, steps = state.training_seconds / 60.0, state.step - self.start[0]
+        budget = f"--max-minutes {self.training.max_minutes:g}"
+        if self.last_plan_seconds is None:  # never planned: the first steps alone used the budget
+            return (
+                f"time budget: the first {steps} step(s) alone took {minutes:.1f} minutes of {budget}; "
+                f"ending with a checkpoint at step {state.step} (a smaller model, --precision fp32 "
+                "or more minutes would train further)"
+            )
+        return f"time budget: {minutes:.1f} minutes of training used ({budget}); ending at step {state.step}"
+
+
+def with_eta(row: dict[str, Any], state: TrainingState, budget: TimeBudget | None) -> dict[str, Any]:
+    """The row's ETA, no later than the time budget's end (before its first plan too)."""
+    if budget is not None:
+        row["eta_seconds"] = min(row["eta_seconds"], budget.seconds_left(state))
+    return row
+
+
+@dataclass
+class SinceLastReport:
+    """Losses and throughput since the last report."""
+
+    start_step: int
+    start_sequences: int
+    start_time: float = field(default_factory=lambda: now())
+    totals: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0, 0.0])
+    steps: int = 0
+    learning_rate: float = 0.0
+
+    def add(self, result) -> None:
+        for index, value in enumerate(
+            (result.loss, result.reconstruction_loss, result.prediction_loss, result.grad_norm)
+        ):
+            self.totals[index] += value
+        self.steps += 1
+        self.learning_rate = result.learning_rate
+
+    def losses(self) -> list[float]:
+        return [total / max(1, self.steps) for total in self.totals]
+
+    def row(self, state: TrainingState, losses: list[float]) -> dict[str, Any]:
+        max_steps = state.schedule[-1][1]
+        seconds = now() - self.start_time
+        sequences_per_second = (state.sequences_seen - self.start_sequences) / max(seconds, 1e-9)
+        seconds_per_step = seconds / max(1, state.step - self.start_step)
+        return {
+            "step": state.step,
+            "sequences_seen": state.sequences_seen,
+            "loss": losses[0],
+            "reconstruction_loss": losses[1],
+            "prediction_loss": losses[2],
+            "grad_norm": losses[3],
+            "learning_rate": self.learning_rate,
+            "sequences_per_second": sequences_per_second,
+            "elapsed_seconds": state.elapsed_seconds,
+            "training_seconds": state.training_seconds,
+            "eta_seconds": seconds_per_step * (max_steps - state.step),
+        }
+
+
+def agree_precision(
+    config: ExperimentConfig, state: TrainingState, world_size: int, device
+) -> PrecisionChoice:
+    """The run's precision: kept from its start when it resumes or restarts; else chosen on
+    this worker's hardware (lstm_ae.precision) and agreed by all workers (any fp32 wins).
+    Recorded in `state`, so checkpoints, result.json and every resume carry it."""
+    training = config.training
+    if state.precision:
+        return PrecisionChoice(
+            state.precision,
+            "kept from the run's start",
+            **{
+                key: value
+                for key, value in state.precision_choice.items()
+                if key not in ("precision", "reason", "warning")
+            },
+        )
+    rows = training.batch_size // world_size // training.grad_accumulation_steps
+    model = config.model
+    choice = choose_precision(training.precision, device, model.hidden_size, model.frame_size, rows)
+    everyone = all_reduce([float(choice.precision == "bf16")], world_size, device, dist.ReduceOp.MIN)
+    choice = agreed(choice, everyone[0] == 1.0)
+    state.precision, state.precision_choice = choice.precision, choice.to_dict()
+    return choice
+
+
+def all_reduce_mean(values: list[float], world_size: int, device: torch.device) -> list[float]:
+    return [total / world_size for total in all_reduce(values, world_size, device)]
+
+
+def all_reduce(values: list[float], world_size: int, device: torch.device, op=None) -> list[float]:
+    """`values` combined over the workers (summed by default; `op` a dist.ReduceOp)."""
+    if world_size == 1 or not dist.is_initialized():
+        return values
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM if op is None else op)
+    return tensor.tolist()
+
+
+def replica_checksums(model: torch.nn.Module, world_size: int) -> list[list[float]]:
+    """Every rank's (sum, sum of squares) of all parameters: equal iff the replicas agree."""
+    parameters = [parameter.detach().double() for parameter in model.parameters()]
+    local = torch.tensor(
+        [sum(float(p.sum()) for p in parameters), sum(float((p * p).sum()) for p in parameters)],
+        dtype=torch.float64,
+        device=parameters[0].device,
+    )
+    gathered = [torch.zeros_like(local) for _ in range(world_size)]
+    dist.all_gather(gathered, local)
+    return [values.tolist() for values in gathered]

@@ -23,6 +23,7 @@ from lstm_ae.metrics import (
     is_finite_number,
 )
 from lstm_ae.tables import to_csv, to_markdown
+from records.layout import ABLATIONS_CSV, ABLATIONS_MD
 from tune.experiment import run_experiment
 from tune.variants import VARIANTS, Variant  # noqa: F401  (Variant: part of this module's interface)
 
@@ -241,8 +242,8 @@ def write_ablations(folder: Path, records, seeds: int) -> str:
     """ablations.csv (every trial), ablations.md (the table and verdicts), ablations.png."""
     folder.mkdir(parents=True, exist_ok=True)
     summary = summarize(records)
-    (folder / "ablations.csv").write_text(to_csv(records))
+    (folder / ABLATIONS_CSV).write_text(to_csv(records))
     markdown = ablation_markdown(summary, seeds)
-    (folder / "ablations.md").write_text(markdown)
+    (folder / ABLATIONS_MD).write_text(markdown)
     plot_ablations(folder / "ablations.png", summary)
     return markdown

@@ -34,6 +34,8 @@ from lstm_ae.data import DataError
 from lstm_ae.pareto import rule_text
 from lstm_ae.tables import to_markdown
 from records.folder_lock import FolderLockedError, locked
+from records.layout import ABLATIONS_CSV, ABLATIONS_MD, SEARCH_FILE
+from records.run_folder import RunFolderError, continue_line, folder_flags
 from records.sources import train_command
 from records.storage import path_exists, storage_path
 from train.commandline import (
@@ -48,18 +50,15 @@ from train.commandline import (
 from train.tracking import add_mlflow_arguments, mlflow_settings
 from tune.ablations import VARIANTS, final_metrics, run_ablations, write_ablations
 from tune.experiment import (
-    SEARCH_FILE,
-    ExperimentFolderError,
     SearchSettings,
     experiment_path,
     saved_experiment,
 )
-from tune.front import front_columns
+from tune.mlflow_trials import trial_mlflow_callback
 from tune.objectives import Objectives, from_record, is_multi, objectives_from_flags
 from tune.objectives import describe as describe_objectives
-from tune.results import trial_rows, write_results
+from tune.results import front_columns, trial_rows, write_results
 from tune.space import SpaceError, default_space, load_space
-from tune.tracking import trial_mlflow_callback
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -189,21 +188,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run_until_interrupted(
         lambda held, interrupted: run_command(arguments, name, held, interrupted),
         f"{arguments.experiment} {name}",
-        lambda: continue_line(arguments, name),
+        lambda: experiment_continue_line(arguments, name),
     )
 
 
-def continue_line(arguments: argparse.Namespace, name: str) -> str:
+def experiment_continue_line(arguments: argparse.Namespace, name: str) -> str:
     """How to go on with an interrupted experiment: restore it once Tune saved its state."""
     filesystem, path = experiment_path(SearchSettings(name=name, storage=arguments.output_dir))
-    flags = f"--name {name}" + (
-        f" --output-dir {arguments.output_dir}" if arguments.output_dir != "runs" else ""
-    )
+    flags = folder_flags(name, arguments.output_dir)
     if arguments.experiment != "search":
         flags += f" --experiment {arguments.experiment}"
-    if path_exists(filesystem, f"{path}/{SEARCH_FILE}"):
-        return f"continue it with: python -m tune {flags} --resume"
-    return f"it had not started yet: start it again with python -m tune {flags} and the same flags"
+    started = path_exists(filesystem, f"{path}/{SEARCH_FILE}")
+    return continue_line("tune", flags, started, "it had not started yet")
 
 
 def run_command(arguments: argparse.Namespace, name: str, held: contextlib.ExitStack, interrupted) -> int:
@@ -228,7 +224,7 @@ def run_command(arguments: argparse.Namespace, name: str, held: contextlib.ExitS
             else:
                 base, space = new_experiment(arguments)  # the driver says there is nothing to resume
         first = [space.base_point(base)] if arguments.base_first and space is not None else None
-    except (ConfigError, SpaceError, ExperimentFolderError, FolderLockedError) as error:
+    except (ConfigError, SpaceError, RunFolderError, FolderLockedError) as error:
         fail(str(error))
     settings = SearchSettings(
         name=name,
@@ -266,7 +262,7 @@ def run_command(arguments: argparse.Namespace, name: str, held: contextlib.ExitS
             summary = ablations_and_tabulate(base, arguments.seeds, settings, callbacks, interrupted)
         else:
             summary = search_and_tabulate(base, space, settings, callbacks, first, interrupted)
-    except (ExperimentFolderError, DataError, ConfigError, SpaceError, FolderLockedError) as error:
+    except (RunFolderError, DataError, ConfigError, SpaceError, FolderLockedError) as error:
         fail(str(error))
     except Exception as error:  # Ray errors: one line, not a traceback
         if interrupted():
@@ -295,15 +291,14 @@ def search_and_tabulate(
 ) -> str:
     """Run the search, write the results table and plots; returns a printable summary.
     `interrupted()` true after Tune returns: the search was stopped by Ctrl-C (Interrupted)."""
-    from tune.search import clock as search_clock
-    from tune.search import run_search, stopped_by_scheduler
+    from tune.search import comparison_field, run_search, stopped_by_scheduler
 
     results, path, _ = run_search(base, space, settings, callbacks, points_to_evaluate)
     if interrupted():
         raise Interrupted
     metric, objectives = base.training.metric, settings.objectives
     stopped = stopped_by_scheduler(settings)
-    clock = search_clock(base)  # ASHA's clock
+    clock = comparison_field(base)  # ASHA's clock
     rows, histories = trial_rows(results, space, metric, base.training.max_steps, stopped, clock, objectives)
     folder = local_results_folder(settings)
     written = write_results(folder, rows, histories, space, metric, clock, objectives)
@@ -332,7 +327,7 @@ def ablations_and_tabulate(base, seeds: int, settings, callbacks=(), interrupted
         raise Interrupted
     folder = local_results_folder(settings)
     markdown = write_ablations(folder, final_metrics(results, base.training.max_steps), seeds)
-    publish(folder, ["ablations.csv", "ablations.md", "ablations.png"], settings)
+    publish(folder, [ABLATIONS_CSV, ABLATIONS_MD, "ablations.png"], settings)
     return f"\n{markdown}\nresults: {folder / 'ablations.md'} (and ablations.csv, ablations.png)"
 
 

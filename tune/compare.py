@@ -37,11 +37,11 @@ from lstm_ae.metrics import (
     is_finite_number,
 )
 from lstm_ae.tables import read_table, to_csv, to_markdown
+from records.layout import ABLATIONS_CSV, RESULT_FILE, RESULTS_CSV, SEARCH_FILE
 from records.sources import train_command
 from train.commandline import OneLineParser, fail
-from tune.front import FRONT_MARK
 from tune.report import html_report
-from tune.results import BEST_MARK, COMPLETED, REFERENCE, STOPPED, sort_rows, trial_status
+from tune.results import BEST_MARK, COMPLETED, FRONT_MARK, REFERENCE, STOPPED, sort_rows, trial_status
 from tune.variants import VARIANTS
 
 CONFIG_COLUMNS = ("hidden_size", "num_layers", "learning_rate", "reconstruction_weight", "decoder_mode")
@@ -60,7 +60,7 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 def _experiment_record(folder: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """An experiment's search.json ({} if absent) and its base config as flat fields."""
-    search = _read_json(folder / "search.json") if (folder / "search.json").exists() else {}
+    search = _read_json(folder / SEARCH_FILE) if (folder / SEARCH_FILE).exists() else {}
     base = {name: value for section in search.get("base", {}).values() for name, value in section.items()}
     return search, base
 
@@ -72,7 +72,7 @@ def _final(record: dict[str, Any], name: str) -> Any:
 
 
 def train_run_rows(folder: Path, metric: str) -> list[dict[str, Any]]:
-    result = _read_json(folder / "result.json")
+    result = _read_json(folder / RESULT_FILE)
     if not isinstance(result.get("config"), dict):
         raise ValueError("no 'config' section")
     config = {name: value for section in result["config"].values() for name, value in section.items()}
@@ -104,7 +104,7 @@ def experiment_rows(folder: Path, metric: str) -> list[dict[str, Any]]:
     search, base = _experiment_record(folder)
     workers = search.get("settings", {}).get("workers_per_trial")
     rows = []
-    for record in read_table(folder / "results.csv"):
+    for record in read_table(folder / RESULTS_CSV):
         best = record.get(f"best_{metric}")
         value = best if best is not None else _final(record, metric)
         rows.append(
@@ -141,7 +141,7 @@ def ablation_rows(folder: Path, metric: str) -> list[dict[str, Any]]:
     """One row per trial of an ablation grid (ablations.csv): the variant's config on the base."""
     search, base = _experiment_record(folder)
     rows = []
-    for record in read_table(folder / "ablations.csv"):
+    for record in read_table(folder / ABLATIONS_CSV):
         variant = VARIANTS.get(record.get("variant"))
         config = {**base, **(variant.overrides if variant else {})}
 
@@ -229,11 +229,11 @@ def collect(paths: Sequence[Path], metric: str) -> list[dict[str, Any]]:
 
 
 def _kind(folder: Path) -> str | None:
-    if (folder / "result.json").is_file():
+    if (folder / RESULT_FILE).is_file():
         return "train run"
-    if (folder / "results.csv").is_file():
+    if (folder / RESULTS_CSV).is_file():
         return "tune experiment"
-    if (folder / "ablations.csv").is_file():
+    if (folder / ABLATIONS_CSV).is_file():
         return "ablation grid"
     return None
 

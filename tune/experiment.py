@@ -42,30 +42,24 @@ from lstm_ae.config import ExperimentConfig
 from lstm_ae.data import load_test_set
 from lstm_ae.metrics import METRIC_MODES
 from records.folder_lock import locked
+from records.layout import SEARCH_FILE, TRAIN_RUNS_FOLDER
+from records.run_folder import RunFolderError, check_folder
 from records.sources import write_config_file
 from records.storage import path_exists, read_text, storage_filesystem, storage_path
 from train.cluster import HEAD_RESOURCE, ClusterCapacity, check_can_hold, cluster_capacity, waiting_line
-from train.connection import connect
-from train.launch import with_absolute_paths
+from train.driver import build_trainer, connect, with_absolute_paths, worker_cpus, worker_resources
 from train.ray_internals import DeadTrainerReaper, quiet_report_logging
 from train.tracking import TRACKING_KEY
-from train.worker import WorkerSettings, loop_config, train_function, train_loop_per_worker
+from train.worker import TuneSession, WorkerSettings, loop_config, train_function, train_loop_per_worker
 from tune.objectives import Objectives
-from tune.session import TuneSession
 from tune.space import Dimension, SearchSpace
 from tune.variants import expand_variant
 
-SEARCH_FILE = "search.json"
 DRIVER_SHARE = 0.01  # what a trial that only launches a TorchTrainer asks for
-GPU_WORKER_CPUS = 2.0
 # Ray Train gives up on a worker group's placement group after this many seconds and asks
 # again (Ray's default, 60 s, is shorter than a cloud node takes to start).
 WORKER_GROUP_START_TIMEOUT_VARIABLE = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
 WORKER_GROUP_START_TIMEOUT_S = 600.0
-
-
-class ExperimentFolderError(ValueError):
-    """The experiment folder exists without --resume, or --resume finds nothing."""
 
 
 @dataclass(frozen=True)
@@ -109,7 +103,7 @@ class TrialPlan:
 
     @property
     def worker_resources(self) -> dict[str, float]:
-        return {"CPU": self.cpus_per_worker, **({"GPU": 1.0} if self.use_gpu else {})}
+        return worker_resources(self.cpus_per_worker, self.use_gpu)
 
     @property
     def trial_resources(self) -> dict[str, float]:
@@ -141,13 +135,9 @@ def plan_trials(settings: SearchSettings, cluster: ClusterCapacity, num_trials: 
     capped by --max-concurrent and by the number of trials.
     """
     workers = settings.workers_per_trial
-    if settings.cpus_per_worker is not None:
-        cpus = settings.cpus_per_worker
-    elif settings.use_gpu:
-        cpus = min(GPU_WORKER_CPUS, cluster.largest("CPU") or GPU_WORKER_CPUS)
-    else:  # CPU trials: one node's CPUs per trial, split over its workers
-        cpus = max(1.0, float(int(cluster.largest("CPU") or 1) // workers))
-    worker = {"CPU": cpus, **({"GPU": 1.0} if settings.use_gpu else {})}
+    # One node's CPUs per trial, split over its workers (train.driver.worker_cpus).
+    cpus = worker_cpus(workers, settings.use_gpu, settings.cpus_per_worker, cluster, cluster.largest("CPU") or 1)
+    worker = worker_resources(cpus, settings.use_gpu)
     if HEAD_RESOURCE in {name for group in cluster.live for name in group.resources}:
         driver = {"CPU": 0.0, HEAD_RESOURCE: DRIVER_SHARE}
     else:
@@ -166,7 +156,7 @@ def plan_trials(settings: SearchSettings, cluster: ClusterCapacity, num_trials: 
         max_concurrent=max(1, concurrent),
         capacity=capacity,
         driver_resources=driver,
-        train_storage=f"{storage_path(settings.storage)}/{settings.name}/train_runs",
+        train_storage=f"{storage_path(settings.storage)}/{settings.name}/{TRAIN_RUNS_FOLDER}",
         experiment_folder=f"{storage_path(settings.storage)}/{settings.name}",
         worker_group_start_timeout_s=float(
             os.environ.get(WORKER_GROUP_START_TIMEOUT_VARIABLE) or WORKER_GROUP_START_TIMEOUT_S
@@ -193,33 +183,21 @@ def trial(sampled: dict[str, Any], base: dict[str, Any], plan: dict[str, Any]) -
     if plan.workers_per_trial == 1:
         train_function(worker_config, TuneSession(plan.use_gpu))
         return
-    import ray.train
-    from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
     # Read in this process when the trainer starts and passed on to its controller.
     os.environ[WORKER_GROUP_START_TIMEOUT_VARIABLE] = f"{plan.worker_group_start_timeout_s:g}"
-    metric = config.training.metric
-    TorchTrainer(
+    build_trainer(
         train_loop_per_worker,
-        train_loop_config=worker_config,
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=plan.workers_per_trial,
-            use_gpu=plan.use_gpu,
-            resources_per_worker=plan.worker_resources,
-        ),
-        run_config=ray.train.RunConfig(
-            name=ray.tune.get_context().get_trial_id(),
-            storage_path=plan.train_storage,
-            callbacks=[TuneReportCallback()],
-            checkpoint_config=ray.train.CheckpointConfig(
-                num_to_keep=config.training.keep_checkpoints,
-                checkpoint_score_attribute=metric,
-                checkpoint_score_order=METRIC_MODES[metric],
-            ),
-            failure_config=ray.train.FailureConfig(max_failures=1),
-            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
-        ),
+        worker_config,
+        name=ray.tune.get_context().get_trial_id(),
+        storage=plan.train_storage,
+        num_workers=plan.workers_per_trial,
+        use_gpu=plan.use_gpu,
+        resources=plan.worker_resources,
+        config=config,
+        max_failures=1,  # then the trial fails, and Tune retries it (SearchSettings.max_failures)
+        callbacks=[TuneReportCallback()],
     ).fit()
 
 
@@ -242,7 +220,7 @@ def saved_experiment(settings: SearchSettings) -> dict[str, Any] | None:
                 tuple(Dimension(d["name"], d["kind"], tuple(d["values"])) for d in record["space"])
             )
     except (ValueError, KeyError, TypeError) as error:
-        raise ExperimentFolderError(
+        raise RunFolderError(
             f"{path}/{SEARCH_FILE} is not a readable experiment record: {error}"
         ) from None
     return record
@@ -274,14 +252,7 @@ def _run_locked(base: ExperimentConfig, settings: SearchSettings, setup, record,
     base = with_absolute_paths(base)
     load_test_set(base.model, base.data)  # fail on bad data before any trial, and build the cache once
     exists = path_exists(filesystem, f"{path}/{SEARCH_FILE}")
-    if exists and not settings.resume:
-        raise ExperimentFolderError(
-            f"experiment folder {path} already exists: pass --resume to continue it, or choose another --name"
-        )
-    if settings.resume and not exists:
-        raise ExperimentFolderError(
-            f"nothing to resume: no experiment named {settings.name!r} under {settings.storage}"
-        )
+    check_folder(exists, settings.resume, path, "experiment", settings.name, settings.storage)
 
     joined = connect(settings.address)
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
@@ -299,7 +270,7 @@ def _run_locked(base: ExperimentConfig, settings: SearchSettings, setup, record,
     tune_path = f"{storage_path(settings.storage)}/{settings.name}"
     if settings.resume:
         if not ray_tune.Tuner.can_restore(tune_path):
-            raise ExperimentFolderError(f"experiment {path} cannot be restored (no Tune state)")
+            raise RunFolderError(f"experiment {path} cannot be restored (no Tune state)")
         tuner = ray_tune.Tuner.restore(tune_path, trainable=trainable, resume_errored=True)
     else:
         param_space, tune_arguments = setup(ray_tune)

@@ -11,6 +11,10 @@ with these plots:
     parameters.png    each searched parameter against the trial's best metric
     importances.png   Optuna's parameter importances (when there are enough trials)
     pareto.png        two objectives: every trial, the front, the chosen trial
+
+
+A search of two objectives marks its Pareto front in the table (`mark_front`, the front and
+the rule that picks one trial from it are `lstm_ae.pareto`'s) and draws it in `pareto.png`.
 """
 
 from __future__ import annotations
@@ -32,13 +36,16 @@ from lstm_ae.metrics import (
     best_of,
     is_finite_number,
 )
+from lstm_ae.pareto import front_choice, pareto_front, rule_text
 from lstm_ae.tables import to_csv, to_markdown
 from records.checkpoints import best_checkpoint
+from records.layout import RESULTS_CSV, RESULTS_MD
 from records.storage import storage_filesystem
-from tune.front import BEST_MARK, mark_front, plot_front
 from tune.objectives import Objectives, is_multi
 from tune.space import SearchSpace
 
+BEST_MARK = "*"
+FRONT_MARK = "*"
 REFERENCE = "reference"  # the kind of a comparison row that is a reference (the paper, a baseline)
 COMPLETED, STOPPED_BY_SCHEDULER, STOPPED_BY_PATIENCE, STOPPED, ERRORED = (
     "completed",
@@ -308,9 +315,9 @@ def write_results(
 ) -> list[str]:
     """results.csv, results.md and the plots (`pareto.png` for two objectives); returns the names written."""
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "results.csv").write_text(to_csv(rows))
-    (folder / "results.md").write_text(to_markdown(rows))
-    written = ["results.csv", "results.md"]
+    (folder / RESULTS_CSV).write_text(to_csv(rows))
+    (folder / RESULTS_MD).write_text(to_markdown(rows))
+    written = [RESULTS_CSV, RESULTS_MD]
     if is_multi(objectives):
         plot_front(folder / "pareto.png", rows, objectives)
         written.append("pareto.png")
@@ -323,3 +330,99 @@ def write_results(
         plot_importances(folder / "importances.png", importances)
         written.append("importances.png")
     return written
+
+
+
+
+def front_columns(objectives: Objectives) -> tuple[str, str]:
+    """The table's columns of the two objectives: the best first metric, the second at it."""
+    return f"best_{objectives[0][0]}", objectives[1][0]
+
+
+def mark_front(rows: list[dict[str, Any]], objectives: Objectives) -> list[dict[str, Any]]:
+    """Rows of a two-objective search: `front` marks the Pareto front, which comes first (each
+    part sorted by the first metric), and `best` the trial `lstm_ae.pareto.front_choice` picks
+    (the best second metric within 2% of the best first)."""
+    columns, modes = front_columns(objectives), tuple(mode for _, mode in objectives)
+    points = [tuple(row.get(column) for column in columns) for row in rows]
+    on_front = pareto_front(points, modes)
+    chosen = front_choice(points, modes)
+    for index, row in enumerate(rows):
+        row["best"] = BEST_MARK if index == chosen else ""
+        row["front"] = FRONT_MARK if on_front[index] else ""
+    first, mode = columns[0], modes[0]
+
+    def key(row):
+        value = row.get(first)
+        missing = not is_finite_number(value)
+        return (row["front"] != FRONT_MARK, missing, 0.0 if missing else (value if mode == "min" else -value))
+
+    ordered = sorted(rows, key=key)
+    return [{"best": row.pop("best"), "front": row.pop("front"), **row} for row in ordered]
+
+
+def plot_front(path: Path, rows: list[dict[str, Any]], objectives: Objectives) -> None:
+    """The two objectives of every trial, the Pareto front drawn through its trials, and the
+    trial the rule picks."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    (first, second), modes = front_columns(objectives), [mode for _, mode in objectives]
+    points = [row for row in rows if is_finite_number(row.get(first)) and is_finite_number(row.get(second))]
+    front = sorted((row for row in points if row.get("front")), key=lambda row: row[first])
+    others = [row for row in points if not row.get("front")]
+    figure, axis = plt.subplots(figsize=(7, 5))
+    axis.scatter([r[first] for r in others], [r[second] for r in others], color="0.6", label="other trials")
+    axis.step(
+        [r[first] for r in front],
+        [r[second] for r in front],
+        where="post",  # each front trial's second value holds until the next trial's first value
+        color="tab:blue",
+        marker="o",
+        label=f"Pareto front ({len(front)} of {len(points)} trials)",
+    )
+    for row in front:
+        axis.annotate(
+            str(row["trial"]).split("_")[-1],
+            (row[first], row[second]),
+            fontsize=7,
+            xytext=(4, 4),
+            textcoords="offset points",
+        )
+    references = [  # the all-zeros prediction, where the rows carry its figures (MSE/frame and SSIM)
+        row
+        for row in points
+        if is_finite_number(row.get("baseline_zeros_mse_frame"))
+        and is_finite_number(row.get("baseline_zeros_ssim"))
+    ]
+    if objectives == (("val_mse_frame", "min"), ("val_ssim", "max")) and references:
+        reference = references[0]
+        axis.scatter(
+            [reference["baseline_zeros_mse_frame"]],
+            [reference["baseline_zeros_ssim"]],
+            marker="x",
+            s=80,
+            color="black",
+            label="all-zeros prediction (a blank frame)",
+        )
+    chosen = [row for row in points if row.get("best")]
+    if chosen:
+        axis.scatter(
+            [chosen[0][first]],
+            [chosen[0][second]],
+            marker="*",
+            s=260,
+            color="tab:orange",
+            zorder=3,
+            label=f"chosen: {rule_text([metric for metric, _ in objectives])}",
+        )
+    better = {"min": "lower is better", "max": "higher is better"}
+    axis.set_xlabel(f"{first} ({better[modes[0]]})")
+    axis.set_ylabel(f"{second} ({better[modes[1]]})")
+    axis.set_title("two objectives: every trial and the Pareto front")
+    axis.legend(fontsize=8, loc="best")
+    figure.tight_layout()
+    figure.savefig(path, dpi=90)
+    plt.close(figure)

@@ -29,7 +29,7 @@ STOPPED_BY_SCHEDULER_FOLDER = "stopped_by_scheduler"
 MAX_T_MARGIN = 1.1
 
 
-def clock(base: ExperimentConfig) -> str:
+def comparison_field(base: ExperimentConfig) -> str:
     """The reported field trials of `base` are compared on: seconds of training with a time
     budget, else the step."""
     return "training_seconds" if base.training.max_minutes else "step"
@@ -38,7 +38,7 @@ def clock(base: ExperimentConfig) -> str:
 def asha_clock(base: ExperimentConfig, grace_period: int, reduction_factor: int) -> dict[str, Any]:
     """ASHA's time_attr, max_t and grace_period for trials of `base` (module docstring)."""
     training = base.training
-    if clock(base) == "training_seconds":
+    if comparison_field(base) == "training_seconds":
         budget = 60.0 * training.max_minutes
         # max_t above the budget: a trial ends at its own planned step, never stopped there by ASHA.
         return {

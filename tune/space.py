@@ -21,8 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lstm_ae.config import FIELD_SECTIONS, ConfigError, ExperimentConfig, field_type
-from lstm_ae.yaml12 import yaml_loader
+from lstm_ae.config import FIELD_SECTIONS, ConfigError, ExperimentConfig, field_type, yaml_loader
 
 KINDS = ("choice", "int", "uniform", "loguniform")
 # Fields the experiment itself is built on (ASHA's budget, the metric, the reporting grid):
