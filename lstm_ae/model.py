@@ -8,10 +8,12 @@ Tensors at this module's boundary are (B, T, C, H, W) floats in [0, 1]; inside, 
 flattened to D = C * H * W values and sequences are time-major. Both decoders run at once as
 a stack of two (their weights are stored stacked: index 0 reconstructs, index 1 predicts).
 
-The recurrences run on the hand-written kernels of `lstm_ae.recurrence`. They keep memory
-between calls (bf16 weight copies, weight gradients) in a workspace the model owns: it is
-freed with the model and never shared with another one (a `copy.deepcopy` gets a new, empty
-one).
+The recurrences run on `lstm_ae.recurrence`'s kernels, chosen by `config.kernel`: `fused`
+(hand-written forward and backward passes, the fast path) or `autograd` (the same maths in
+plain PyTorch ops, a step at a time). Both read the same parameters, so a state dict trained
+with one loads into the other. The fused kernels keep memory between calls (bf16 weight
+copies, weight gradients) in a workspace the model owns: it is freed with the model and never
+shared with another one (a `copy.deepcopy` gets a new, empty one).
 
 Decoder inputs (`decoder_mode`):
 - `free`: each decoder feeds its own previous output back (a zero frame first), in training
@@ -31,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lstm_ae.config import ModelConfig
-from lstm_ae.recurrence import DecoderWeights, FusedKernels
+from lstm_ae.recurrence import AutogradKernels, DecoderWeights, FusedKernels
 
 RECONSTRUCTION, PREDICTION = 0, 1  # decoder indices in the stacked weights
 MEAN_PIXEL = 0.047  # mean intensity of generated 64x64 two-digit Moving MNIST frames
@@ -106,7 +108,7 @@ class CompositeLSTMAutoencoder(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
-        self.kernels = FusedKernels()
+        self.kernels = FusedKernels() if config.kernel == "fused" else AutogradKernels()
         frame_size, hidden_size = config.frame_size, config.hidden_size
         forget = config.forget_gate_bias
         self.encoder = StackedLSTMWeights(1, frame_size, hidden_size, config.num_layers, forget)

@@ -1,4 +1,4 @@
-"""LSTM recurrences with hand-written backward passes: the fast path the model trains with.
+"""LSTM recurrences, twice: hand-written kernels the model trains with, and the same maths in autograd.
 
 Why not `nn.LSTM` stepped one frame at a time (the seed tutorial's way)? Autograd then computes a
 full weight-gradient matrix at every time step and adds it into the accumulator: for small
@@ -17,7 +17,11 @@ Three functions cover every use:
   previous output frame (a zero frame first), with the gradient flowing through that
   feedback, as in the seed tutorial's model.
 
-`FusedKernels` offers the three as methods, with the memory they keep for one model.
+`autograd_project`, `autograd_lstm_layer` and `autograd_free_running_decoder` (at the end) are
+the same three in plain PyTorch ops, a time step at a time, differentiated by autograd: the
+readable definition of what the kernels compute (tests/test_kernels.py holds them equal), and
+the model's `kernel="autograd"`. `FusedKernels` and `AutogradKernels` offer each set under the
+same method names.
 
 Weights are stored stacked, (S, ...) for S independent LSTMs, and each function takes a
 `stacks` slice choosing which to run (the model runs its reconstruction and prediction
@@ -801,6 +805,74 @@ def free_running_decoder(
     )
 
 
+# ------------------------------------------------------------------------------ the same in autograd
+
+
+def _cell_step(pre_gates: Tensor, cell: Tensor) -> tuple[Tensor, Tensor]:
+    """One LSTM step from pre-activations (P, B, 4H) and the previous cell (P, B, H): (h, c)."""
+    input_gate, forget_gate, candidate, output_gate = _quarters(pre_gates)
+    cell = torch.sigmoid(forget_gate) * cell + torch.sigmoid(input_gate) * torch.tanh(candidate)
+    return torch.sigmoid(output_gate) * torch.tanh(cell), cell
+
+
+def autograd_project(inputs: Tensor, weight: Tensor, bias: Tensor, stacks: slice = ALL) -> Tensor:
+    """`project` in plain PyTorch ops (same arguments, same result)."""
+    product = _bmm(inputs, weight[stacks].transpose(1, 2), matmul_dtype_for(inputs.float()))
+    return product + bias[stacks].unsqueeze(1).to(product.dtype)
+
+
+def autograd_lstm_layer(
+    input_gates: Tensor, weight_hh: Tensor, h0: Tensor, c0: Tensor, stacks: slice = ALL
+) -> tuple[Tensor, Tensor]:
+    """`lstm_layer` in plain PyTorch ops, one time step after the other (same arguments, same result)."""
+    dtype = matmul_dtype_for(input_gates)
+    weight = weight_hh[stacks].to(dtype).transpose(1, 2)  # (P, H, 4H), cast once for all steps
+    hidden, cell, outputs = h0, c0, []
+    for step_gates in input_gates.unbind(1):  # (P, B, 4H)
+        hidden, cell = _cell_step(step_gates + _bmm(hidden, weight, dtype), cell)
+        outputs.append(hidden)
+    return torch.stack(outputs, dim=1), cell
+
+
+def autograd_free_running_decoder(
+    weights: DecoderWeights,
+    h0: Tensor,
+    c0: Tensor,
+    steps: int,
+    logistic: bool,
+    dropout: float = 0.0,
+    stacks: slice = ALL,
+) -> Tensor:
+    """`free_running_decoder` in plain PyTorch ops, one time step after the other.
+
+    Same arguments and result; with dropout it draws the same masks from torch's generator.
+    """
+    num_layers = h0.shape[0]
+    dtype = matmul_dtype_for(h0)
+    weight_ih = [weight[stacks].to(dtype).transpose(1, 2) for weight in weights.weight_ih]  # (P, in, 4H)
+    weight_hh = [weight[stacks].to(dtype).transpose(1, 2) for weight in weights.weight_hh]  # (P, H, 4H)
+    bias = [layer_bias[stacks].unsqueeze(1) for layer_bias in weights.bias]  # (P, 1, 4H)
+    output_weight = weights.output_weight[stacks].to(dtype).transpose(1, 2)  # (P, H, D)
+    output_bias = weights.output_bias[stacks].unsqueeze(1)  # (P, 1, D)
+    masks = _dropout_masks(h0, steps, float(dropout))
+    hidden, cell = list(h0.unbind(0)), list(c0.unbind(0))  # each (P, B, H)
+    frame, logits = None, []  # the frame fed back; a zero frame first, which adds nothing
+    for t in range(steps):
+        layer_input = frame
+        for layer in range(num_layers):
+            pre_gates = bias[layer] + _bmm(hidden[layer], weight_hh[layer], dtype)
+            if layer_input is not None:
+                pre_gates = pre_gates + _bmm(layer_input, weight_ih[layer], dtype)
+            hidden[layer], cell[layer] = _cell_step(pre_gates, cell[layer])
+            layer_input = hidden[layer]
+            if masks is not None and layer < num_layers - 1:
+                layer_input = layer_input * masks[layer, :, t]
+        step_logits = output_bias + _bmm(hidden[-1], output_weight, dtype)  # the top layer, no dropout
+        logits.append(step_logits)
+        frame = torch.sigmoid(step_logits) if logistic else step_logits
+    return torch.stack(logits, dim=1)
+
+
 # ------------------------------------------------------------------------------ kernel sets
 
 
@@ -829,3 +901,11 @@ class FusedKernels:
         stacks: slice = ALL,
     ) -> Tensor:
         return free_running_decoder(weights, h0, c0, steps, logistic, dropout, stacks, self.workspace)
+
+
+class AutogradKernels:
+    """The same three functions in plain PyTorch ops; nothing kept between calls."""
+
+    project = staticmethod(autograd_project)
+    lstm_layer = staticmethod(autograd_lstm_layer)
+    free_running_decoder = staticmethod(autograd_free_running_decoder)

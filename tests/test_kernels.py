@@ -1,14 +1,18 @@
-"""The model's kernels own their memory: nothing process-wide.
+"""The two kernel sets agree, and the model's kernels own their memory: nothing process-wide.
 
-The fused kernels keep memory between calls in a workspace owned by one model: two models in
-one process, each with its own optimizer, train exactly as each does alone, and importing the
+`kernel="fused"` (hand-written backward passes) and `kernel="autograd"` (plain PyTorch ops
+stepped per frame) must give the same outputs and gradients from the same parameters. The
+fused kernels keep memory between calls in a workspace owned by one model: two models in one
+process, each with its own optimizer, train exactly as each does alone, and importing the
 library registers nothing that reaches other code's optimizers.
 """
 
 from __future__ import annotations
 
+import argparse
 import copy
 import gc
+import itertools
 import pickle
 import subprocess
 import sys
@@ -19,11 +23,20 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from lstm_ae.config import ModelConfig, OptimConfig
+from lstm_ae.config import ConfigError, ModelConfig, OptimConfig, add_config_arguments, config_from_arguments
 from lstm_ae.engine import make_optimizer, make_scheduler, train_step, unwrap
 from lstm_ae.model import CompositeLSTMAutoencoder
 from lstm_ae.recurrence import (
+    AutogradKernels,
+    DecoderWeights,
+    FusedKernels,
     Workspace,
+    autograd_free_running_decoder,
+    autograd_lstm_layer,
+    autograd_project,
+    free_running_decoder,
+    lstm_layer,
+    project,
 )
 
 BF16 = dict(device_type="cpu", dtype=torch.bfloat16)
@@ -32,6 +45,146 @@ BF16 = dict(device_type="cpu", dtype=torch.bfloat16)
 def small(**overrides) -> ModelConfig:
     values = dict(hidden_size=16, height=8, width=8, past_length=4, future_length=3)
     return ModelConfig(**{**values, **overrides})
+
+
+def outputs_and_gradients(config: ModelConfig, frames: torch.Tensor, bf16: bool = False):
+    """Loss, frames and parameter gradients of one forward and backward, from seed-0 weights."""
+    torch.manual_seed(0)
+    model = CompositeLSTMAutoencoder(config)
+    torch.manual_seed(1)  # the same dropout masks for either kernel
+    with torch.autocast(**BF16, enabled=bf16):
+        output = model(frames[:, : config.past_length], frames[:, config.past_length :])
+    output.loss.backward()
+    gradients = {name: parameter.grad for name, parameter in model.named_parameters()}
+    return output, gradients
+
+
+def assert_gradients_close(fused: dict, autograd: dict, relative: float) -> None:
+    assert fused.keys() == autograd.keys()
+    for name in fused:
+        scale = fused[name].abs().max().clamp_min(1e-12)
+        error = ((fused[name] - autograd[name]).abs().max() / scale).item()
+        assert error < relative, f"{name}: relative error {error:.2e}"
+
+
+KERNEL_CASES = [
+    dict(decoder_mode=mode, num_layers=layers, reconstruction_order=order)
+    for mode, layers, order in itertools.product(("free", "conditioned"), (1, 2), ("reverse", "forward"))
+] + [
+    dict(num_layers=2, dropout=0.3),
+    dict(num_layers=2, dropout=0.3, decoder_mode="conditioned"),
+    dict(head="linear", reconstruction_weight=0.0),
+    dict(num_layers=3, reconstruction_weight=1.0, decoder_mode="conditioned"),
+]
+
+
+@pytest.mark.parametrize("overrides", KERNEL_CASES)
+def test_fused_and_autograd_kernels_agree_in_fp32(overrides):
+    frames = torch.rand(3, 7, 1, 8, 8)
+    fused, fused_gradients = outputs_and_gradients(small(**overrides), frames)
+    autograd, autograd_gradients = outputs_and_gradients(small(kernel="autograd", **overrides), frames)
+    assert fused.loss.item() == pytest.approx(autograd.loss.item(), rel=1e-6)
+    for field in ("reconstruction", "prediction"):
+        if getattr(fused, field) is not None:
+            torch.testing.assert_close(getattr(fused, field), getattr(autograd, field), rtol=1e-6, atol=1e-7)
+    assert_gradients_close(fused_gradients, autograd_gradients, relative=2e-6)
+
+
+@pytest.mark.parametrize("overrides", [dict(), dict(num_layers=2, decoder_mode="conditioned")])
+def test_fused_and_autograd_kernels_agree_under_bf16_autocast(overrides):
+    """Same roundings in the forward; autograd sums each weight's per-step gradients in bf16
+    where the fused kernels make one matmul over all steps, hence the looser gradient tolerance."""
+    frames = torch.rand(3, 7, 1, 8, 8)
+    fused, fused_gradients = outputs_and_gradients(small(**overrides), frames, bf16=True)
+    autograd, autograd_gradients = outputs_and_gradients(
+        small(kernel="autograd", **overrides), frames, bf16=True
+    )
+    assert fused.loss.item() == pytest.approx(autograd.loss.item(), rel=1e-4)
+    torch.testing.assert_close(fused.prediction, autograd.prediction, rtol=1e-3, atol=1e-4)
+    assert_gradients_close(fused_gradients, autograd_gradients, relative=3e-2)
+
+
+def test_each_kernel_function_equals_its_autograd_twin_in_float64():
+    torch.manual_seed(0)
+    P, S, T, B, H, D, L = 1, 2, 4, 3, 5, 6, 2
+    stacks = slice(1, 2)  # one of two stacks: the gradient of the other stays zero
+
+    def weight(*shape):
+        return (0.5 * torch.randn(*shape, dtype=torch.float64)).requires_grad_()
+
+    inputs = torch.randn(P, T * B, D, dtype=torch.float64, requires_grad=True)
+    w, b = weight(S, 4 * H, D), weight(S, 4 * H)
+    input_gates = torch.randn(P, T, B, 4 * H, dtype=torch.float64, requires_grad=True)
+    weight_hh = weight(S, 4 * H, H)
+    h0, c0 = (torch.randn(P, B, H, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    decoder = DecoderWeights(
+        weight_ih=(weight(S, 4 * H, D), weight(S, 4 * H, H)),
+        weight_hh=(weight(S, 4 * H, H), weight(S, 4 * H, H)),
+        bias=(weight(S, 4 * H), weight(S, 4 * H)),
+        output_weight=weight(S, D, H),
+        output_bias=weight(S, D),
+    )
+    states = [torch.randn(L, P, B, H, dtype=torch.float64, requires_grad=True) for _ in range(2)]
+    decode = dict(steps=T, logistic=True, dropout=0.4, stacks=stacks)
+    pairs = [  # (fused, autograd, what to differentiate, (rtol, atol))
+        (
+            lambda: project(inputs, w, b, stacks),
+            lambda: autograd_project(inputs, w, b, stacks),
+            [inputs, w, b],
+            (1e-5, 1e-6),  # project's matmuls run in float32 whatever the inputs
+        ),
+        (
+            lambda: lstm_layer(input_gates, weight_hh, h0, c0, stacks),
+            lambda: autograd_lstm_layer(input_gates, weight_hh, h0, c0, stacks),
+            [input_gates, weight_hh, h0, c0],
+            (1e-10, 1e-12),
+        ),
+        (
+            lambda: free_running_decoder(decoder, *states, **decode),
+            lambda: autograd_free_running_decoder(decoder, *states, **decode),
+            [*states, *decoder.as_tensor_list()],
+            (1e-10, 1e-12),
+        ),
+    ]
+    for fused, autograd, differentiated, (rtol, atol) in pairs:
+        results = []
+        for function in (fused, autograd):
+            torch.manual_seed(3)  # the same dropout masks
+            outputs = function()
+            outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+            torch.manual_seed(4)
+            total = sum((output * torch.randn_like(output)).sum() for output in outputs)
+            results.append([*outputs, *torch.autograd.grad(total, differentiated)])
+        for got, expected in zip(*results):
+            torch.testing.assert_close(got, expected, rtol=rtol, atol=atol)
+
+
+def test_a_state_dict_trained_with_one_kernel_runs_identically_in_the_other():
+    frames = torch.rand(2, 7, 1, 8, 8)
+    trained = CompositeLSTMAutoencoder(small(kernel="autograd"))
+    optimizer = torch.optim.AdamW(trained.parameters(), lr=1e-2)
+    for _ in range(2):
+        trained(frames[:, :4], frames[:, 4:]).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    fused = CompositeLSTMAutoencoder(small())
+    fused.load_state_dict(trained.state_dict())  # same names and shapes, strict
+    with torch.no_grad():
+        torch.testing.assert_close(
+            fused.predict(frames[:, :4]), trained.predict(frames[:, :4]), rtol=1e-6, atol=1e-7
+        )
+
+
+def test_the_kernel_is_a_validated_config_field_with_its_own_flag():
+    assert ModelConfig().kernel == "fused"
+    with pytest.raises(ConfigError, match="^kernel must be one of fused, autograd, got 'cuda'"):
+        ModelConfig(kernel="cuda")
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser)
+    arguments = parser.parse_args(["--kernel", "autograd"])
+    assert config_from_arguments(arguments, "smoke").model.kernel == "autograd"
+    assert isinstance(CompositeLSTMAutoencoder(small(kernel="autograd")).kernels, AutogradKernels)
+    assert isinstance(CompositeLSTMAutoencoder(small()).kernels, FusedKernels)
 
 
 # ------------------------------------------------------------------------------ ownership
