@@ -152,10 +152,11 @@ class Workspace(_FreshMemory):
     def matmul_copy(self, parameter: Tensor, dtype: torch.dtype) -> Tensor:
         """`parameter` cast to `dtype`, written at every call into memory kept between calls.
 
-        Writing the copy costs one cast per weight per forward pass (what the matmuls would
-        read anyway); in exchange no rule decides when a cached copy is stale, and it is the
-        parameter's current value after any update. The memory is reused once nothing can
-        read the previous copy (a graph not yet backpropagated keeps it), else new.
+        One cast per weight per forward pass (a training step makes one forward pass); in
+        exchange no rule has to decide when a kept copy went stale, which the model could not
+        observe after a fused optimizer step: the copy is the parameter's current value after
+        any update. The memory is reused once nothing can read the previous copy (a graph not
+        yet backpropagated keeps it), else new.
         """
         if parameter.dtype == dtype or parameter.device.type != "cpu":
             return super().matmul_copy(parameter, dtype)
