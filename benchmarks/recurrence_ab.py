@@ -6,6 +6,10 @@ Both versions train the same model and optimizer, alternating step by step (base
 base, ours, ...) so that drifts in the machine's speed hit both alike; the figure is the
 median of the per-pair ratios ours/base (below 1: ours is faster). Default shape: the
 hidden 1024, batch 32 step of benchmarks/train_step.py.
+
+Each version runs as the model's kernel set (`model.kernels`): its `FusedKernels`, or for a
+revision whose module offers only the functions `project`, `lstm_layer` and
+`free_running_decoder`, those functions.
 """
 
 from __future__ import annotations
@@ -24,19 +28,33 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import lstm_ae.model as model_module  # noqa: E402
 import lstm_ae.recurrence as ours  # noqa: E402
 from lstm_ae.config import ModelConfig, OptimConfig  # noqa: E402
 from lstm_ae.engine import make_optimizer  # noqa: E402
+from lstm_ae.model import CompositeLSTMAutoencoder  # noqa: E402
 
-KERNELS = ("DecoderWeights", "free_running_decoder", "lstm_layer", "project")  # what model.py uses
+
+class ModuleFunctions:
+    """A kernel set made of a recurrence module's three functions (revisions without `FusedKernels`)."""
+
+    def __init__(self, module):
+        self.project = module.project
+        self.lstm_layer = module.lstm_layer
+        self.free_running_decoder = module.free_running_decoder
+
+
+def kernels_of(module):
+    """The kernel set a version of lstm_ae/recurrence.py gives the model."""
+    return module.FusedKernels() if hasattr(module, "FusedKernels") else ModuleFunctions(module)
 
 
 def load_revision(revision: str):
     """lstm_ae/recurrence.py as it was at `revision`, imported under another name."""
     source = subprocess.run(
         ["git", "-C", str(ROOT), "show", f"{revision}:lstm_ae/recurrence.py"],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     path = Path(tempfile.mkdtemp(prefix="recurrence_ab_")) / "recurrence_base.py"
     path.write_text(source)
@@ -56,17 +74,16 @@ def main(argv: list[str] | None = None) -> float:
     parser.add_argument("--repeats", type=int, default=9, help="timed pairs")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps of each version first")
     arguments = parser.parse_args(argv)
-    versions = {"base": load_revision(arguments.base), "ours": ours}
+    versions = {"base": kernels_of(load_revision(arguments.base)), "ours": kernels_of(ours)}
     config = ModelConfig(hidden_size=arguments.hidden_size)
     torch.manual_seed(0)
-    model = model_module.CompositeLSTMAutoencoder(config)
+    model = CompositeLSTMAutoencoder(config)
     optimizer = make_optimizer(model, OptimConfig(), torch.device("cpu"))
     frames = torch.rand(arguments.batch_size, config.sequence_length, 1, config.height, config.width)
     past, future = frames[:, : config.past_length], frames[:, config.past_length :]
 
-    def step(version) -> float:
-        for name in KERNELS:
-            setattr(model_module, name, getattr(version, name))
+    def step(kernels) -> float:
+        model.kernels = kernels
         start = time.perf_counter()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=arguments.dtype == "bf16"):
             loss = model(past, future).loss
@@ -84,7 +101,9 @@ def main(argv: list[str] | None = None) -> float:
         order = list(versions.items()) if repeat % 2 == 0 else list(versions.items())[::-1]
         for name, version in order:
             times[name].append(step(version))
-        print(f"pair {repeat + 1}: base {times['base'][-1]:.3f} s, ours {times['ours'][-1]:.3f} s", flush=True)
+        print(
+            f"pair {repeat + 1}: base {times['base'][-1]:.3f} s, ours {times['ours'][-1]:.3f} s", flush=True
+        )
     ratio = statistics.median(o / b for o, b in zip(times["ours"], times["base"]))
     print(
         f"hidden {arguments.hidden_size}, batch {arguments.batch_size}, {arguments.dtype}, "

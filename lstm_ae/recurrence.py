@@ -1,4 +1,4 @@
-"""LSTM recurrences with hand-written backward passes: the fast path the model trains with.
+"""LSTM recurrences, twice: hand-written kernels the model trains with, and the same maths in autograd.
 
 Why not `nn.LSTM` stepped one frame at a time (the seed tutorial's way)? Autograd then computes a
 full weight-gradient matrix at every time step and adds it into the accumulator: for small
@@ -10,12 +10,18 @@ Three functions cover every use:
 
 - `project(inputs, weight, bias)`: inputs times a weight for all steps at once (input
   projections of known inputs, output heads), with its own backward so that it, too, uses
-  the cached low-precision weights.
+  the low-precision weight copies.
 - `lstm_layer(input_gates, weight_hh, h0, c0)`: one LSTM layer whose input projections are
   already known for all steps (the encoder, and decoders fed ground truth).
 - `free_running_decoder(...)`: a stacked LSTM decoder whose input at each step is its own
   previous output frame (a zero frame first), with the gradient flowing through that
   feedback, as in the seed tutorial's model.
+
+`autograd_project`, `autograd_lstm_layer` and `autograd_free_running_decoder` (at the end) are
+the same three in plain PyTorch ops, a time step at a time, differentiated by autograd: the
+readable definition of what the kernels compute (tests/test_kernels.py holds them equal), and
+the model's `kernel="autograd"`. `FusedKernels` and `AutogradKernels` offer each set under the
+same method names.
 
 Weights are stored stacked, (S, ...) for S independent LSTMs, and each function takes a
 `stacks` slice choosing which to run (the model runs its reconstruction and prediction
@@ -30,21 +36,28 @@ bf16 `lstm_ae.engine.train_step` every parameter's `.grad` is a float32 tensor, 
 weight-matrix gradients hold bf16 values (each is one bf16 matmul over all T * B rows,
 widened), and the gradients carried back through time pick up bf16 rounding at each
 step's matmul with the weights (tests/test_recurrence.py pins the dtypes and values).
-The bf16 copy of each weight is made once per optimizer step into a persistent buffer (see
-`matmul_copy`): on CPU a fresh weight-sized allocation costs more in page faults than the
-cast itself. For the same reason each weight gradient is written into memory kept between
-backward passes and reused only once nothing can read the previous gradient any more (see
-`_gradient_tensor`). Gate order is PyTorch's (input, forget, cell, output).
+Gate order is PyTorch's (input, forget, cell, output).
+
+Memory: on CPU a fresh weight-sized allocation costs more in page faults than the work done
+in it, so the kernels keep the memory of each weight's bf16 copy and of each weight gradient
+between calls, in a `Workspace` that belongs to one model (`FusedKernels` makes one; the
+model holds it, so it is freed with the model and never shared with another). The bf16 copy
+is written afresh from the parameter at every call, so it is the current weight whatever
+changed it (any optimizer, fused ones included, which leave the version counter alone; a
+state-dict load; writes through `.data`); memory is reused only once nothing can read what it
+held before (see `_Memory`). Called without a workspace, the kernels allocate everything anew.
+Nothing here registers anything process-wide: the only hooks are post-accumulate-grad hooks
+on the parameters whose gradient memory a workspace keeps, removed when the workspace goes.
 """
 
 from __future__ import annotations
 
+import functools
 import weakref
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch.utils.weak import WeakIdKeyDictionary
 
 ALL = slice(None)
@@ -58,54 +71,18 @@ def matmul_dtype_for(reference: Tensor) -> torch.dtype:
     return reference.dtype
 
 
-_optimizer_steps = [0]  # optimizer steps taken in this process, by any optimizer
+# ------------------------------------------------------------------------------ memory
 
 
-def _count_optimizer_step(optimizer, args, kwargs) -> None:
-    _optimizer_steps[0] += 1
+class _Memory:
+    """One tensor's memory, lent out again and again as fresh aliases of it.
 
-
-# Fused optimizers (the suite's AdamW) update parameters without moving their version
-# counters, so a step is counted here, for every optimizer, as well.
-register_optimizer_step_post_hook(_count_optimizer_step)
-
-
-def matmul_copy(parameter: Tensor, dtype: torch.dtype) -> Tensor:
-    """`parameter` cast to `dtype`, kept between calls until the parameter changes.
-
-    The copy lives on the parameter object and is refreshed (in place, no new allocation)
-    after any optimizer step (counted by a global optimizer hook: fused optimizers leave the
-    version counter alone) and whenever the parameter's version counter has moved (a
-    state-dict load, other in-place writes). Writes that bypass both (through `.data`) must
-    call `parameter._matmul_copy = None`.
-    """
-    if parameter.dtype == dtype:
-        return parameter
-    key = (parameter._version, _optimizer_steps[0])
-    cached = getattr(parameter, "_matmul_copy", None)
-    if cached is not None and cached[1].dtype == dtype and cached[1].device == parameter.device:
-        cached_key, copy = cached
-        if cached_key == key:
-            return copy
-    else:
-        copy = torch.empty_like(parameter, dtype=dtype)
-    with torch.no_grad():
-        copy.copy_(parameter)
-    parameter._matmul_copy = (key, copy)
-    return copy
-
-
-_SCRATCH: dict[tuple, Tensor] = {}
-
-
-class _GradientMemory:
-    """The memory of one parameter's weight gradient, kept between backward passes.
-
-    `lent` is a weak reference to the tensor last handed to autograd, `kept` one to the
-    `.grad` that took over this memory (autograd steals a returned gradient into `.grad`
-    when nobody else holds it, as a new tensor on the same memory). The memory is free again
-    once both are gone: nobody can still read the old gradient through them or through a
-    view of them (a view keeps its base alive).
+    `lent` is a weak reference to the alias last handed out, `kept` one to the `.grad` that
+    took that alias's memory over (autograd steals a returned gradient into `.grad` when
+    nobody else holds it, as a new tensor on the same memory). The memory is free again once
+    both are gone: nobody can still read what it held through them or through a view of them
+    (a view keeps its base alive; a tensor saved for a backward pass keeps it alive until
+    that backward has run).
     """
 
     __slots__ = ("memory", "lent", "kept")
@@ -115,61 +92,129 @@ class _GradientMemory:
         self.lent: weakref.ref | None = None
         self.kept: weakref.ref | None = None
 
-    def reusable_for(self, parameter: Tensor) -> bool:
+    def fits(self, shape: torch.Size, dtype: torch.dtype, device: torch.device) -> bool:
         memory = self.memory
-        if (memory.shape, memory.dtype, memory.device) != (
-            parameter.shape,
-            parameter.dtype,
-            parameter.device,
-        ):
-            return False
-        if any(reference is not None and reference() is not None for reference in (self.lent, self.kept)):
-            return False
-        grad = parameter.grad  # also without the hook having run (the check below is cheap)
-        return grad is None or grad.data_ptr() != memory.data_ptr()
+        return (memory.shape, memory.dtype, memory.device) == (shape, dtype, device)
+
+    def free(self) -> bool:
+        return all(reference is None or reference() is None for reference in (self.lent, self.kept))
 
     def shares(self, tensor: Tensor) -> bool:
         return tensor.device == self.memory.device and tensor.data_ptr() == self.memory.data_ptr()
 
+    def lend(self) -> Tensor:
+        memory = self.memory
+        alias = memory.new_empty(0).set_(memory.untyped_storage(), 0, memory.shape, memory.stride())
+        self.lent, self.kept = weakref.ref(alias), None
+        return alias
 
-_GRADIENT_MEMORY = WeakIdKeyDictionary()  # parameter -> _GradientMemory
-_HOOKED = WeakIdKeyDictionary()  # parameter -> its post-accumulate-grad hook handle
+
+class _FreshMemory:
+    """What the kernels use without a workspace: every buffer newly allocated, nothing kept."""
+
+    def matmul_copy(self, parameter: Tensor, dtype: torch.dtype) -> Tensor:
+        """`parameter` as the matmuls read it: cast to `dtype` (the parameter itself if it is in `dtype`)."""
+        return parameter if parameter.dtype == dtype else parameter.detach().to(dtype)
+
+    def gradient_tensor(self, parameter: Tensor) -> Tensor:
+        """A tensor shaped like `parameter` for autograd to receive as its gradient."""
+        return torch.empty_like(parameter)
+
+    def scratch(self, shape: torch.Size, dtype: torch.dtype, device: torch.device) -> Tensor:
+        """A buffer the caller reads back before it returns."""
+        return torch.empty(shape, dtype=dtype, device=device)
 
 
-def _after_accumulation(parameter: Tensor) -> None:
-    """Post-accumulate-grad hook: note whether `.grad` now lives in the gradient memory."""
-    state = _GRADIENT_MEMORY.get(parameter)
+_FRESH = _FreshMemory()  # stateless
+
+
+class Workspace(_FreshMemory):
+    """The memory one model's kernels keep between calls: bf16 weight copies, weight gradients, scratch.
+
+    Memory is kept for CPU tensors only (CUDA's caching allocator recycles memory anyway).
+    Keyed by the parameter objects, weakly: a parameter that goes away takes its memory along.
+    A copy or pickle of a workspace is a new, empty one, so two models never share one.
+    """
+
+    def __init__(self) -> None:
+        self.copies = WeakIdKeyDictionary()  # parameter -> _Memory of its bf16 copy
+        self.gradients = WeakIdKeyDictionary()  # parameter -> _Memory of its weight gradient
+        self._hooks = WeakIdKeyDictionary()  # parameter -> its post-accumulate-grad hook handle
+        self._scratch: dict[tuple, Tensor] = {}
+
+    def __reduce__(self):
+        return (Workspace, ())
+
+    def __del__(self) -> None:
+        for handle in list(self._hooks.values()):
+            handle.remove()
+
+    def matmul_copy(self, parameter: Tensor, dtype: torch.dtype) -> Tensor:
+        """`parameter` cast to `dtype`, written at every call into memory kept between calls.
+
+        One cast per weight per forward pass (a training step makes one forward pass); in
+        exchange no rule has to decide when a kept copy went stale, which the model could not
+        observe after a fused optimizer step: the copy is the parameter's current value after
+        any update. The memory is reused once nothing can read the previous copy (a graph not
+        yet backpropagated keeps it), else new.
+        """
+        if parameter.dtype == dtype or parameter.device.type != "cpu":
+            return super().matmul_copy(parameter, dtype)
+        state = self.copies.get(parameter)
+        if state is None or not (state.fits(parameter.shape, dtype, parameter.device) and state.free()):
+            state = self.copies[parameter] = _Memory(
+                torch.empty(parameter.shape, dtype=dtype, device=parameter.device)
+            )
+        copy = state.lend()
+        with torch.no_grad():
+            copy.copy_(parameter)
+        return copy
+
+    def gradient_tensor(self, parameter: Tensor) -> Tensor:
+        """A tensor shaped like `parameter` for autograd to receive as its gradient, in kept memory.
+
+        The memory is reused only when it is provably free (see `_Memory`): never while the
+        previous gradient is reachable as `.grad`, as a pending or returned gradient
+        (`torch.autograd.grad`, tensor hooks) or as a view of one. Not covered: an alias made
+        without view tracking (`.detach()`, `.data`, `set_`) of a gradient that outlives the
+        gradient itself; clone it instead. A parameter moved or converted (`.to`) gets new
+        memory; a non-leaf input, and any parameter off the CPU, always gets a fresh tensor.
+        The memory stays allocated between steps, as with `zero_grad(set_to_none=False)`.
+        """
+        if parameter.device.type != "cpu" or not (parameter.is_leaf and parameter.requires_grad):
+            return super().gradient_tensor(parameter)
+        state = self.gradients.get(parameter)
+        grad = parameter.grad  # also without the hook having run (the check is cheap)
+        if (
+            state is None
+            or not (state.fits(parameter.shape, parameter.dtype, parameter.device) and state.free())
+            or (grad is not None and state.shares(grad))
+        ):
+            state = self.gradients[parameter] = _Memory(
+                torch.empty(parameter.shape, dtype=parameter.dtype, device=parameter.device)
+            )
+            if parameter not in self._hooks:
+                self._hooks[parameter] = parameter.register_post_accumulate_grad_hook(
+                    functools.partial(_note_kept_gradient, weakref.ref(self))
+                )
+        return state.lend()
+
+    def scratch(self, shape: torch.Size, dtype: torch.dtype, device: torch.device) -> Tensor:
+        """A buffer the caller reads back before it returns, kept for the next call of that shape."""
+        key = (shape, dtype, device)
+        buffer = self._scratch.get(key)
+        if buffer is None:
+            buffer = self._scratch[key] = torch.empty(shape, dtype=dtype, device=device)
+        return buffer
+
+
+def _note_kept_gradient(workspace: weakref.ref, parameter: Tensor) -> None:
+    """Post-accumulate-grad hook: note whether `.grad` now lives in the workspace's gradient memory."""
+    owner = workspace()
+    state = owner.gradients.get(parameter) if owner is not None else None
     grad = parameter.grad
     if state is not None and grad is not None and state.shares(grad):
         state.kept = weakref.ref(grad)
-
-
-def _gradient_tensor(parameter: Tensor) -> Tensor:
-    """A tensor shaped like `parameter` for autograd to receive as its gradient.
-
-    On CPU a fresh weight-sized tensor per step costs page faults (and unmapping it later)
-    of the order of the widening copy itself, so the memory is reused when it is provably
-    free (see `_GradientMemory`): never while the previous gradient is reachable as `.grad`,
-    as a pending or returned gradient (`torch.autograd.grad`, tensor hooks) or as a view of
-    one. Not covered: an alias made without view tracking (`.detach()`, `.data`, `set_`)
-    of a gradient that outlives the gradient itself; clone it instead. A parameter moved or
-    converted (`.to`) gets new memory; a non-leaf input, and any parameter off the CPU,
-    always gets a fresh tensor. The memory stays allocated between steps, as with
-    `zero_grad(set_to_none=False)`.
-    """
-    if parameter.device.type != "cpu" or not (parameter.is_leaf and parameter.requires_grad):
-        return torch.empty_like(parameter)  # CUDA's caching allocator recycles memory anyway
-    state = _GRADIENT_MEMORY.get(parameter)
-    if state is None or not state.reusable_for(parameter):
-        state = _GRADIENT_MEMORY[parameter] = _GradientMemory(
-            torch.empty(parameter.shape, dtype=parameter.dtype, device=parameter.device)
-        )
-        if parameter not in _HOOKED:
-            _HOOKED[parameter] = parameter.register_post_accumulate_grad_hook(_after_accumulation)
-    memory = state.memory
-    alias = memory.new_empty(0).set_(memory.untyped_storage(), 0, memory.shape, memory.stride())
-    state.lent, state.kept = weakref.ref(alias), None
-    return alias
 
 
 def _bmm(left: Tensor, right: Tensor, dtype: torch.dtype) -> Tensor:
@@ -179,26 +224,22 @@ def _bmm(left: Tensor, right: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 def _weight_gradient(
-    grads: Tensor, inputs: Tensor, dtype: torch.dtype, parameter: Tensor, stacks: slice
+    grads: Tensor, inputs: Tensor, dtype: torch.dtype, parameter: Tensor, stacks: slice, memory: _FreshMemory
 ) -> Tensor:
     """sum over rows of grads^T inputs: (P, N, out), (P, N, in) -> gradient shaped like `parameter`.
 
     One matmul over all N = T * B rows, written into the parameter's gradient memory (see
-    `_gradient_tensor`); low-precision products go through a reused scratch buffer first.
+    `Workspace.gradient_tensor`); low-precision products go through a scratch buffer first.
     """
     left, right = grads.transpose(1, 2).to(dtype), inputs.to(dtype)
-    gradient = _gradient_tensor(parameter)
+    gradient = memory.gradient_tensor(parameter)
     selected = gradient[stacks]
     if selected.shape != gradient.shape:
         gradient.zero_()
     if dtype == parameter.dtype:
         torch.bmm(left, right, out=selected)
     else:
-        key = (selected.shape, dtype, left.device)
-        scratch = _SCRATCH.get(key)
-        if scratch is None:
-            scratch = _SCRATCH[key] = torch.empty(selected.shape, dtype=dtype, device=left.device)
-        selected.copy_(torch.bmm(left, right, out=scratch))
+        selected.copy_(torch.bmm(left, right, out=memory.scratch(selected.shape, dtype, left.device)))
     return gradient
 
 
@@ -366,12 +407,12 @@ def _rows(sequence: Tensor) -> Tensor:
 
 class _Projection(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, stacks, dtype, inputs, weight, bias):
+    def forward(ctx, stacks, dtype, memory, inputs, weight, bias):
         # inputs (P, N, in); weight (S, out, in); bias (S, out)
-        weight_for_matmul = matmul_copy(weight, dtype)[stacks]
+        weight_for_matmul = memory.matmul_copy(weight, dtype)[stacks]
         outputs = _bmm(inputs, weight_for_matmul.transpose(1, 2), dtype)
         outputs += bias[stacks].unsqueeze(1)
-        ctx.stacks, ctx.dtype = stacks, dtype
+        ctx.stacks, ctx.dtype, ctx.memory = stacks, dtype, memory
         ctx.save_for_backward(inputs, weight, weight_for_matmul, bias)
         return outputs
 
@@ -380,24 +421,28 @@ class _Projection(torch.autograd.Function):
         inputs, weight, weight_for_matmul, bias = ctx.saved_tensors
         stacks, dtype = ctx.stacks, ctx.dtype
         grad_inputs = None
-        if ctx.needs_input_grad[2]:
+        if ctx.needs_input_grad[3]:  # inputs
             grad_inputs = _bmm(grad_outputs, weight_for_matmul, dtype).to(inputs.dtype)
-        grad_weight = _weight_gradient(grad_outputs, inputs, dtype, weight, stacks)
+        grad_weight = _weight_gradient(grad_outputs, inputs, dtype, weight, stacks, ctx.memory)
         grad_bias = _full_stacks(grad_outputs.sum(dim=1), bias, stacks)
-        return None, None, grad_inputs, grad_weight, grad_bias
+        return None, None, None, grad_inputs, grad_weight, grad_bias
 
 
-def project(inputs: Tensor, weight: Tensor, bias: Tensor, stacks: slice = ALL) -> Tensor:
+def project(
+    inputs: Tensor, weight: Tensor, bias: Tensor, stacks: slice = ALL, workspace: Workspace | None = None
+) -> Tensor:
     """`inputs @ weight[stacks]^T + bias[stacks]` for every row, in the matmul dtype.
 
     Args:
         inputs: (P, N, in) rows (all time steps of a batch).
         weight: (S, out, in) stacked weights; bias: (S, out).
         stacks: which P of the S stacks to use.
+        workspace: the memory to keep between calls (None: allocate anew).
     Returns:
         (P, N, out) float32.
     """
-    return _Projection.apply(stacks, matmul_dtype_for(inputs.float()), inputs, weight, bias)
+    memory = _FRESH if workspace is None else workspace
+    return _Projection.apply(stacks, matmul_dtype_for(inputs.float()), memory, inputs, weight, bias)
 
 
 # ------------------------------------------------------------------------------ one layer
@@ -405,11 +450,11 @@ def project(inputs: Tensor, weight: Tensor, bias: Tensor, stacks: slice = ALL) -
 
 class _LayerRecurrence(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, stacks, dtype, input_gates, weight_hh, h0, c0):
+    def forward(ctx, stacks, dtype, memory, input_gates, weight_hh, h0, c0):
         # input_gates (P, T, B, 4H); weight_hh (S, 4H, H); h0, c0 (P, B, H)
         P, steps, B, _ = input_gates.shape
         low = dtype != input_gates.dtype
-        weight_for_matmul = matmul_copy(weight_hh, dtype)[stacks]  # (P, 4H, H)
+        weight_for_matmul = memory.matmul_copy(weight_hh, dtype)[stacks]  # (P, 4H, H)
         hidden = input_gates.new_empty(P, steps + 1, B, h0.shape[-1])  # h0 at index 0
         cells = torch.empty_like(hidden)
         gates = torch.empty_like(input_gates)
@@ -430,7 +475,7 @@ class _LayerRecurrence(torch.autograd.Function):
             state.step(t, pre_gates, pre_candidate)
             if low and t < steps - 1:
                 hidden_low_steps[t + 1].copy_(state.hidden_steps[t + 1])
-        ctx.stacks, ctx.dtype = stacks, dtype
+        ctx.stacks, ctx.dtype, ctx.memory = stacks, dtype, memory
         ctx.save_for_backward(
             weight_hh, weight_for_matmul, hidden, cells, gates, tanh_cells, hidden_low if low else None
         )
@@ -463,13 +508,18 @@ class _LayerRecurrence(torch.autograd.Function):
             matmul.backward(grad_low_steps[t], addend, grad_hidden)
         # One matmul over all T * B rows: sum_t dG_t^T h_{t-1}.
         grad_weight = _weight_gradient(
-            _rows(grad_gates_low), _rows(hidden_low[:, :steps]), dtype, weight_hh, ctx.stacks
+            _rows(grad_gates_low), _rows(hidden_low[:, :steps]), dtype, weight_hh, ctx.stacks, ctx.memory
         )
-        return None, None, grad_gates, grad_weight, grad_hidden, grad_cell
+        return None, None, None, grad_gates, grad_weight, grad_hidden, grad_cell
 
 
 def lstm_layer(
-    input_gates: Tensor, weight_hh: Tensor, h0: Tensor, c0: Tensor, stacks: slice = ALL
+    input_gates: Tensor,
+    weight_hh: Tensor,
+    h0: Tensor,
+    c0: Tensor,
+    stacks: slice = ALL,
+    workspace: Workspace | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Run P LSTM layers over T steps given their input projections.
 
@@ -477,10 +527,14 @@ def lstm_layer(
         input_gates: (P, T, B, 4H) float, `x_t @ W_ih^T + bias` for every step.
         weight_hh: (S, 4H, H) stacked hidden-to-hidden weights; `stacks` picks P of them.
         h0, c0: (P, B, H) initial states.
+        workspace: the memory to keep between calls (None: allocate anew).
     Returns:
         hidden states (P, T, B, H) of every step, and the last cell state (P, B, H).
     """
-    return _LayerRecurrence.apply(stacks, matmul_dtype_for(input_gates), input_gates, weight_hh, h0, c0)
+    memory = _FRESH if workspace is None else workspace
+    return _LayerRecurrence.apply(
+        stacks, matmul_dtype_for(input_gates), memory, input_gates, weight_hh, h0, c0
+    )
 
 
 # ------------------------------------------------------------------------------ free-running decoder
@@ -504,17 +558,29 @@ class DecoderWeights:
         return [*self.weight_ih, *self.weight_hh, *self.bias, self.output_weight, self.output_bias]
 
 
+def _dropout_masks(h0: Tensor, steps: int, dropout: float) -> Tensor | None:
+    """Inverted-dropout masks (L - 1, P, steps, B, H) of the inputs of layers 2..L, drawn at once.
+
+    h0: (L, P, B, H). None without dropout or without a second layer.
+    """
+    num_layers, P, B, H = h0.shape
+    if dropout == 0 or num_layers == 1:
+        return None
+    keep = h0.new_full((num_layers - 1, P, steps, B, H), 1 - dropout)
+    return torch.bernoulli(keep).div_(1 - dropout)
+
+
 class _FreeRunningDecoder(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, steps, logistic, dropout, stacks, dtype, h0, c0, *parameters):
+    def forward(ctx, steps, logistic, dropout, stacks, dtype, memory, h0, c0, *parameters):
         # h0, c0: (L, P, B, H); parameters: DecoderWeights.as_tensor_list() (full stacks)
         num_layers = h0.shape[0]
         low = dtype != h0.dtype
-        weight_ih = [matmul_copy(w, dtype)[stacks] for w in parameters[:num_layers]]
-        weight_hh = [matmul_copy(w, dtype)[stacks] for w in parameters[num_layers : 2 * num_layers]]
+        weight_ih = [memory.matmul_copy(w, dtype)[stacks] for w in parameters[:num_layers]]
+        weight_hh = [memory.matmul_copy(w, dtype)[stacks] for w in parameters[num_layers : 2 * num_layers]]
         # Biases in the states' dtype, (P, 1, 4H) and (P, 1, D), to be added as fused addends.
         bias = [b[stacks].to(h0.dtype).unsqueeze(1) for b in parameters[2 * num_layers : 3 * num_layers]]
-        output_weight = matmul_copy(parameters[3 * num_layers], dtype)[stacks]  # (P, D, H)
+        output_weight = memory.matmul_copy(parameters[3 * num_layers], dtype)[stacks]  # (P, D, H)
         output_bias = parameters[3 * num_layers + 1][stacks].to(h0.dtype).unsqueeze(1)
         P, B, H = h0.shape[1:]
         D = output_weight.shape[1]
@@ -525,11 +591,8 @@ class _FreeRunningDecoder(torch.autograd.Function):
         tanh_cells = h0.new_empty(num_layers, P, steps, B, H)
         logits = h0.new_empty(P, steps, B, D)
         frames = h0.new_empty(P, steps, B, D) if logistic else logits  # the fed-back outputs
-        masks = dropped = None
-        if dropout > 0 and num_layers > 1:
-            keep = h0.new_full((num_layers - 1, P, steps, B, H), 1 - dropout)
-            masks = torch.bernoulli(keep).div_(1 - dropout)
-            dropped = torch.empty_like(masks, dtype=dtype)  # inputs of the layers above, masked
+        masks = _dropout_masks(h0, steps, dropout)
+        dropped = None if masks is None else torch.empty_like(masks, dtype=dtype)  # masked layer inputs
         hidden[:, :, 0] = h0
         cells[:, :, 0] = c0
         hidden_low = _low_copy(hidden, dtype, low)  # states and frames as the matmuls read them
@@ -573,7 +636,7 @@ class _FreeRunningDecoder(torch.autograd.Function):
                 torch.sigmoid(logit_steps[t], out=frame_steps[t])
             if low and t < steps - 1:
                 frame_low_steps[t].copy_(frame_steps[t])
-        ctx.steps, ctx.logistic, ctx.stacks, ctx.dtype = steps, logistic, stacks, dtype
+        ctx.steps, ctx.logistic, ctx.stacks, ctx.dtype, ctx.memory = steps, logistic, stacks, dtype, memory
         ctx.num_layers, ctx.low = num_layers, low
         ctx.save_for_backward(
             hidden,
@@ -595,6 +658,7 @@ class _FreeRunningDecoder(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_logits):
         steps, num_layers, dtype, stacks, low = ctx.steps, ctx.num_layers, ctx.dtype, ctx.stacks, ctx.low
+        memory = ctx.memory
         hidden, cells, gates, tanh_cells, frames, masks, dropped, hidden_low, frames_low, *saved = (
             ctx.saved_tensors
         )
@@ -663,7 +727,7 @@ class _FreeRunningDecoder(torch.autograd.Function):
                 inputs = dropped[layer - 1] if masks is not None else hidden_low[layer - 1, :, 1:]
                 grads = layer_grads
             grad_weight_ih.append(
-                _weight_gradient(_rows(grads), _rows(inputs), dtype, parameters[layer], stacks)
+                _weight_gradient(_rows(grads), _rows(inputs), dtype, parameters[layer], stacks, memory)
             )
             grad_weight_hh.append(
                 _weight_gradient(
@@ -672,6 +736,7 @@ class _FreeRunningDecoder(torch.autograd.Function):
                     dtype,
                     parameters[num_layers + layer],
                     stacks,
+                    memory,
                 )
             )
             grad_bias.append(
@@ -679,12 +744,13 @@ class _FreeRunningDecoder(torch.autograd.Function):
             )
         top_hidden = hidden_low[-1, :, 1:]  # the head sees the top layer without dropout
         grad_output_weight = _weight_gradient(
-            _rows(grad_total_low), _rows(top_hidden), dtype, parameters[3 * num_layers], stacks
+            _rows(grad_total_low), _rows(top_hidden), dtype, parameters[3 * num_layers], stacks, memory
         )
         grad_output_bias = _full_stacks(
             grad_logits_total.sum(dim=(1, 2)), parameters[3 * num_layers + 1], stacks
         )
         return (
+            None,
             None,
             None,
             None,
@@ -708,6 +774,7 @@ def free_running_decoder(
     logistic: bool,
     dropout: float = 0.0,
     stacks: slice = ALL,
+    workspace: Workspace | None = None,
 ) -> Tensor:
     """Run P stacked LSTM decoders that feed their own output back as the next input.
 
@@ -721,9 +788,125 @@ def free_running_decoder(
         steps: frames to generate.
         logistic: the output head (sigmoid) or a linear one.
         dropout: dropout probability between stacked layers (pass 0 at evaluation).
+        workspace: the memory to keep between calls (None: allocate anew).
     Returns:
         logits (P, steps, B, D) of every generated frame.
     """
+    memory = _FRESH if workspace is None else workspace
     return _FreeRunningDecoder.apply(
-        steps, logistic, float(dropout), stacks, matmul_dtype_for(h0), h0, c0, *weights.as_tensor_list()
+        steps,
+        logistic,
+        float(dropout),
+        stacks,
+        matmul_dtype_for(h0),
+        memory,
+        h0,
+        c0,
+        *weights.as_tensor_list(),
     )
+
+
+# ------------------------------------------------------------------------------ the same in autograd
+
+
+def _cell_step(pre_gates: Tensor, cell: Tensor) -> tuple[Tensor, Tensor]:
+    """One LSTM step from pre-activations (P, B, 4H) and the previous cell (P, B, H): (h, c)."""
+    input_gate, forget_gate, candidate, output_gate = _quarters(pre_gates)
+    cell = torch.sigmoid(forget_gate) * cell + torch.sigmoid(input_gate) * torch.tanh(candidate)
+    return torch.sigmoid(output_gate) * torch.tanh(cell), cell
+
+
+def autograd_project(inputs: Tensor, weight: Tensor, bias: Tensor, stacks: slice = ALL) -> Tensor:
+    """`project` in plain PyTorch ops (same arguments, same result)."""
+    product = _bmm(inputs, weight[stacks].transpose(1, 2), matmul_dtype_for(inputs.float()))
+    return product + bias[stacks].unsqueeze(1).to(product.dtype)
+
+
+def autograd_lstm_layer(
+    input_gates: Tensor, weight_hh: Tensor, h0: Tensor, c0: Tensor, stacks: slice = ALL
+) -> tuple[Tensor, Tensor]:
+    """`lstm_layer` in plain PyTorch ops, one time step after the other (same arguments, same result)."""
+    dtype = matmul_dtype_for(input_gates)
+    weight = weight_hh[stacks].to(dtype).transpose(1, 2)  # (P, H, 4H), cast once for all steps
+    hidden, cell, outputs = h0, c0, []
+    for step_gates in input_gates.unbind(1):  # (P, B, 4H)
+        hidden, cell = _cell_step(step_gates + _bmm(hidden, weight, dtype), cell)
+        outputs.append(hidden)
+    return torch.stack(outputs, dim=1), cell
+
+
+def autograd_free_running_decoder(
+    weights: DecoderWeights,
+    h0: Tensor,
+    c0: Tensor,
+    steps: int,
+    logistic: bool,
+    dropout: float = 0.0,
+    stacks: slice = ALL,
+) -> Tensor:
+    """`free_running_decoder` in plain PyTorch ops, one time step after the other.
+
+    Same arguments and result; with dropout it draws the same masks from torch's generator.
+    """
+    num_layers = h0.shape[0]
+    dtype = matmul_dtype_for(h0)
+    weight_ih = [weight[stacks].to(dtype).transpose(1, 2) for weight in weights.weight_ih]  # (P, in, 4H)
+    weight_hh = [weight[stacks].to(dtype).transpose(1, 2) for weight in weights.weight_hh]  # (P, H, 4H)
+    bias = [layer_bias[stacks].unsqueeze(1) for layer_bias in weights.bias]  # (P, 1, 4H)
+    output_weight = weights.output_weight[stacks].to(dtype).transpose(1, 2)  # (P, H, D)
+    output_bias = weights.output_bias[stacks].unsqueeze(1)  # (P, 1, D)
+    masks = _dropout_masks(h0, steps, float(dropout))
+    hidden, cell = list(h0.unbind(0)), list(c0.unbind(0))  # each (P, B, H)
+    frame, logits = None, []  # the frame fed back; a zero frame first, which adds nothing
+    for t in range(steps):
+        layer_input = frame
+        for layer in range(num_layers):
+            pre_gates = bias[layer] + _bmm(hidden[layer], weight_hh[layer], dtype)
+            if layer_input is not None:
+                pre_gates = pre_gates + _bmm(layer_input, weight_ih[layer], dtype)
+            hidden[layer], cell[layer] = _cell_step(pre_gates, cell[layer])
+            layer_input = hidden[layer]
+            if masks is not None and layer < num_layers - 1:
+                layer_input = layer_input * masks[layer, :, t]
+        step_logits = output_bias + _bmm(hidden[-1], output_weight, dtype)  # the top layer, no dropout
+        logits.append(step_logits)
+        frame = torch.sigmoid(step_logits) if logistic else step_logits
+    return torch.stack(logits, dim=1)
+
+
+# ------------------------------------------------------------------------------ kernel sets
+
+
+class FusedKernels:
+    """The hand-written kernels, with the `Workspace` they keep between calls: one per model."""
+
+    def __init__(self) -> None:
+        self.workspace = Workspace()
+
+    def project(self, inputs: Tensor, weight: Tensor, bias: Tensor, stacks: slice = ALL) -> Tensor:
+        return project(inputs, weight, bias, stacks, self.workspace)
+
+    def lstm_layer(
+        self, input_gates: Tensor, weight_hh: Tensor, h0: Tensor, c0: Tensor, stacks: slice = ALL
+    ) -> tuple[Tensor, Tensor]:
+        return lstm_layer(input_gates, weight_hh, h0, c0, stacks, self.workspace)
+
+    def free_running_decoder(
+        self,
+        weights: DecoderWeights,
+        h0: Tensor,
+        c0: Tensor,
+        steps: int,
+        logistic: bool,
+        dropout: float = 0.0,
+        stacks: slice = ALL,
+    ) -> Tensor:
+        return free_running_decoder(weights, h0, c0, steps, logistic, dropout, stacks, self.workspace)
+
+
+class AutogradKernels:
+    """The same three functions in plain PyTorch ops; nothing kept between calls."""
+
+    project = staticmethod(autograd_project)
+    lstm_layer = staticmethod(autograd_lstm_layer)
+    free_running_decoder = staticmethod(autograd_free_running_decoder)

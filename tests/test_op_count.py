@@ -4,7 +4,8 @@ Each operator is at least one kernel launch on a GPU, and a time step's operator
 series, so their count bounds how fast a small-batch step can go there. Counted with a
 `TorchDispatchMode` over one forward and backward of a one-layer model at 3 and at 2 frames
 on each side: the difference is what one more time step of the encoder and both decoders
-costs (everything outside the time loops cancels out). Views (select, transpose) count too.
+costs (everything outside the time loops cancels out, such as the fused kernels' bf16 weight
+copies and the memory a new model's workspace allocates). Views (select, transpose) count too.
 """
 
 from __future__ import annotations
@@ -17,13 +18,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from lstm_ae.config import ModelConfig
 from lstm_ae.model import CompositeLSTMAutoencoder
 
-# fp32, one layer, free-running decoders. 154 when this test was written, 30 since issue 22
-# (per-step views taken once, results written into their buffers, one fused multiply-add per
-# product, the backward's gate factors for all steps at once); lower it when the count falls,
-# never raise it.
+# fp32, one layer, free-running decoders, the fused kernels (`kernel="fused"`): per-step views
+# taken once, results written into their buffers, one fused multiply-add per product, the
+# backward's gate factors for all steps at once. Lower it when the count falls, never raise it.
 OPERATORS_PER_TIME_STEP = 30
-# The same under bf16 autocast (169 before issue 22): the states' and gradients' bf16 copies
-# for the matmuls and the widening of each product add operators the fused fp32 path has not.
+# The same under bf16 autocast: the states' and gradients' bf16 copies for the matmuls and the
+# widening of each product add operators the fused fp32 path has not.
 OPERATORS_PER_TIME_STEP_BF16 = 44
 
 
@@ -56,7 +56,6 @@ def operators(frames_each_side: int, bf16: bool = False, **overrides) -> collect
 
 
 def per_time_step(**overrides) -> tuple[int, dict[str, int]]:
-    operators(2, **overrides)  # buffers kept between calls (weight-gradient scratch) made here
     longer, shorter = operators(3, **overrides), operators(2, **overrides)
     difference = {name: longer[name] - shorter[name] for name in longer | shorter}
     return sum(difference.values()), {name: count for name, count in difference.items() if count}

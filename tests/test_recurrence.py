@@ -12,7 +12,7 @@ from benchmarks.reference_model import NaiveCompositeLSTM, gradients_like_model
 from lstm_ae.config import ModelConfig, OptimConfig
 from lstm_ae.engine import make_optimizer, make_scheduler, train_step
 from lstm_ae.model import CompositeLSTMAutoencoder
-from lstm_ae.recurrence import DecoderWeights, free_running_decoder, lstm_layer, matmul_copy
+from lstm_ae.recurrence import DecoderWeights, free_running_decoder, lstm_layer
 
 DOUBLE = dict(dtype=torch.float64, requires_grad=True)
 
@@ -158,27 +158,11 @@ def tiny_model() -> CompositeLSTMAutoencoder:
     )
 
 
-def test_cached_bf16_weights_follow_optimizer_steps_and_loads():
-    model = tiny_model()
-    frames = torch.rand(2, 6, 1, 8, 8)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
-    for _ in range(2):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            output = model(frames[:, :3], frames[:, 3:])
-        output.loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    fresh = tiny_model()
-    fresh.load_state_dict(model.state_dict())  # no cached copies yet
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        assert torch.equal(model.predict(frames[:, :3]), fresh.predict(frames[:, :3]))
-        model.load_state_dict(tiny_model().state_dict())  # in-place copy: the cache must follow
-        assert not torch.equal(model.predict(frames[:, :3]), fresh.predict(frames[:, :3]))
-
-
 @pytest.mark.parametrize("fused", [True, False])
-def test_cached_bf16_weights_are_the_current_weights_after_every_optimizer_step(fused):
-    """Fused AdamW (the suite's optimizer) updates weights without moving their version counters."""
+def test_bf16_weight_copies_follow_optimizer_steps_and_loads(fused):
+    """After every step the bf16 outputs are those of a fresh model holding the same weights.
+
+    Fused AdamW (the suite's optimizer) updates weights without moving their version counters."""
     model = tiny_model()
     frames = torch.rand(2, 6, 1, 8, 8)
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.1, fused=fused)
@@ -188,10 +172,58 @@ def test_cached_bf16_weights_are_the_current_weights_after_every_optimizer_step(
         output.loss.backward()
         optimizer.step()
         optimizer.zero_grad()
-        cached = {name: p for name, p in model.named_parameters() if hasattr(p, "_matmul_copy")}
-        assert {"encoder.weight_ih_l0", "decoders.weight_hh_l0"} <= set(cached)
-        for name, parameter in cached.items():
-            assert torch.equal(matmul_copy(parameter, torch.bfloat16), parameter.detach().bfloat16()), name
+        fresh = tiny_model()
+        fresh.load_state_dict(model.state_dict())  # its own workspace, nothing kept yet
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            assert torch.equal(model.predict(frames[:, :3]), fresh.predict(frames[:, :3]))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model.load_state_dict(tiny_model().state_dict())  # in-place copy: the copies must follow
+        assert not torch.equal(model.predict(frames[:, :3]), fresh.predict(frames[:, :3]))
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_bf16_weight_copies_are_the_current_weights_in_memory_kept_between_steps(fused):
+    model = tiny_model()
+    copies = model.kernels.workspace.copies
+    frames = torch.rand(2, 6, 1, 8, 8)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1, fused=fused)
+    addresses = None
+    for _ in range(3):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            output = model(frames[:, :3], frames[:, 3:])
+        copied = {name: copies[p] for name, p in model.named_parameters() if p in copies}
+        assert {"encoder.weight_ih_l0", "decoders.weight_hh_l0", "output_weight"} <= set(copied)
+        for name, parameter in model.named_parameters():
+            if name in copied:
+                memory = copied[name].memory
+                assert memory.dtype == torch.bfloat16, name
+                assert torch.equal(memory, parameter.detach().bfloat16()), name
+        now = {name: state.memory.data_ptr() for name, state in copied.items()}
+        assert addresses is None or now == addresses  # the same memory: no weight-sized allocation
+        addresses = now
+        output.loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+def test_a_bf16_copy_still_read_by_a_pending_backward_is_never_overwritten():
+    """Two forward passes, the weights changed in between, one backward: each pass's own weights."""
+    model = tiny_model()
+    frames = torch.rand(2, 6, 1, 8, 8)
+    before, after = tiny_model(), tiny_model()
+    before.load_state_dict(model.state_dict())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        first = model(frames[:, :3], frames[:, 3:]).loss
+        with torch.no_grad():
+            for parameter in model.parameters():
+                parameter.data.mul_(0.5)  # through .data: no version counter moves
+        after.load_state_dict(model.state_dict())
+        second = model(frames[:, :3], frames[:, 3:]).loss
+        (first + second).backward()
+        before(frames[:, :3], frames[:, 3:]).loss.backward()
+        after(frames[:, :3], frames[:, 3:]).loss.backward()
+    for (name, parameter), old, new in zip(model.named_parameters(), before.parameters(), after.parameters()):
+        torch.testing.assert_close(parameter.grad, old.grad + new.grad, rtol=1e-5, atol=1e-6, msg=name)
 
 
 def test_bf16_training_with_the_suites_optimizer_follows_fp32_training():
