@@ -46,11 +46,13 @@ from records.sources import Source, SourceError, check_initial_weights, read_sou
 from train.commandline import (
     OneLineParser,
     add_scaling_arguments,
+    add_settings_arguments,
     check_scaling_arguments,
     check_split,
     fail,
     root_cause,
     run_until_interrupted,
+    settings_values,
 )
 from train.driver import (
     RunSettings,
@@ -92,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="with --from: start from the weights of its best checkpoint (a new run: optimizer and schedule anew)",
     )
-    add_scaling_arguments(parser)
+    add_scaling_arguments(parser, Scaling)
     parser.add_argument("--output-dir", default="runs", help="local folder or s3:// URI holding run folders")
     parser.add_argument(
         "--name",
@@ -100,12 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="run name (default lstm-ae-<preset>-<time>, or lstm-ae-from-<trial or folder>-<time>)",
     )
     parser.add_argument("--resume", action="store_true", help="continue the run --name under --output-dir")
-    parser.add_argument(
-        "--max-failures",
-        type=int,
-        default=1,
-        help="worker-group restarts from the latest checkpoint (-1: no limit)",
-    )
+    add_settings_arguments(parser, RunSettings)
     add_mlflow_arguments(parser, MLFLOW_EXPERIMENT)
     add_config_arguments(parser)
     return parser
@@ -231,7 +228,7 @@ def run_command(
             saved = saved_run(settings.storage, settings.name)
             config = resolve_config(arguments, saved)
             check_split(config, arguments.num_workers)
-        scaling = Scaling(arguments.num_workers, arguments.use_gpu, arguments.cpus_per_worker)
+        scaling = Scaling(**settings_values(arguments, Scaling))
     except (ConfigError, RunFolderError, ValueError) as error:
         fail(str(error))
     if saved is not None and saved.is_complete(config):

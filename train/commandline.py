@@ -10,15 +10,16 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import fcntl
 import json
 import os
 import signal
 import socket
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path, PurePosixPath
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from lstm_ae.config import ConfigError, ExperimentConfig, check_batch_split
 from records.layout import RESULT_FILE
@@ -121,15 +122,9 @@ def add_address_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def add_scaling_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--num-workers", type=int, default=1, help="data-parallel workers (one per GPU)")
-    parser.add_argument("--use-gpu", action="store_true", help="one GPU per worker")
-    parser.add_argument(
-        "--cpus-per-worker",
-        type=float,
-        default=None,
-        help="CPUs reserved per worker (default: all CPUs split over the workers; 2 with --use-gpu)",
-    )
+def add_scaling_arguments(parser: argparse.ArgumentParser, scaling_class: type) -> None:
+    """The scaling flags, from `scaling_class`'s fields (train's Scaling), and --address."""
+    add_settings_arguments(parser, scaling_class)
     add_address_argument(parser)
 
 
@@ -215,3 +210,50 @@ def resolve_checkpoint(path: Path) -> Path:
         if candidate.exists():
             return candidate
     raise CheckpointError(f"the run's checkpoint {recorded} is neither at that path nor inside {path}")
+
+
+# ------------------------------------------------------------------------------ settings flags
+
+
+def flag(default: Any, help: str, name: str | None = None, type: Callable[[str], Any] | None = None) -> Any:
+    """A settings dataclass field that is also a command-line flag: the field's default is the
+    flag's (declared once, here); `name` where the flag is not `--<field-name>`; `type` where
+    the default (None) does not tell it. A bool field is a store_true switch."""
+    return dataclasses.field(default=default, metadata={"help": help, "flag": name, "type": type})
+
+
+def add_settings_arguments(
+    parser: argparse.ArgumentParser, settings_class: type, skip: Sequence[str] = ()
+) -> None:
+    """One flag for every `flag(...)` field of `settings_class` (a dataclass)."""
+    for field in dataclasses.fields(settings_class):
+        if "help" not in field.metadata or field.name in skip:
+            continue
+        option = _option(field)
+        if isinstance(field.default, bool):
+            parser.add_argument(option, action="store_true", help=field.metadata["help"])
+            continue
+        kind = field.metadata["type"] or type(field.default)
+        parser.add_argument(
+            option,
+            type=kind,
+            default=field.default,
+            metavar=kind.__name__.upper(),
+            help=field.metadata["help"],
+        )
+
+
+def settings_values(arguments: argparse.Namespace, settings_class: type) -> dict[str, Any]:
+    """The values the flags of `settings_class` were given (every one: defaults included)."""
+    values = {}
+    for field in dataclasses.fields(settings_class):
+        destination = _option(field)[2:].replace("-", "_") if "help" in field.metadata else None
+        if destination and hasattr(arguments, destination):
+            values[field.name] = getattr(arguments, destination)
+    return values
+
+
+def _option(field: dataclasses.Field) -> str:
+    """A settings field's flag: its own name, or `--<field-name>`; the flag names its value in
+    the parsed arguments, as argparse does."""
+    return field.metadata["flag"] or "--" + field.name.replace("_", "-")

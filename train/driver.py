@@ -38,6 +38,7 @@ from records.run_folder import (
 )
 from records.storage import path_exists, storage_filesystem, storage_path
 from train.cluster import ClusterCapacity, check_can_hold, cluster_capacity, waiting_line
+from train.commandline import flag
 from train.ray_internals import repair_snapshot
 from train.tracking import TRACKING_KEY, MLflowSettings, MLflowTrainRun
 from train.worker import WorkerSettings, loop_config, train_loop_per_worker
@@ -82,9 +83,11 @@ def connect(address: str | None) -> bool:
 class Scaling:
     """How a run is spread over Ray workers."""
 
-    num_workers: int = 1
-    use_gpu: bool = False
-    cpus_per_worker: float | None = None  # default: the cluster's CPUs split evenly (CPU runs)
+    num_workers: int = flag(1, "data-parallel workers (one per GPU)")
+    use_gpu: bool = flag(False, "one GPU per worker")
+    cpus_per_worker: float | None = flag(
+        None, "CPUs reserved per worker (default: all CPUs split over the workers; 2 with --use-gpu)", type=float
+    )
 
     def __post_init__(self) -> None:
         if self.num_workers < 1:
@@ -98,7 +101,7 @@ class RunSettings:
     name: str
     storage: str = "runs"
     resume: bool = False
-    max_failures: int = 1
+    max_failures: int = flag(1, "worker-group restarts from the latest checkpoint (-1: no limit)")
     address: str | None = None
     mlflow: MLflowSettings | None = None  # also log to MLflow
     # Where the config came from (--from; `records.sources.Source.record`): kept in config.json

@@ -41,11 +41,13 @@ from records.storage import path_exists, storage_path
 from train.commandline import (
     OneLineParser,
     add_address_argument,
+    add_settings_arguments,
     check_scaling_arguments,
     check_split,
     fail,
     root_cause,
     run_until_interrupted,
+    settings_values,
 )
 from train.tracking import add_mlflow_arguments, mlflow_settings
 from tune.ablations import VARIANTS, final_metrics, run_ablations, write_ablations
@@ -74,45 +76,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="'search' (Optuna + ASHA over the space) or 'ablations' (the paper's variants x seeds, a grid)",
     )
     parser.add_argument("--seeds", type=int, default=3, help="seeds per variant (ablations)")
-    parser.add_argument("--num-samples", type=int, default=8, help="trials to run")
-    parser.add_argument(
-        "--num-workers-per-trial", type=int, default=1, help="data-parallel workers per trial"
-    )
-    parser.add_argument("--use-gpu", action="store_true", help="one GPU per worker")
-    parser.add_argument(
-        "--cpus-per-worker", type=float, default=None, help="CPUs per worker (default: fair share)"
-    )
-    parser.add_argument(
-        "--max-concurrent",
-        type=int,
-        default=None,
-        help="trials at once (default: as many as the cluster holds at its largest, autoscaled nodes included)",
-    )
-    parser.add_argument(
-        "--max-failures",
-        type=int,
-        default=2,
-        help="retries of a failed trial (a lost node) from its latest checkpoint (-1: no limit)",
-    )
-    parser.add_argument(
-        "--time-budget",
-        type=float,
-        default=None,
-        help="stop the experiment after SECONDS, running trials too (their checkpoints stay; --resume starts a new budget)",
-    )
+    add_settings_arguments(parser, SearchSettings)
     parser.add_argument("--space", type=Path, default=None, help="search space YAML (see tune/space.py)")
-    parser.add_argument("--search-seed", type=int, default=0, help="seed of the TPE sampler")
     parser.add_argument(
         "--base-first",
         action="store_true",
         help="run the base config's own values of the searched fields as the first trial "
         "(the table then shows what the search improves on)",
-    )
-    parser.add_argument(
-        "--grace-period", type=int, default=1, help="validations before ASHA may stop a trial"
-    )
-    parser.add_argument(
-        "--reduction-factor", type=int, default=2, help="ASHA keeps 1/N of the trials at each rung"
     )
     parser.add_argument("--output-dir", default="runs", help="local folder or s3:// URI holding experiments")
     parser.add_argument(
@@ -144,10 +114,12 @@ def take_objectives(arguments: argparse.Namespace) -> Objectives:
 
 
 def check_positive(arguments: argparse.Namespace) -> None:
-    for flag in ("num_samples", "num_workers_per_trial", "grace_period", "reduction_factor", "seeds"):
-        value = getattr(arguments, flag)
+    for name, option in (("num_samples", "--num-samples"), ("num_workers_per_trial", "--num-workers-per-trial"),
+                         ("grace_period", "--grace-period"), ("reduction_factor", "--reduction-factor"),
+                         ("seeds", "--seeds")):  # fmt: skip
+        value = getattr(arguments, name)
         if value < 1:
-            raise ConfigError(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
+            raise ConfigError(f"{option} must be at least 1, got {value}")
     if arguments.max_concurrent is not None and arguments.max_concurrent < 1:
         raise ConfigError(f"--max-concurrent must be at least 1, got {arguments.max_concurrent}")
     if arguments.max_failures < -1:
@@ -229,18 +201,9 @@ def run_command(arguments: argparse.Namespace, name: str, held: contextlib.ExitS
     settings = SearchSettings(
         name=name,
         storage=arguments.output_dir,
-        num_samples=arguments.num_samples,
-        workers_per_trial=arguments.num_workers_per_trial,
-        use_gpu=arguments.use_gpu,
-        cpus_per_worker=arguments.cpus_per_worker,
-        max_concurrent=arguments.max_concurrent,
-        time_budget_seconds=arguments.time_budget,
-        seed=arguments.search_seed,
         resume=arguments.resume,
         address=arguments.address,
-        grace_period=arguments.grace_period,
-        reduction_factor=arguments.reduction_factor,
-        max_failures=arguments.max_failures,
+        **settings_values(arguments, SearchSettings),
         objectives=objectives,
     )
     if arguments.experiment == "ablations":

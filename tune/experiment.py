@@ -47,6 +47,7 @@ from records.run_folder import RunFolderError, check_folder
 from records.sources import write_config_file
 from records.storage import path_exists, read_text, storage_filesystem, storage_path
 from train.cluster import HEAD_RESOURCE, ClusterCapacity, check_can_hold, cluster_capacity, waiting_line
+from train.commandline import flag
 from train.driver import build_trainer, connect, with_absolute_paths, worker_cpus, worker_resources
 from train.ray_internals import DeadTrainerReaper, quiet_report_logging
 from train.tracking import TRACKING_KEY
@@ -68,18 +69,27 @@ class SearchSettings:
 
     name: str
     storage: str = "runs"
-    num_samples: int = 8
-    workers_per_trial: int = 1
-    use_gpu: bool = False
-    cpus_per_worker: float | None = None
-    max_concurrent: int | None = None
-    time_budget_seconds: float | None = None
-    seed: int = 0
+    num_samples: int = flag(8, "trials to run")
+    workers_per_trial: int = flag(1, "data-parallel workers per trial", name="--num-workers-per-trial")
+    use_gpu: bool = flag(False, "one GPU per worker")
+    cpus_per_worker: float | None = flag(None, "CPUs per worker (default: one node's CPUs split over a trial's workers; 2 with --use-gpu)", type=float)
+    max_concurrent: int | None = flag(
+        None,
+        "trials at once (default: as many as the cluster holds at its largest, autoscaled nodes included)",
+        type=int,
+    )
+    time_budget_seconds: float | None = flag(
+        None,
+        "stop the experiment after SECONDS, running trials too (their checkpoints stay; --resume starts a new budget)",
+        name="--time-budget",
+        type=float,
+    )
+    seed: int = flag(0, "seed of the TPE sampler", name="--search-seed")
     resume: bool = False
     address: str | None = None
-    grace_period: int = 1
-    reduction_factor: int = 2
-    max_failures: int = 2
+    grace_period: int = flag(1, "validations before ASHA may stop a trial")
+    reduction_factor: int = flag(2, "ASHA keeps 1/N of the trials at each rung")
+    max_failures: int = flag(2, "retries of a failed trial (a lost node) from its latest checkpoint (-1: no limit)")
     objectives: Objectives = ()  # two (metric, mode) pairs for a Pareto search; () one metric (tune/objectives.py)
 
 
