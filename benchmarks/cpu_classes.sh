@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The training step on this CPU as it is and capped at AVX2 (issue 19): the same benchmark
+# The training step on this CPU as it is and capped at AVX2: the same benchmark
 # (benchmarks/train_step.py, hidden 1024, batch 32) in fp32 and bf16, natively and with oneDNN
 # and ATen capped at AVX2 (ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2), which reproduces
 # the slow bf16 path of CPUs without native bf16. Each run prints the CPU line first.

@@ -31,7 +31,9 @@ from train.commandline import resolve_checkpoint  # noqa: E402
 def main(argv: list[str] | None = None) -> tuple[float, float]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("run", type=Path, help="run folder (its best checkpoint) or checkpoint folder")
-    parser.add_argument("--test-seed", type=int, default=777, help="seed of the fresh set (the runs' own: 4242)")
+    parser.add_argument(
+        "--test-seed", type=int, default=777, help="seed of the fresh set (the runs' own: 4242)"
+    )
     parser.add_argument("--sequences", type=int, default=1000, help="sequences in the fresh set")
     parser.add_argument("--batch-size", type=int, default=100, help="sequences per evaluation batch")
     arguments = parser.parse_args(argv)
@@ -39,11 +41,21 @@ def main(argv: list[str] | None = None) -> tuple[float, float]:
     checkpoint = resolve_checkpoint(arguments.run)
     model, config, state = load_model(checkpoint)
     with tempfile.TemporaryDirectory() as cache:
-        data = replace(config.data, test_seed=arguments.test_seed, test_sequences=arguments.sequences, cache_dir=cache, test_file="")
+        data = replace(
+            config.data,
+            test_seed=arguments.test_seed,
+            test_sequences=arguments.sequences,
+            cache_dir=cache,
+            test_file="",
+        )
         fresh = load_test_set(config.model, data)
-        metrics = evaluate(model, fresh.batches(arguments.batch_size), config.model, config.training.precision).means()
+        metrics = evaluate(
+            model, fresh.batches(arguments.batch_size), config.model, config.training.precision
+        ).means()
     print(f"checkpoint: {checkpoint} (step {state['step']}, precision {config.training.precision})")
-    print(f"fresh set: {arguments.sequences} sequences, seed {arguments.test_seed}, {torch.get_num_threads()} threads")
+    print(
+        f"fresh set: {arguments.sequences} sequences, seed {arguments.test_seed}, {torch.get_num_threads()} threads"
+    )
     for name in sorted(metrics):
         print(f"  {name}: {metrics[name]:.4g}")
     print(f"mse_frame={metrics[VAL_MSE_FRAME]:.2f} ssim={metrics[VAL_SSIM]:.3f}")

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The cpu preset's recipe at fp32 speed (issue 19): the three best configs of the cpu-budget
-# search (README, "Time to quality") and a smaller hidden size, each trained for the preset's
+# The cpu preset's recipe at fp32 speed: the three best configs of the cpu-budget
+# search (docs/results.md, "Time to quality") and a smaller hidden size, each trained for the preset's
 # 8 minutes in fp32, one after another, then their time to quality side by side.
 #
 #     benchmarks/precision_recipes.sh                 # fp32 on this CPU (about 45 minutes)

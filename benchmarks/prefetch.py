@@ -47,7 +47,9 @@ def main(argv: list[str] | None = None) -> float:
     parser.add_argument("--batch-size", type=int, default=32, help="sequences per step (the cpu preset's 32)")
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="training step precision")
     parser.add_argument("--num-layers", type=int, default=1, help="stacked LSTM layers")
-    parser.add_argument("--decoder-mode", choices=("free", "conditioned"), default="free", help="decoder input")
+    parser.add_argument(
+        "--decoder-mode", choices=("free", "conditioned"), default="free", help="decoder input"
+    )
     parser.add_argument("--head", choices=("linear", "logistic"), default="linear", help="output head")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the step runs")
     parser.add_argument("--pairs", type=int, default=12, help="timed (serial, prefetched) pairs")
@@ -61,7 +63,9 @@ def main(argv: list[str] | None = None) -> float:
         head=arguments.head,
     )
     device = torch.device(arguments.device)
-    stream = GeneratedSequences(BouncingDigits.from_config(config, DataConfig(), "train"), arguments.batch_size, 0)
+    stream = GeneratedSequences(
+        BouncingDigits.from_config(config, DataConfig(), "train"), arguments.batch_size, 0
+    )
     torch.manual_seed(0)
     model = CompositeLSTMAutoencoder(config).to(device)
     optimizer = make_optimizer(model, OptimConfig(), device)
@@ -101,7 +105,9 @@ def main(argv: list[str] | None = None) -> float:
         f"batch {arguments.batch_size}, {arguments.dtype} on {device.type}, "
         f"{torch.get_num_threads()} threads, {arguments.pairs} pairs"
     )
-    print(f"drawing a batch (in series): median {1000 * draw:.1f} ms ({arguments.batch_size / draw:.0f} sequences/s)")
+    print(
+        f"drawing a batch (in series): median {1000 * draw:.1f} ms ({arguments.batch_size / draw:.0f} sequences/s)"
+    )
     print(f"step with drawing in series: median {1000 * serial:.1f} ms")
     print(f"step with prefetching:       median {1000 * ahead:.1f} ms (prefetched/serial = {ratio:.3f})")
     print(f"hidden={hidden:.2f}")

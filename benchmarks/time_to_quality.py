@@ -30,7 +30,9 @@ def read_rows(folder: Path) -> list[dict[str, float]]:
             except ValueError:
                 continue
             if math.isfinite(value):
-                rows.append({key: float(record[key]) for key in ("step", "elapsed_seconds", METRIC, "val_ssim")})
+                rows.append(
+                    {key: float(record[key]) for key in ("step", "elapsed_seconds", METRIC, "val_ssim")}
+                )
         return rows
 
 

@@ -68,7 +68,9 @@ def main(argv: list[str] | None = None) -> None:
             start = time.perf_counter()
             run()
             times[name].append(time.perf_counter() - start)
-    print(f"hidden {arguments.hidden_size}, {arguments.sequences} sequences, bf16, {torch.get_num_threads()} threads")
+    print(
+        f"hidden {arguments.hidden_size}, {arguments.sequences} sequences, bf16, {torch.get_num_threads()} threads"
+    )
     medians = {name: statistics.median(values) for name, values in times.items()}
     for name, median in medians.items():
         print(f"{name:>9}: median {median:.2f} s")

@@ -370,11 +370,11 @@ PRESETS: dict[str, dict[str, Any]] = {
         probe_sequences=200,
     ),
     "cpu": dict(
-        # Found by `python -m tune --space tune/spaces/cpu_budget.yaml` at this budget (README,
+        # Found by `python -m tune --space tune/spaces/cpu_budget.yaml` at this budget (docs/results.md,
         # "Time to quality"): at 8 minutes a 512-unit model's 2x more steps beat a 1024-unit
         # one, and the linear head with MSE beat the logistic head with BCE on MSE/frame. Free-running
-        # decoders (README, "Ablations": conditioned ones predicted much worse here). Kept by the
-        # two-objective search of the same space (README, "Error against sharpness"): the
+        # decoders (docs/results.md, "Ablations": conditioned ones predicted much worse here). Kept by the
+        # two-objective search of the same space (docs/results.md, "Error against sharpness"): the
         # sharpest config within 2% of the best MSE/frame is this one.
         hidden_size=512,
         head="linear",
@@ -520,7 +520,9 @@ def add_config_arguments(parser: argparse.ArgumentParser, repeatable: tuple[str,
                 default=None,
                 metavar=kind.__name__.upper(),
                 action="append" if f.name in repeatable else "store",
-                help=f"{FIELD_HELP.get(f.name, f.name)} ({defaults_text})".replace("%", "%%"),  # argparse formats help
+                help=f"{FIELD_HELP.get(f.name, f.name)} ({defaults_text})".replace(
+                    "%", "%%"
+                ),  # argparse formats help
             )
 
 

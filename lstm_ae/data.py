@@ -1,6 +1,6 @@
 """Moving MNIST: the bouncing-digits generator, digit sources, and sequence files.
 
-Conventions (also in the README, "The model, the data and the metrics"):
+Conventions (also in docs/model.md):
 - At the library boundary sequences are (B, T, C, H, W) float32 in [0, 1]. Frames 0..past-1
   are the past (encoder input), the next `future_length` frames the future.
 - The standard file `mnist_test_seq.npy` is time-major (T, N, H, W) uint8. `read_sequence_file`
@@ -277,7 +277,9 @@ class PrefetchedBatches:
     `close()` stops the thread (it also stops when this object is garbage-collected).
     """
 
-    def __init__(self, stream: GeneratedSequences, start_step: int = 0, depth: int = 2, pin_memory: bool = False):
+    def __init__(
+        self, stream: GeneratedSequences, start_step: int = 0, depth: int = 2, pin_memory: bool = False
+    ):
         if depth < 1:
             raise ValueError(f"depth must be at least 1, got {depth}")
         self._queue: queue.Queue = queue.Queue(maxsize=depth)

@@ -125,8 +125,12 @@ def reschedule(
 
     The rate the optimizer uses next is the new schedule's at the scheduler's current step.
     """
-    scheduler.lr_lambdas = [_factor_of_step(config, schedule[0][1], schedule[1:]) for _ in scheduler.lr_lambdas]
-    for group, base, factor in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+    scheduler.lr_lambdas = [
+        _factor_of_step(config, schedule[0][1], schedule[1:]) for _ in scheduler.lr_lambdas
+    ]
+    for group, base, factor in zip(
+        scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas
+    ):
         group["lr"] = base * factor(scheduler.last_epoch)
 
 

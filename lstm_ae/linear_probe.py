@@ -42,7 +42,7 @@ PROBE_BATCH = 64
 # Candidate inverse L2 strengths (scikit-learn's C). The objective per class is
 # C * (sum of log-losses) + |w|^2 / 2, i.e. mean log-loss + |w|^2 / (2 C N) for N sequences.
 # Cross-validation picked 1e-3 to 1e-1 for 256- and 2048-wide features at N = 2000
-# (benchmarks/probe.py); the grid reaches two decades below and one above.
+# (benchmarks/linear_probe_timing.py); the grid reaches two decades below and one above.
 INVERSE_REGULARISATION_STRENGTHS = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 VALIDATION_FOLDS = 3
 MAX_ITERATIONS = 1000

@@ -119,7 +119,7 @@ BASELINE_METRICS = (
     BASELINE_ZEROS_SSIM,
 )
 
-# Reference figures for results tables (README, "The model, the data and the metrics").
+# Reference figures for results tables (docs/model.md, "Reference numbers").
 PAPER_COMPOSITE_CONDITIONAL_BCE_NATS_FRAME = 341.2
 
 BCE_EPSILON = 1e-7
@@ -183,7 +183,9 @@ def ssim_per_frame(prediction: Tensor, target: Tensor) -> Tensor:
         # integral image: four lookups per window instead of 49 additions.
         k = SSIM_WINDOW
         integral = F.pad(image.cumsum(-1).cumsum(-2), (1, 0, 1, 0))
-        window_sum = integral[..., k:, k:] - integral[..., :-k, k:] - integral[..., k:, :-k] + integral[..., :-k, :-k]
+        window_sum = (
+            integral[..., k:, k:] - integral[..., :-k, k:] - integral[..., k:, :-k] + integral[..., :-k, :-k]
+        )
         return window_sum / (k * k)
 
     count = SSIM_WINDOW**2

@@ -132,7 +132,11 @@ def curves_png(path: str | os.PathLike, rows: Sequence[Mapping[str, float]], met
     _plot_validation(step_axis, validation_rows, metric, lambda row: row["step"], "step")
     timed_rows = [row for row in validation_rows if is_finite_number(row.get("elapsed_seconds"))]
     _plot_validation(
-        time_axis, timed_rows, metric, lambda row: row["elapsed_seconds"] / 60, "minutes of training and validation"
+        time_axis,
+        timed_rows,
+        metric,
+        lambda row: row["elapsed_seconds"] / 60,
+        "minutes of training and validation",
     )
     figure.tight_layout()
     figure.savefig(path, dpi=90)

@@ -175,7 +175,10 @@ def left_empty(filesystem, path: str) -> bool:
     except OSError:
         return False
 
-def best_checkpoint(candidates: Iterable[tuple[Any, Any, str, T]], mode: str, require_file: bool = False) -> T | None:
+
+def best_checkpoint(
+    candidates: Iterable[tuple[Any, Any, str, T]], mode: str, require_file: bool = False
+) -> T | None:
     """The one rule for a run's or a trial's best checkpoint: of `(value, filesystem, path,
     item)` candidates, the `item` of the best finite value under `mode` (the earliest of
     equals, `lstm_ae.metrics.best_of`). A folder left empty as damaged never counts, nor, with
@@ -190,7 +193,6 @@ def best_checkpoint(candidates: Iterable[tuple[Any, Any, str, T]], mode: str, re
     ]
     best = best_of(counted, lambda pair: pair[0], mode)
     return best[1] if best else None
-
 
 
 def set_aside(filesystem, path: str, placeholder: bool = False) -> str | None:

@@ -197,12 +197,8 @@ class FolderLock:
                         "wait for it to end, or choose another --name"
                     )
             if self._remove_stale(holder):
-                self.log(
-                    f"taking over the lock on {self.folder} left by {describe_holder(holder)}: {reason}"
-                )
-        raise FolderLockedError(
-            f"{self.what} {self.folder}: could not lock it (other runs keep locking it)"
-        )
+                self.log(f"taking over the lock on {self.folder} left by {describe_holder(holder)}: {reason}")
+        raise FolderLockedError(f"{self.what} {self.folder}: could not lock it (other runs keep locking it)")
 
     def _create(self) -> bool:
         """Create the lock if there is none; True if this call created it."""

@@ -62,8 +62,13 @@ def folder_flags(name: str, storage: str) -> str:
     return f"--name {name}" + (f" --output-dir {storage}" if storage != "runs" else "")
 
 
-def write_run_config(filesystem, run_path: str, config: ExperimentConfig, scaling: dict[str, Any],
-                     source: dict[str, Any] | None) -> None:
+def write_run_config(
+    filesystem,
+    run_path: str,
+    config: ExperimentConfig,
+    scaling: dict[str, Any],
+    source: dict[str, Any] | None,
+) -> None:
     """config.json, written when a run starts (before Ray): its config, scaling and source."""
     filesystem.create_dir(run_path, recursive=True)
     record = {"config": config.to_dict(), "scaling": scaling, **({"source": source} if source else {})}
@@ -162,9 +167,9 @@ def write_run_folder(
     history = state["history"]
     write_text(filesystem, f"{run_path}/{METRICS_FILE}", history_csv(history))
     for picture in RUN_PICTURES:
-        source = f"{checkpoint_path}/{picture}"
-        if path_exists(checkpoint_fs, source):
-            with checkpoint_fs.open_input_stream(source) as reader:
+        picture_path = f"{checkpoint_path}/{picture}"
+        if path_exists(checkpoint_fs, picture_path):
+            with checkpoint_fs.open_input_stream(picture_path) as reader:
                 data = reader.read()
             with filesystem.open_output_stream(f"{run_path}/{picture}") as writer:
                 writer.write(data)

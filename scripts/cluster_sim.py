@@ -10,7 +10,7 @@ Four scenes, each driven through the project's own commands (`python -m tune`,
    nodes (Ray's `fake_multinode` provider under its v1 autoscaler, `RAY_FAKE_CLUSTER=1`).
    4 single-worker trials; the autoscaler must launch >= 2 nodes, >= 2 trials must overlap
    in time (from Tune's own per-trial records) and all 4 must complete.
-2. data-parallel autoscaling search (issue 20): the same kind of cluster with up to 4
+2. data-parallel autoscaling search: the same kind of cluster with up to 4
    one-CPU nodes, 4 trials of 2 workers each (a TorchTrainer per trial), so 2 trials' worker
    groups fit at once. Every trial must complete, and Tune's per-trial records must show 2
    trials at once, never more. Before the fix the second pair waited forever: ASHA ended the

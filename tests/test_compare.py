@@ -403,7 +403,9 @@ def test_a_two_objective_search_keeps_its_front_in_the_table_and_the_html(tmp_pa
         ("b", "*", 0.47),
         ("c", "", 0.38),
     ]
-    assert "pareto.png" in write_results(folder, rows, histories, space, "val_mse_frame", objectives=objectives)
+    assert "pareto.png" in write_results(
+        folder, rows, histories, space, "val_mse_frame", objectives=objectives
+    )
     table = [row for row in comparison_table([folder], "val_mse_frame") if row["kind"] == "tune trial"]
     assert {row["trial"]: row["front"] for row in table} == {"a": "*", "b": "*", "c": ""}
     assert {row["trial"]: row["val_ssim"] for row in table}["b"] == 0.47

@@ -142,7 +142,12 @@ def _poisoned_run(rank: int, world_size: int, store: str, folder: str, poisoned_
     outcome = Path(folder) / f"rank{rank}.txt"
     try:
         config = preset(
-            "smoke", hidden_size=16, checkpoint_every=2, eval_every=2, log_every=1, probe_sequences=0,
+            "smoke",
+            hidden_size=16,
+            checkpoint_every=2,
+            eval_every=2,
+            log_every=1,
+            probe_sequences=0,
             cache_dir=f"{folder}/data",
         )
         session = GlooSession(rank, world_size, folder, poisoned_rank=1, poisoned_step=poisoned_step)

@@ -32,12 +32,14 @@ def test_the_doctor_prints_this_machine_and_checks_the_output_dir(tmp_path):
     assert cells[COLUMNS.index("output dir")] == "ok"
     assert list((tmp_path / "runs").iterdir()) == []  # the probe file is removed again
     bf16 = cells[COLUMNS.index("bf16")]
-    assert re.fullmatch(r"(native|emulated|none|native in the CPU, unused by torch here) \([\d.e+-]+x fp32\)", bf16)
+    assert re.fullmatch(
+        r"(native|emulated|none|native in the CPU, unused by torch here) \([\d.e+-]+x fp32\)", bf16
+    )
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CPU node's bf16 column")
 def test_the_doctor_names_the_slow_bf16_path_of_a_cpu_capped_at_avx2():
-    # Capped at AVX2, a CPU's bf16 matmuls take the generic slow path (README, Performance).
+    # Capped at AVX2, a CPU's bf16 matmuls take the generic slow path (docs/scaling.md).
     environment = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
     completed = subprocess.run(
         [sys.executable, "-m", "train.doctor"], capture_output=True, text=True, timeout=120, env=environment

@@ -72,8 +72,15 @@ def test_interrupted_and_resumed_run_on_the_gpu_matches_an_uninterrupted_one(tmp
     from train.worker import LocalSession
 
     config = preset(
-        "smoke", hidden_size=16, num_layers=2, dropout=0.5, checkpoint_every=4, eval_every=2, log_every=1,
-        precision=precision, cache_dir=str(tmp_path / "data"),
+        "smoke",
+        hidden_size=16,
+        num_layers=2,
+        dropout=0.5,
+        checkpoint_every=4,
+        eval_every=2,
+        log_every=1,
+        precision=precision,
+        cache_dir=str(tmp_path / "data"),
     )
     uninterrupted = LocalSession(device=DEVICE)
     run_training(config, uninterrupted)
@@ -140,9 +147,7 @@ CPU_GPU_CASES = {
 @pytest.mark.usefixtures("ieee_fp32_matmuls", "dropout_masks_from_the_cpu")
 @pytest.mark.parametrize("overrides", CPU_GPU_CASES.values(), ids=CPU_GPU_CASES.keys())
 def test_gpu_model_matches_the_cpu_model_in_fp32(overrides):
-    config = ModelConfig(
-        hidden_size=64, height=16, width=16, past_length=5, future_length=4, **overrides
-    )
+    config = ModelConfig(hidden_size=64, height=16, width=16, past_length=5, future_length=4, **overrides)
     cpu_model = CompositeLSTMAutoencoder(config)
     gpu_model = CompositeLSTMAutoencoder(config).to(DEVICE)
     gpu_model.load_state_dict(cpu_model.state_dict())

@@ -177,7 +177,13 @@ def test_the_trivial_predictions_ssim_is_reported_beside_their_mse():
 
 
 def test_best_of_follows_the_mode_skips_missing_values_and_keeps_the_earliest_of_equals():
-    reports = [{"v": 3.0, "at": 1}, {"v": float("nan"), "at": 2}, {"v": 1.0, "at": 3}, {"v": 1.0, "at": 4}, {}]
+    reports = [
+        {"v": 3.0, "at": 1},
+        {"v": float("nan"), "at": 2},
+        {"v": 1.0, "at": 3},
+        {"v": 1.0, "at": 4},
+        {},
+    ]
     assert metrics.best_of(reports, lambda r: r.get("v"), "min")["at"] == 3
     assert metrics.best_of(reports, lambda r: r.get("v"), "max")["at"] == 1
     assert metrics.best_of([{}, {"v": float("inf")}], lambda r: r.get("v"), "min") is None

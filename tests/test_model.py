@@ -66,7 +66,11 @@ def test_reconstruct_returns_chronological_order():
 
 @pytest.mark.parametrize(
     "overrides",
-    [dict(), dict(past_length=3, future_length=6, num_layers=2, head="linear"), dict(reconstruction_order="forward")],
+    [
+        dict(),
+        dict(past_length=3, future_length=6, num_layers=2, head="linear"),
+        dict(reconstruction_order="forward"),
+    ],
 )
 def test_reconstruct_and_predict_from_one_encoding_equal_the_separate_calls(overrides):
     torch.manual_seed(0)
@@ -181,7 +185,13 @@ def test_lstm_ae_does_not_import_ray():
 
 @pytest.mark.parametrize(
     "head, loss",
-    [("logistic", "auto"), ("linear", "auto"), ("logistic", "mse"), ("linear", "l1_l2"), ("logistic", "l1_l2")],
+    [
+        ("logistic", "auto"),
+        ("linear", "auto"),
+        ("logistic", "mse"),
+        ("linear", "l1_l2"),
+        ("logistic", "l1_l2"),
+    ],
 )
 def test_each_loss_is_its_formula_on_the_heads_outputs(head, loss):
     """Per frame: cross-entropy from the logits, squared error, or absolute plus squared error of

@@ -108,8 +108,14 @@ def test_every_timed_product_runs_in_both_dtypes():
 
 
 def test_a_run_records_its_resolved_precision_and_a_resume_keeps_it(tmp_path, capsys):
-    config = preset("smoke", hidden_size=16, cache_dir=str(tmp_path / "data"), max_steps=3,
-                    checkpoint_every=3, eval_every=3)
+    config = preset(
+        "smoke",
+        hidden_size=16,
+        cache_dir=str(tmp_path / "data"),
+        max_steps=3,
+        checkpoint_every=3,
+        eval_every=3,
+    )
     session = LocalSession()
     state = train_function(loop_config(config, WorkerSettings()), session)
     assert state.precision in ("fp32", "bf16") and state.precision_choice["precision"] == state.precision

@@ -76,9 +76,7 @@ def test_of_many_runs_locking_at_once_exactly_one_wins(tmp_path):
 def test_a_claim_left_by_a_dead_process_on_this_host_is_taken_over_with_one_line(tmp_path):
     FolderLock(LOCAL, str(tmp_path / "d"), pid=4_000_001).acquire()  # never released: killed
     lines = []
-    gone = FolderLock(
-        LOCAL, str(tmp_path / "d"), alive=lambda pid, ticks: pid != 4_000_001, log=lines.append
-    )
+    gone = FolderLock(LOCAL, str(tmp_path / "d"), alive=lambda pid, ticks: pid != 4_000_001, log=lines.append)
     gone.acquire()
     assert len(lines) == 1 and "pid 4000001" in lines[0] and "that process is gone" in lines[0]
     # A live holder (the same pid, alive) is never taken over.

@@ -1,4 +1,4 @@
-"""benchmarks/time_to_quality.py on a run folder's metrics.csv (the README's time-to-quality table)."""
+"""benchmarks/time_to_quality.py on a run folder's metrics.csv (docs/results.md, "Time to quality")."""
 
 from __future__ import annotations
 

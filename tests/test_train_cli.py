@@ -78,12 +78,17 @@ def test_a_time_limited_run_is_complete_until_given_more_minutes(tmp_path):
     config = preset("smoke", max_minutes=2.0, max_steps=100_000)
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "config.json").write_text(json.dumps({"config": config.to_dict()}))
-    (tmp_path / "run" / "result.json").write_text(json.dumps({"status": "completed", "steps": 340, "planned_minutes": 2.0}))
+    (tmp_path / "run" / "result.json").write_text(
+        json.dumps({"status": "completed", "steps": 340, "planned_minutes": 2.0})
+    )
     saved = saved_run(str(tmp_path), "run")
     assert saved.is_complete(config) and not saved.is_complete(config.replace(max_minutes=3.0))
     common = ("--preset", "smoke", "--output-dir", str(tmp_path), "--name", "run", "--resume")
     completed = run_train(*common, "--max-minutes", "1")
-    assert completed.returncode == 2 and "--max-minutes 1.0 is below the resumed run's max_minutes 2.0" in completed.stderr
+    assert (
+        completed.returncode == 2
+        and "--max-minutes 1.0 is below the resumed run's max_minutes 2.0" in completed.stderr
+    )
 
 
 @pytest.fixture(scope="module")

@@ -162,7 +162,7 @@ def test_a_trial_with_two_workers_runs_a_torch_trainer_and_reports(ray_cluster, 
     assert float(row["best_val_mse_frame"]) > 0
     assert "train_runs" in row["best_checkpoint"] and Path(row["best_checkpoint"]).is_dir()
     # ASHA stopped the trial at its last report, killing its TorchTrainer's controller before
-    # that shut down its workers: their placement group must not stay reserved (issue 20).
+    # that shut down its workers: their placement group must not stay reserved.
     held = [
         group
         for group in ray_cluster.util.placement_group_table().values()
@@ -179,7 +179,9 @@ def test_compare_puts_experiments_and_a_train_run_in_one_table_with_references(
     command = [sys.executable, "-m", "tune.compare", str(experiment), str(Path(run.path))]
     table = subprocess.run(command, capture_output=True, text=True, timeout=120, check=True).stdout
     *lines, blank, winner = table.strip().splitlines()  # the table, then the line that trains its best
-    assert blank == "" and winner.startswith(f"train the best trial: python -m train --from {experiment} --trial ")
+    assert blank == "" and winner.startswith(
+        f"train the best trial: python -m train --from {experiment} --trial "
+    )
     assert lines[0].startswith("| best | source | kind | trial | status |")
     assert sum("| tune trial |" in line for line in lines) == 4
     assert sum("| train run |" in line for line in lines) == 1
@@ -222,7 +224,9 @@ def test_a_two_objective_search_marks_a_front_no_trial_on_it_is_dominated(ray_cl
         name="front", storage=str(tmp_path), num_samples=4, max_concurrent=1, cpus_per_worker=1,
         objectives=objectives,
     )  # fmt: skip
-    space = parse_space({"learning_rate": {"loguniform": [1e-4, 3e-2]}, "head": {"choice": ["linear", "logistic"]}})
+    space = parse_space(
+        {"learning_rate": {"loguniform": [1e-4, 3e-2]}, "head": {"choice": ["linear", "logistic"]}}
+    )
     summary = search_and_tabulate(base, space, settings)
     folder = tmp_path / "front"
     rows = read_rows(folder)

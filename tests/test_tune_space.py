@@ -131,7 +131,11 @@ def test_bad_space_files_exit_2_with_one_line(tmp_path, content, message):
 
 def test_base_point_is_the_base_configs_values_of_the_searched_fields():
     space = parse_space(
-        {"hidden_size": {"choice": [16, 32]}, "learning_rate": {"loguniform": [1e-3, 1e-1]}, "head": {"choice": ["linear", "logistic"]}}
+        {
+            "hidden_size": {"choice": [16, 32]},
+            "learning_rate": {"loguniform": [1e-3, 1e-1]},
+            "head": {"choice": ["linear", "logistic"]},
+        }
     )
     base = preset("smoke", hidden_size=32)
     assert space.base_point(base) == {"hidden_size": 32, "learning_rate": 1e-2, "head": "logistic"}

@@ -44,7 +44,10 @@ def test_bad_objective_flags_name_the_problem(metrics, modes, message):
 @pytest.mark.parametrize(
     "flags, message",
     [
-        (["--metric", "val_mse_frame", "--metric", "val_ssim", "--experiment", "ablations"], "ablation grid ranks one"),
+        (
+            ["--metric", "val_mse_frame", "--metric", "val_ssim", "--experiment", "ablations"],
+            "ablation grid ranks one",
+        ),
         (["--metric", "val_mse_frame", "--mode", "max", "--mode", "min"], "2 --mode for 1 --metric"),
         (["--mode", "sideways"], "invalid choice: 'sideways'"),
     ],

@@ -129,8 +129,9 @@ def test_a_resumed_run_with_more_steps_continues_its_learning_rate_without_a_jum
 
 
 def budget_and_state(max_minutes=1.0, log_every=1000, eval_every=1000):
-    training = preset("smoke", max_steps=10_000, max_minutes=max_minutes, log_every=log_every,
-                      eval_every=eval_every).training
+    training = preset(
+        "smoke", max_steps=10_000, max_minutes=max_minutes, log_every=log_every, eval_every=eval_every
+    ).training
     state = TrainingState(schedule=[[0, 10_000]])
     return TimeBudget(training, warmup_steps=3, state=state), state
 
@@ -167,7 +168,9 @@ def test_time_budget_ends_the_run_before_a_step_would_overshoot_by_more_than_fiv
     assert state.schedule[1] == [9, 30]  # planned from the fast steps
     assert state.step < 30 and state.training_seconds <= 60.0 * 1.05
     assert state.training_seconds + 5.0 > 60.0  # and not far below it either
-    assert budget.stop_line == "time budget: 1.0 minutes of training used (--max-minutes 1); ending at step 24"
+    assert (
+        budget.stop_line == "time budget: 1.0 minutes of training used (--max-minutes 1); ending at step 24"
+    )
 
 
 def test_time_budget_on_a_machine_too_slow_for_it_stops_after_the_first_step_with_one_line():
@@ -208,8 +211,14 @@ def test_a_budgeted_run_under_a_fake_clock_keeps_its_budget_and_prints_progress_
 ):
     fake = FakeClock(tick=1.0)  # a step reads the clock twice: 1 s of training per step
     monkeypatch.setattr(train.worker, "now", fake)
-    config = smoke.replace(max_steps=100_000, max_minutes=1.0, log_every=1000, eval_every=1000,
-                           checkpoint_every=1000, precision="fp32")
+    config = smoke.replace(
+        max_steps=100_000,
+        max_minutes=1.0,
+        log_every=1000,
+        eval_every=1000,
+        checkpoint_every=1000,
+        precision="fp32",
+    )
     state, session = run(config)
     assert state.finished and 50 <= state.training_seconds <= 60.0 * 1.05
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
@@ -220,8 +229,15 @@ def test_a_budgeted_run_under_a_fake_clock_keeps_its_budget_and_prints_progress_
 
 
 def test_a_run_with_a_time_budget_stops_annealed_before_max_steps(smoke):
-    config = smoke.replace(max_steps=100_000, max_minutes=0.05, log_every=5, eval_every=1000,
-                           checkpoint_every=1000, warmup_steps=10, learning_rate=1e-2)
+    config = smoke.replace(
+        max_steps=100_000,
+        max_minutes=0.05,
+        log_every=5,
+        eval_every=1000,
+        checkpoint_every=1000,
+        warmup_steps=10,
+        learning_rate=1e-2,
+    )
     state, session = run(config)
     assert 10 < state.step < 100_000 and state.finished and state.planned_minutes == 0.05
     assert state.schedule[0] == [0, 100_000] and state.schedule[-1][1] == state.step
@@ -232,8 +248,14 @@ def test_a_run_with_a_time_budget_stops_annealed_before_max_steps(smoke):
 
 
 def test_a_time_limited_run_resumed_with_more_minutes_trains_on_and_with_the_same_is_done(smoke):
-    config = smoke.replace(max_steps=100_000, max_minutes=0.02, log_every=5, eval_every=1000,
-                           checkpoint_every=1000, warmup_steps=5)
+    config = smoke.replace(
+        max_steps=100_000,
+        max_minutes=0.02,
+        log_every=5,
+        eval_every=1000,
+        checkpoint_every=1000,
+        warmup_steps=5,
+    )
     first, session = run(config)
     again, session = run(config, session)  # the same budget: nothing more to do
     assert again.step == first.step and again.resumed_from == [first.step]

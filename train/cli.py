@@ -245,7 +245,9 @@ def run_command(
         )
         weights = f"weights from {settings.initial_weights}" if settings.initial_weights else "fresh weights"
         origin = f"config of {source.describe()}, {f'overridden by {overrides}' if overrides else 'as it was'}, {weights}"
-    print(f"run {name}: {origin}, {arguments.num_workers} worker(s), output {arguments.output_dir}", flush=True)
+    print(
+        f"run {name}: {origin}, {arguments.num_workers} worker(s), output {arguments.output_dir}", flush=True
+    )
     try:
         summary = run_training(config, scaling, settings)
     except (RunFolderError, DataError, ConfigError) as error:

@@ -65,7 +65,7 @@ def connect(address: str | None) -> bool:
     import ray
 
     joined = bool(address or os.environ.get("RAY_ADDRESS"))
-    # CPU capability caps set for this command reach its workers too (see README, Performance).
+    # CPU capability caps set for this command reach its workers too (docs/scaling.md, "Precision follows the hardware").
     forwarded = {key: os.environ[key] for key in FORWARDED_ENVIRONMENT if key in os.environ}
     if not ray.is_initialized():
         ray.init(
@@ -86,7 +86,9 @@ class Scaling:
     num_workers: int = flag(1, "data-parallel workers (one per GPU)")
     use_gpu: bool = flag(False, "one GPU per worker")
     cpus_per_worker: float | None = flag(
-        None, "CPUs reserved per worker (default: all CPUs split over the workers; 2 with --use-gpu)", type=float
+        None,
+        "CPUs reserved per worker (default: all CPUs split over the workers; 2 with --use-gpu)",
+        type=float,
     )
 
     def __post_init__(self) -> None:
@@ -120,8 +122,9 @@ def default_run_name(preset_name: str) -> str:
     return f"lstm-ae-{preset_name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def worker_cpus(num_workers: int, use_gpu: bool, given: float | None, capacity: ClusterCapacity,
-                cpu_pool: float) -> float:
+def worker_cpus(
+    num_workers: int, use_gpu: bool, given: float | None, capacity: ClusterCapacity, cpu_pool: float
+) -> float:
     """The one rule for the CPUs beside each worker: as given; GPU_WORKER_CPUS beside each GPU
     (never more than one node has); else the `cpu_pool` split over the workers, never more
     than one node has. A run's pool is the cluster's CPUs; a search trial's is one node's,
@@ -249,8 +252,13 @@ def _train(config, scaling: Scaling, settings: RunSettings, train_loop) -> RunSu
     config = with_absolute_paths(config)
     load_test_set(config.model, config.data)  # check (and build, and cache) the validation set here
     capacity = cluster_capacity(joined=connect(settings.address))
-    cpus = worker_cpus(scaling.num_workers, scaling.use_gpu, scaling.cpus_per_worker, capacity,
-                       cpu_pool=ray.cluster_resources().get("CPU", 1))
+    cpus = worker_cpus(
+        scaling.num_workers,
+        scaling.use_gpu,
+        scaling.cpus_per_worker,
+        capacity,
+        cpu_pool=ray.cluster_resources().get("CPU", 1),
+    )
     resources = worker_resources(cpus, scaling.use_gpu)
     check_can_hold(capacity, resources, scaling.num_workers, f"{scaling.num_workers} worker(s)")
     waiting = waiting_line(capacity, resources, scaling.num_workers)
@@ -292,7 +300,13 @@ def _train(config, scaling: Scaling, settings: RunSettings, train_loop) -> RunSu
     except (CheckpointError, OSError) as error:
         print(f"warning: could not tidy the run's checkpoint list: {error}", flush=True)
     path, summary = write_run_folder(
-        result, config, asdict(scaling), time.time() - started, settings.storage, settings.name, settings.source
+        result,
+        config,
+        asdict(scaling),
+        time.time() - started,
+        settings.storage,
+        settings.name,
+        settings.source,
     )
     if mlflow_run is not None:
         mlflow_run.finish(filesystem, run_path)

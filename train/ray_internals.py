@@ -37,21 +37,45 @@ MLFLOW_CHECKED = "3.18.0"
 
 # (what it is for, module, attribute path inside it or "", version checked)
 PRIVATE_APIS = (
-    ("the checkpoint list a resume repairs", "ray.train.v2._internal.execution.checkpoint.checkpoint_manager",
-     "_CheckpointManagerState", f"Ray {RAY_CHECKED}"),
+    (
+        "the checkpoint list a resume repairs",
+        "ray.train.v2._internal.execution.checkpoint.checkpoint_manager",
+        "_CheckpointManagerState",
+        f"Ray {RAY_CHECKED}",
+    ),
     ("quiet report logging", "ray.train.v2._internal.execution.storage", "", f"Ray {RAY_CHECKED}"),
     ("quiet report logging", "ray.train.v2._internal.execution.context", "", f"Ray {RAY_CHECKED}"),
     ("an autoscaler's node types", "ray._private.state", "state.get_cluster_config", f"Ray {RAY_CHECKED}"),
-    ("placement groups of dead trainers", "ray._private.state", "state._connect_and_get_accessor",
-     f"Ray {RAY_CHECKED}"),
-    ("placement groups of dead trainers", "ray.core.generated.gcs_pb2", "PlacementGroupTableData",
-     f"Ray {RAY_CHECKED}"),
-    ("placement groups of dead trainers", "ray.train.v2._internal.execution.controller.controller", "TrainController",
-     f"Ray {RAY_CHECKED}"),
-    ("MLflow URI schemes", "mlflow.tracking._tracking_service.utils", "_tracking_store_registry._registry",
-     f"mlflow-skinny {MLFLOW_CHECKED}"),
-    ("MLflow URI schemes", "mlflow.tracking._model_registry.utils", "_get_store_registry",
-     f"mlflow-skinny {MLFLOW_CHECKED}"),
+    (
+        "placement groups of dead trainers",
+        "ray._private.state",
+        "state._connect_and_get_accessor",
+        f"Ray {RAY_CHECKED}",
+    ),
+    (
+        "placement groups of dead trainers",
+        "ray.core.generated.gcs_pb2",
+        "PlacementGroupTableData",
+        f"Ray {RAY_CHECKED}",
+    ),
+    (
+        "placement groups of dead trainers",
+        "ray.train.v2._internal.execution.controller.controller",
+        "TrainController",
+        f"Ray {RAY_CHECKED}",
+    ),
+    (
+        "MLflow URI schemes",
+        "mlflow.tracking._tracking_service.utils",
+        "_tracking_store_registry._registry",
+        f"mlflow-skinny {MLFLOW_CHECKED}",
+    ),
+    (
+        "MLflow URI schemes",
+        "mlflow.tracking._model_registry.utils",
+        "_get_store_registry",
+        f"mlflow-skinny {MLFLOW_CHECKED}",
+    ),
 )
 
 

@@ -503,7 +503,9 @@ class TuneSession:
             checkpoint.path,
             self.world_rank,
             self.skipped,
-            open_folder=lambda filesystem, path: ray.tune.Checkpoint(path=path, filesystem=filesystem).as_directory(),
+            open_folder=lambda filesystem, path: ray.tune.Checkpoint(
+                path=path, filesystem=filesystem
+            ).as_directory(),
         )
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: str | None, step: int) -> None:

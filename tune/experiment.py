@@ -72,7 +72,11 @@ class SearchSettings:
     num_samples: int = flag(8, "trials to run")
     workers_per_trial: int = flag(1, "data-parallel workers per trial", name="--num-workers-per-trial")
     use_gpu: bool = flag(False, "one GPU per worker")
-    cpus_per_worker: float | None = flag(None, "CPUs per worker (default: one node's CPUs split over a trial's workers; 2 with --use-gpu)", type=float)
+    cpus_per_worker: float | None = flag(
+        None,
+        "CPUs per worker (default: one node's CPUs split over a trial's workers; 2 with --use-gpu)",
+        type=float,
+    )
     max_concurrent: int | None = flag(
         None,
         "trials at once (default: as many as the cluster holds at its largest, autoscaled nodes included)",
@@ -89,7 +93,9 @@ class SearchSettings:
     address: str | None = None
     grace_period: int = flag(1, "validations before ASHA may stop a trial")
     reduction_factor: int = flag(2, "ASHA keeps 1/N of the trials at each rung")
-    max_failures: int = flag(2, "retries of a failed trial (a lost node) from its latest checkpoint (-1: no limit)")
+    max_failures: int = flag(
+        2, "retries of a failed trial (a lost node) from its latest checkpoint (-1: no limit)"
+    )
     objectives: Objectives = ()  # two (metric, mode) pairs for a Pareto search; () one metric (tune/objectives.py)
 
 
@@ -146,7 +152,9 @@ def plan_trials(settings: SearchSettings, cluster: ClusterCapacity, num_trials: 
     """
     workers = settings.workers_per_trial
     # One node's CPUs per trial, split over its workers (train.driver.worker_cpus).
-    cpus = worker_cpus(workers, settings.use_gpu, settings.cpus_per_worker, cluster, cluster.largest("CPU") or 1)
+    cpus = worker_cpus(
+        workers, settings.use_gpu, settings.cpus_per_worker, cluster, cluster.largest("CPU") or 1
+    )
     worker = worker_resources(cpus, settings.use_gpu)
     if HEAD_RESOURCE in {name for group in cluster.live for name in group.resources}:
         driver = {"CPU": 0.0, HEAD_RESOURCE: DRIVER_SHARE}
@@ -230,9 +238,7 @@ def saved_experiment(settings: SearchSettings) -> dict[str, Any] | None:
                 tuple(Dimension(d["name"], d["kind"], tuple(d["values"])) for d in record["space"])
             )
     except (ValueError, KeyError, TypeError) as error:
-        raise RunFolderError(
-            f"{path}/{SEARCH_FILE} is not a readable experiment record: {error}"
-        ) from None
+        raise RunFolderError(f"{path}/{SEARCH_FILE} is not a readable experiment record: {error}") from None
     return record
 
 

@@ -332,8 +332,6 @@ def write_results(
     return written
 
 
-
-
 def front_columns(objectives: Objectives) -> tuple[str, str]:
     """The table's columns of the two objectives: the best first metric, the second at it."""
     return f"best_{objectives[0][0]}", objectives[1][0]

@@ -26,7 +26,15 @@ from lstm_ae.config import FIELD_SECTIONS, ConfigError, ExperimentConfig, field_
 KINDS = ("choice", "int", "uniform", "loguniform")
 # Fields the experiment itself is built on (ASHA's budget, the metric, the reporting grid):
 # they stay the same for every trial.
-FIXED_FIELDS = ("max_steps", "max_minutes", "eval_every", "checkpoint_every", "log_every", "keep_checkpoints", "metric")
+FIXED_FIELDS = (
+    "max_steps",
+    "max_minutes",
+    "eval_every",
+    "checkpoint_every",
+    "log_every",
+    "keep_checkpoints",
+    "metric",
+)
 
 
 class SpaceError(ValueError):

@@ -1,8 +1,8 @@
 """Time the linear digit probe on one checkpoint and print its scores.
 
-    python benchmarks/probe.py runs/my-run/checkpoint_00000900 --sequences 2000
-    git show bc31b51:lstm_ae/linear_probe.py > /tmp/old_probe.py
-    python benchmarks/probe.py CHECKPOINT --implementation /tmp/old_probe.py   # another version
+    python benchmarks/linear_probe_timing.py runs/my-run/checkpoint_00000900 --sequences 2000
+    git show REV:lstm_ae/linear_probe.py > /tmp/old_probe.py
+    python benchmarks/linear_probe_timing.py CHECKPOINT --implementation /tmp/old_probe.py   # another version
 
 Runs what training runs at its end (`probe_with_baseline`: the trained encoder and an
 untrained one of the same shape) and the shuffled-label control, and prints the trained
@@ -73,7 +73,10 @@ def main() -> int:
         "--sequences", type=int, default=2000, help="training sequences (half as many held out)"
     )
     parser.add_argument(
-        "--implementation", type=Path, default=None, help="probe module file (default: lstm_ae/linear_probe.py)"
+        "--implementation",
+        type=Path,
+        default=None,
+        help="probe module file (default: lstm_ae/linear_probe.py)",
     )
     parser.add_argument("--cache-dir", default=None, help="where the digit data are cached")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
