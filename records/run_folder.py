@@ -57,6 +57,24 @@ def continue_line(command: str, flags: str, resumable: bool, unstarted: str) -> 
     return f"{unstarted}: start it again with python -m {command} {flags} and the same flags"
 
 
+def check_resumed_flags(
+    given: dict[str, Any], saved: dict[str, Any], what: str, may_change: frozenset[str] = frozenset()
+) -> None:
+    """The one resume rule of `train` and `tune`: a resumed run or experiment keeps its saved
+    config. Config flags equal to it are accepted (the command recalled with `--resume` added);
+    flags that differ, except `may_change`, are refused in one line naming each and both values."""
+    changed = [
+        f"--{name.replace('_', '-')} {value} (saved: {saved[name]})"
+        for name, value in given.items()
+        if name not in may_change and value != saved.get(name)
+    ]
+    if changed:
+        raise ConfigError(
+            f"--resume continues the {what} with its saved config, and these flags differ from it: "
+            f"{', '.join(changed)}; drop them, or start a new --name"
+        )
+
+
 def folder_flags(name: str, storage: str) -> str:
     """The flags that name a run or experiment folder again."""
     return f"--name {name}" + (f" --output-dir {storage}" if storage != "runs" else "")

@@ -63,9 +63,12 @@ def test_resume_keeps_the_model_of_the_saved_run(tmp_path):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "config.json").write_text(json.dumps({"config": config.to_dict()}))
     common = ("--output-dir", str(tmp_path), "--name", "run", "--resume")
-    completed = run_train(*common, "--hidden-size", "64")
+    completed = run_train(*common, "--hidden-size", "64", "--learning-rate", "0.5", "--eval-every", "3")
     assert completed.returncode == 2 and completed.stderr.count("\n") == 1
-    assert "--hidden-size 64 differs from the resumed run's hidden_size 32" in completed.stderr
+    assert (  # each differing flag with both values; --eval-every may change on a resume
+        "continues the run with its saved config, and these flags differ from it: "
+        f"--hidden-size 64 (saved: 32), --learning-rate 0.5 (saved: {config.optim.learning_rate})"
+    ) in completed.stderr
     (tmp_path / "run" / "config.json").write_text("{not json")
     completed = run_train(*common)
     assert completed.returncode == 2 and "config.json is not a readable run config" in completed.stderr

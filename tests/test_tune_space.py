@@ -213,14 +213,25 @@ def test_a_resumed_search_keeps_its_saved_config_and_space_and_refuses_new_ones(
     resumed_base, resumed_space, _ = resumed_experiment(arguments, record)
     assert resumed_base == base and resumed_space == space
     common = ("--output-dir", str(tmp_path), "--name", "exp", "--resume")
+    (tmp_path / "other.yaml").write_text("hidden_size: {choice: [16, 32]}\n")
     for arguments, message in (
-        (["--hidden-size", "64"], "continues the experiment with its saved config; drop --hidden-size"),
+        (
+            ["--hidden-size", "64", "--max-steps", "9", "--seed", "3"],
+            "these flags differ from it: --hidden-size 64 (saved: 16), --seed 3 (saved: 0); drop them",
+        ),
         (["--experiment", "ablations"], "experiment 'exp' is search: resume it with --experiment search"),
         (["--space", str(tmp_path / "other.yaml")], "keeps the experiment's saved search space"),
     ):
         completed = run_tune(*common, *arguments)
         assert completed.returncode == 2 and message in completed.stderr, completed.stderr
         assert completed.stderr.count("\n") == 1
+    # The command as it was started, with --resume added: equal flags and space are accepted.
+    (tmp_path / "same.yaml").write_text("learning_rate: {loguniform: [1.0e-3, 1.0e-2]}\n")
+    same = build_parser().parse_args(
+        ["--preset", "smoke", "--hidden-size", "16", "--max-steps", "9", "--space", str(tmp_path / "same.yaml"),
+         "--name", "exp", "--resume"]
+    )  # fmt: skip
+    assert resumed_experiment(same, record)[:2] == (base, space)
     (tmp_path / "exp" / "search.json").write_text("{}")
     completed = run_tune(*common)
     assert completed.returncode == 2 and "not a readable experiment record" in completed.stderr

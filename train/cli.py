@@ -41,7 +41,7 @@ from lstm_ae.metrics import (
     VAL_MSE_FRAME,
     VAL_SSIM,
 )
-from records.run_folder import RESUMABLE_FIELDS, RunFolderError, SavedRun, saved_run
+from records.run_folder import RESUMABLE_FIELDS, RunFolderError, SavedRun, check_resumed_flags, saved_run
 from records.sources import Source, SourceError, check_initial_weights, read_source, source_label
 from train.commandline import (
     OneLineParser,
@@ -150,14 +150,7 @@ def resolve_config(
     if saved is None:
         return config_from_arguments(arguments, arguments.preset or DEFAULT_PRESET)
     overrides = config_overrides(arguments)
-    saved_values = saved.config.values_by_field()
-    for name, value in overrides.items():
-        if value == saved_values[name] or name in RESUMABLE_FIELDS:
-            continue
-        raise ConfigError(
-            f"--{name.replace('_', '-')} {value} differs from the resumed run's {name} "
-            f"{saved_values[name]}: a resumed run keeps it (start a new --name instead)"
-        )
+    check_resumed_flags(overrides, saved.config.values_by_field(), "run", RESUMABLE_FIELDS)
     if overrides.get("max_steps", saved.config.training.max_steps) < saved.config.training.max_steps:
         raise ConfigError(
             f"--max-steps {overrides['max_steps']} is below the resumed run's max_steps "

@@ -35,7 +35,7 @@ from lstm_ae.pareto import rule_text
 from lstm_ae.tables import to_markdown
 from records.folder_lock import FolderLockedError, locked
 from records.layout import ABLATIONS_CSV, ABLATIONS_MD, SEARCH_FILE
-from records.run_folder import RunFolderError, continue_line, folder_flags
+from records.run_folder import RunFolderError, check_resumed_flags, continue_line, folder_flags
 from records.sources import train_command
 from records.storage import path_exists, storage_path
 from train.commandline import (
@@ -135,18 +135,19 @@ def check_positive(arguments: argparse.Namespace) -> None:
 def resumed_experiment(arguments: argparse.Namespace, record: dict) -> tuple:
     """(base, space, seeds) of the experiment being resumed, from its search.json.
 
-    A resumed experiment keeps what it was started with: config flags, --space, a different
-    --experiment or --seeds are refused rather than silently mixed in.
+    A resumed experiment keeps what it was started with (`records.run_folder.check_resumed_flags`,
+    the rule `train --resume` follows too): config flags and a --space equal to the saved ones
+    are accepted, others refused rather than silently mixed in, and so is a different
+    --experiment.
     """
-    given = config_overrides(arguments)
-    if given:
-        flags = ", ".join("--" + name.replace("_", "-") for name in given)
-        raise ConfigError(f"--resume continues the experiment with its saved config; drop {flags}")
+    check_resumed_flags(config_overrides(arguments), record["base"].values_by_field(), "experiment")
     kind = "search" if "space" in record else "ablations"
     if arguments.experiment != kind:
         raise ConfigError(f"experiment {arguments.name!r} is {kind}: resume it with --experiment {kind}")
-    if arguments.space is not None:
-        raise ConfigError("--resume keeps the experiment's saved search space; drop --space")
+    if arguments.space is not None and load_space(arguments.space) != record.get("space"):
+        raise ConfigError(
+            f"--resume keeps the experiment's saved search space; --space {arguments.space} differs from it: drop it"
+        )
     seeds = record.get("seeds", arguments.seeds)
     return record["base"], record.get("space"), seeds
 
