@@ -18,7 +18,7 @@ from lstm_ae.config import ExperimentConfig, preset
 from train.driver import RunSettings, Scaling, run_training
 from tune.cli import search_and_tabulate
 from tune.experiment import SearchSettings
-from tune.results import COMPLETED, STOPPED_BY_SCHEDULER
+from tune.results import COMPLETED, STOPPED_BY_SCHEDULER, train_best_line
 from tune.space import parse_space
 
 pytestmark = pytest.mark.ray
@@ -99,7 +99,7 @@ def test_train_from_the_search_trains_its_printed_best_trial_and_records_its_sou
 
     folder, summary = search
     best = read_rows(folder)[0]
-    line = f"train the best trial: python -m train --from {folder} --trial {best['trial']}"
+    line = train_best_line(best, str(folder))  # says so where the best trial did not finish
     assert summary.rstrip().endswith(line)
     assert all((trial / "config.json").is_file() for trial in folder.glob("trial_*"))
     trial_folder = next(folder.glob(f"trial_{best['trial']}_*"))
@@ -107,7 +107,7 @@ def test_train_from_the_search_trains_its_printed_best_trial_and_records_its_sou
         json.loads((trial_folder / "config.json").read_text())["config"]
     )
     flags = ["--max-steps", "2", "--eval-every", "2", "--checkpoint-every", "2", "--probe-sequences", "0"]
-    command = shlex.split(line.split(": ", 1)[1])[3:]
+    command = shlex.split(line.split(": ", 1)[1].split("  (")[0])[3:]
     where = ["--cpus-per-worker", "1", "--output-dir", str(tmp_path), "--name", "winner"]
     assert train_main([*command, *flags, "--init-from-checkpoint", *where]) == 0
     record = json.loads((tmp_path / "winner" / "config.json").read_text())

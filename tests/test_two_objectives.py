@@ -95,3 +95,16 @@ def test_the_cpu_budget_space_searches_the_loss_with_the_head():
     space = parse_space(yaml.safe_load(pathlib.Path("tune/spaces/cpu_budget.yaml").read_text()))
     dimensions = {dimension.name: dimension.values for dimension in space.dimensions}
     assert dimensions["loss"] == ("auto", "l1_l2") and dimensions["head"] == ("logistic", "linear")
+
+
+def test_the_command_that_trains_the_best_trial_says_when_it_did_not_finish():
+    from tune.results import COMPLETED, ERRORED, STOPPED_BY_SCHEDULER, train_best_line
+
+    done = train_best_line({"trial": "a1", "status": COMPLETED, "steps": 40}, "runs/f")
+    assert done == "train the best trial: python -m train --from runs/f --trial a1"
+    for status in (ERRORED, STOPPED_BY_SCHEDULER):
+        line = train_best_line({"trial": "b2", "status": status, "steps": 20}, "runs/f")
+        assert (
+            line
+            == f"train the best trial: python -m train --from runs/f --trial b2  (it did not finish: {status} at step 20)"
+        )

@@ -36,7 +36,6 @@ from lstm_ae.tables import to_markdown
 from records.folder_lock import FolderLockedError, locked
 from records.layout import ABLATIONS_CSV, ABLATIONS_MD, SEARCH_FILE
 from records.run_folder import RunFolderError, check_resumed_flags, continue_line, folder_flags
-from records.sources import train_command
 from records.storage import path_exists, storage_path
 from train.commandline import (
     OneLineParser,
@@ -59,7 +58,7 @@ from tune.experiment import (
 from tune.mlflow_trials import trial_mlflow_callback
 from tune.objectives import Objectives, from_record, is_multi, objectives_from_flags
 from tune.objectives import describe as describe_objectives
-from tune.results import front_columns, trial_rows, write_results
+from tune.results import front_columns, train_best_line, trial_rows, write_results
 from tune.space import SpaceError, default_space, load_space
 
 
@@ -303,9 +302,9 @@ def local_results_folder(settings) -> Path:
 
 def winner_line(rows: list[dict], settings) -> str:
     """The line that trains the table's best trial again (`records.sources.train_command`), if any."""
-    best = next((row["trial"] for row in rows if row.get("best")), None)
+    best = next((row for row in rows if row.get("best")), None)
     experiment = f"{storage_path(settings.storage)}/{settings.name}"
-    return f"\ntrain the best trial: {train_command(experiment, best)}" if best else ""
+    return "\n" + train_best_line(best, experiment) if best else ""
 
 
 def publish(folder: Path, names: list[str], settings) -> None:

@@ -38,10 +38,18 @@ from lstm_ae.metrics import (
 )
 from lstm_ae.tables import read_table, to_csv, to_markdown
 from records.layout import ABLATIONS_CSV, RESULT_FILE, RESULTS_CSV, SEARCH_FILE
-from records.sources import train_command
 from train.commandline import OneLineParser, fail
 from tune.report import html_report
-from tune.results import BEST_MARK, COMPLETED, FRONT_MARK, REFERENCE, STOPPED, sort_rows, trial_status
+from tune.results import (
+    BEST_MARK,
+    COMPLETED,
+    FRONT_MARK,
+    REFERENCE,
+    STOPPED,
+    sort_rows,
+    train_best_line,
+    trial_status,
+)
 from tune.variants import VARIANTS
 
 CONFIG_COLUMNS = ("hidden_size", "num_layers", "learning_rate", "reconstruction_weight", "decoder_mode")
@@ -298,7 +306,7 @@ def best_trial_line(rows: list[dict[str, Any]]) -> str | None:
     best = next((row for row in rows if row.get("best") == BEST_MARK), None)
     if best is None or best.get("kind") != "tune trial" or not best.get("trial"):
         return None
-    return f"train the best trial: {train_command(str(Path(best['_folder']).resolve()), str(best['trial']))}"
+    return train_best_line(best, str(Path(best["_folder"]).resolve()))
 
 
 def table_columns(metric: str, rows: Sequence[dict[str, Any]] = ()) -> list[str]:

@@ -40,6 +40,7 @@ from lstm_ae.pareto import front_choice, pareto_front, rule_text
 from lstm_ae.tables import to_csv, to_markdown
 from records.checkpoints import best_checkpoint
 from records.layout import RESULTS_CSV, RESULTS_MD
+from records.sources import train_command
 from records.storage import storage_filesystem
 from tune.objectives import Objectives, is_multi
 from tune.space import SearchSpace
@@ -187,6 +188,17 @@ def _filesystem_of(path: str) -> tuple[Any, str]:
         import pyarrow.fs
 
         return pyarrow.fs.LocalFileSystem(), "/nonexistent"
+
+
+def train_best_line(row: dict[str, Any], experiment: str) -> str:
+    """The line that trains a search's best trial (`row`, a table row) again. The best is ranked
+    by its best report whether or not the trial finished, and `--from` takes an unfinished one
+    too; the line says when it errored or stopped early, and at which step."""
+    line = f"train the best trial: {train_command(experiment, str(row['trial']))}"
+    status = row.get("status")
+    if status and status != COMPLETED:
+        line += f"  (it did not finish: {status} at step {row.get('steps', '?')})"
+    return line
 
 
 def sort_rows(rows: list[dict[str, Any]], column: str, mode: str) -> list[dict[str, Any]]:
