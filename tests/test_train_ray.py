@@ -188,24 +188,25 @@ def test_resuming_a_finished_run_says_so_and_changes_nothing(finished_run):
 
 
 @pytest.mark.parametrize(
-    "flags, field",
+    "flags, saved",
     [
-        (["--seed", "1"], "seed"),
-        (["--batch-size", "8"], "batch_size"),
-        (["--step-fraction", "0.2"], "step_fraction"),
-        (["--learning-rate", "0.5"], "learning_rate"),
-        (["--hidden-size", "64"], "hidden_size"),
-        (["--num-workers", "2"], "num_workers"),
-        (["--max-steps", "4"], "max_steps"),
+        (["--seed", "1"], "0"),
+        (["--batch-size", "8"], "4"),
+        (["--step-fraction", "0.2"], "0.1"),
+        (["--learning-rate", "0.5"], "0.01"),
+        (["--hidden-size", "64"], "32"),
+        (["--num-workers", "2"], "1"),
+        (["--max-steps", "4"], "6"),
     ],
 )
-def test_resume_refuses_changes_that_break_reproducibility(finished_run, flags, field):
+def test_resume_refuses_changes_that_break_reproducibility(finished_run, flags, saved):
     before = snapshot(finished_run)
     command = train_command(finished_run, "--resume", *flags)
     completed = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert completed.returncode == 2
     lines = completed.stderr.strip().splitlines()
-    assert len(lines) == 1 and field in lines[0], completed.stderr
+    assert len(lines) == 1, completed.stderr
+    assert f"{flags[0]} {flags[1]}" in lines[0] and saved in lines[0], lines[0]
     assert snapshot(finished_run) == before
 
 
