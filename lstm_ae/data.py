@@ -4,7 +4,7 @@ Conventions (also in docs/model.md):
 - At the library boundary sequences are (B, T, C, H, W) float32 in [0, 1]. Frames 0..past-1
   are the past (encoder input), the next `future_length` frames the future.
 - The standard file `mnist_test_seq.npy` is time-major (T, N, H, W) uint8. `read_sequence_file`
-  reads it (memory-mapped) and `sequences_to_tensor` is the one place that transposes it.
+  reads it (memory-mapped) and `sequence_pixels` is the one place that transposes it.
   The fixed validation set we generate is written in the same layout, so one reader serves both.
 - The generator follows Srivastava et al. (2015): 28x28 digits on a 64x64 canvas, start
   uniform in the free area, direction uniform on the circle, a step of `step_fraction` of
@@ -107,8 +107,36 @@ def load_digits(config: DataConfig, split: str) -> Digits:
 # --------------------------------------------------------------------------- generator
 
 
+@dataclass(frozen=True)
+class Placement:
+    """Where the digits of a batch go: which digit each sequence shows (B, num_digits) and
+    each frame's top-left corners (B, T, num_digits), int64. Drawn on the CPU (the float64
+    trajectories), a few kilobytes; the frames are rendered from it wherever the digits are."""
+
+    digit_indices: Tensor
+    top: Tensor
+    left: Tensor
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Placement:
+        return Placement(
+            *(
+                tensor.to(device, non_blocking=non_blocking)
+                for tensor in (self.digit_indices, self.top, self.left)
+            )
+        )
+
+    def pin_memory(self) -> Placement:
+        return Placement(self.digit_indices.pin_memory(), self.top.pin_memory(), self.left.pin_memory())
+
+
 class BouncingDigits:
-    """Moving MNIST sequences of Srivastava et al. (2015), generated a batch at a time."""
+    """Moving MNIST sequences of Srivastava et al. (2015), generated a batch at a time.
+
+    A batch is placed on the CPU (`place`: digit choices and trajectories from a torch
+    Generator) and rendered where the digit images are (`draw`): `to(device)` moves them, so
+    a GPU worker renders its batches on the GPU. Rendering is integer copying (a gather and
+    a max), so the frames are the same bits on every device.
+    """
 
     def __init__(
         self,
@@ -138,6 +166,19 @@ class BouncingDigits:
             step_fraction=data.step_fraction,
         )
 
+    @property
+    def device(self) -> torch.device:
+        """Where frames are rendered: the device of the digit images."""
+        return self.digits.images.device
+
+    def to(self, device: torch.device | str) -> BouncingDigits:
+        """The same generator rendering on `device` (the digit images copied there once; the
+        labels stay on the CPU, where placements choose them)."""
+        digits = Digits(self.digits.images.to(device), self.digits.labels)
+        return BouncingDigits(
+            digits, self.height, self.width, self.sequence_length, self.num_digits, self.step_fraction
+        )
+
     def trajectories(self, batch_size: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         """Top-left corners (B, T, num_digits) int64: rows and columns.
 
@@ -163,22 +204,34 @@ class BouncingDigits:
         left = (torch.stack(cols, dim=1) * span_x).long()
         return top, left
 
+    def place(self, batch_size: int, generator: torch.Generator) -> Placement:
+        """A batch's placement, on the CPU: the digits first, then their trajectories."""
+        digit_indices = torch.randint(len(self.digits), (batch_size, self.num_digits), generator=generator)
+        top, left = self.trajectories(batch_size, generator)
+        return Placement(digit_indices, top, left)
+
     def render(self, top: Tensor, left: Tensor, digit_indices: Tensor) -> Tensor:
-        """Frames (B, T, H, W) uint8: each digit pasted at its corner, overlaps combined by max.
+        """Frames (B, T, H, W) uint8 on `device`: each digit pasted at its corner, overlaps
+        combined by max.
 
         Each digit sits in the corner of a zero image padded by the free span; every canvas
         position is then a window of that image (an unfold view), so a frame is one gather.
         """
+        images = self.digits.images
+        top, left, digit_indices = (tensor.to(images.device) for tensor in (top, left, digit_indices))
         batch = top.shape[0]
         span_y, span_x = self.height - DIGIT_SIZE, self.width - DIGIT_SIZE
         padded = torch.zeros(
-            batch, self.num_digits, self.height + span_y, self.width + span_x, dtype=torch.uint8
+            batch,
+            self.num_digits,
+            self.height + span_y,
+            self.width + span_x,
+            dtype=torch.uint8,
+            device=images.device,
         )
-        padded[:, :, span_y : span_y + DIGIT_SIZE, span_x : span_x + DIGIT_SIZE] = self.digits.images[
-            digit_indices
-        ]
+        padded[:, :, span_y : span_y + DIGIT_SIZE, span_x : span_x + DIGIT_SIZE] = images[digit_indices]
         windows = padded.unfold(2, self.height, 1).unfold(3, self.width, 1)  # (B, n, sy+1, sx+1, H, W)
-        sequence = torch.arange(batch).view(batch, 1)
+        sequence = torch.arange(batch, device=images.device).view(batch, 1)
         frames = windows[sequence, 0, span_y - top[..., 0], span_x - left[..., 0]]
         for digit in range(1, self.num_digits):
             torch.maximum(
@@ -188,11 +241,15 @@ class BouncingDigits:
             )
         return frames
 
+    def draw(self, placement: Placement) -> Tensor:
+        """The frames (B, T, H, W) uint8 of a placement, rendered on `device`."""
+        return self.render(placement.top, placement.left, placement.digit_indices)
+
     def sample(self, batch_size: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-        """A batch of sequences (B, T, H, W) uint8 and their digit labels (B, num_digits)."""
-        digit_indices = torch.randint(len(self.digits), (batch_size, self.num_digits), generator=generator)
-        top, left = self.trajectories(batch_size, generator)
-        return self.render(top, left, digit_indices), self.digits.labels[digit_indices]
+        """A batch of sequences (B, T, H, W) uint8 (on `device`) and their digit labels
+        (B, num_digits)."""
+        placement = self.place(batch_size, generator)
+        return self.draw(placement), self.digits.labels[placement.digit_indices]
 
 
 def stream_seed(seed: int, rank: int, step: int, *purpose: int) -> int:
@@ -204,17 +261,12 @@ def stream_seed(seed: int, rank: int, step: int, *purpose: int) -> int:
     return int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0] >> 1)
 
 
-def to_unit_float(frames: Tensor) -> Tensor:
-    """uint8 frames (..., H, W) -> float32 (..., 1, H, W) in [0, 1] (adds the channel axis)."""
-    return as_unit_float(frames.unsqueeze(-3))
-
-
 def as_unit_float(frames: Tensor) -> Tensor:
     """uint8 pixels -> float32 in [0, 1], on the device they are on; float frames unchanged.
 
-    The training stream hands out uint8 batches (a quarter of the bytes to copy to a GPU);
-    `lstm_ae.engine.train_step` converts them here, after the copy, with the same arithmetic
-    as `to_unit_float`, so the values are the same bits as the host's conversion.
+    The one conversion: the training stream and the validation set hold uint8 (a quarter of
+    the bytes of floats), and are converted here where they are used (`lstm_ae.engine.train_step`
+    after the copy to the model's device), with the same arithmetic on every device.
     """
     if frames.dtype != torch.uint8:
         return frames
@@ -248,11 +300,19 @@ class GeneratedSequences(IterableDataset):
         frames, labels = self.pixel_batch(step)
         return as_unit_float(frames), labels
 
+    def placement(self, step: int) -> Placement:
+        """Where the digits of step `step`'s batch go (drawn on the CPU)."""
+        generator = torch.Generator().manual_seed(stream_seed(self.seed, self.rank, step))
+        return self.generator.place(self.batch_size, generator)
+
+    def frames(self, placement: Placement) -> Tensor:
+        """A placement's frames (B, T, 1, H, W) uint8, rendered on the generator's device."""
+        return self.generator.draw(placement).unsqueeze(2)
+
     def pixel_batch(self, step: int) -> tuple[Tensor, Tensor]:
         """The batch of one step as drawn: frames (B, T, 1, H, W) uint8, labels (B, num_digits)."""
-        generator = torch.Generator().manual_seed(stream_seed(self.seed, self.rank, step))
-        frames, labels = self.generator.sample(self.batch_size, generator)
-        return frames.unsqueeze(2), labels
+        placement = self.placement(step)
+        return self.frames(placement), self.generator.digits.labels[placement.digit_indices]
 
     def __iter__(self) -> Iterator:
         info = torch.utils.data.get_worker_info()
@@ -265,29 +325,42 @@ class GeneratedSequences(IterableDataset):
 
 
 class PrefetchedBatches:
-    """The training stream's batches from `start_step` on, drawn `depth` steps ahead on a
-    background thread, so that drawing them overlaps the training step.
+    """The training stream's batches from `start_step` on, prepared `depth` steps ahead on a
+    background thread, so that preparing them overlaps the training step.
 
-    Items are uint8 frames (B, T, 1, H, W) (convert with `as_unit_float`, on the device after
-    the copy); with `pin_memory` (CUDA) they are in page-locked memory, ready for a
-    `non_blocking` copy. The batch of step s is `stream.pixel_batch(s)`, a function of
-    (seed, rank, s) alone, so the thread changes no value: the batches are those of the
-    stream without prefetching, and a run resumed at step s draws exactly what it would have.
+    Items are uint8 frames (B, T, 1, H, W) on the stream's generator's device (convert with
+    `as_unit_float`). Where the generator renders on the CPU the thread draws whole batches
+    (page-locked with `pin_memory`, ready for a `non_blocking` copy to a GPU); where it
+    renders on a GPU (`BouncingDigits.to`) the thread draws placements only (digits and
+    trajectories, float64 on the CPU as ever) and `next()` renders them there: a few kernels
+    queued ahead of the step, instead of the worker's CPUs rendering every pixel.
+    `render_on_thread` overrides that choice. The batch of step s is `stream.pixel_batch(s)`,
+    a function of (seed, rank, s) alone, so neither the thread nor the device changes a
+    value: the batches are those of the stream without prefetching, and a run resumed at
+    step s draws exactly what it would have.
     An error on the thread is raised by the `next()` that would have returned its batch.
     `close()` stops the thread (it also stops when this object is garbage-collected).
     """
 
     def __init__(
-        self, stream: GeneratedSequences, start_step: int = 0, depth: int = 2, pin_memory: bool = False
+        self,
+        stream: GeneratedSequences,
+        start_step: int = 0,
+        depth: int = 2,
+        pin_memory: bool = False,
+        render_on_thread: bool | None = None,
     ):
         if depth < 1:
             raise ValueError(f"depth must be at least 1, got {depth}")
+        self._stream = stream
+        if render_on_thread is None:
+            render_on_thread = stream.generator.device.type == "cpu"
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
         # The thread must not hold this object (the finalizer stops it when this object goes).
         self._thread = threading.Thread(
             target=_prefetch,
-            args=(stream, start_step, pin_memory, self._queue, self._stop),
+            args=(stream, start_step, render_on_thread, pin_memory, self._queue, self._stop),
             name=f"prefetch-rank{stream.rank}",
             daemon=True,
         )
@@ -304,6 +377,9 @@ class PrefetchedBatches:
         if isinstance(item, BaseException):
             self.close()
             raise item
+        if isinstance(item, Placement):
+            device = self._stream.generator.device
+            return self._stream.frames(item.to(device, non_blocking=device.type == "cuda"))
         return item
 
     def close(self) -> None:
@@ -318,13 +394,22 @@ class PrefetchedBatches:
 
 
 def _prefetch(
-    stream: GeneratedSequences, step: int, pin_memory: bool, batches: queue.Queue, stop: threading.Event
+    stream: GeneratedSequences,
+    step: int,
+    render: bool,
+    pin_memory: bool,
+    batches: queue.Queue,
+    stop: threading.Event,
 ) -> None:
-    """The prefetching thread: draw, pin, and queue batches until told to stop."""
+    """The prefetching thread: place (and render, where `render`), pin, and queue batches
+    until told to stop."""
+    pin_memory = pin_memory and (not render or stream.generator.device.type == "cpu")
     try:
         while not stop.is_set():
-            frames = stream.pixel_batch(step)[0]
-            _put_unless_stopped(batches, frames.pin_memory() if pin_memory else frames, stop)
+            item = stream.placement(step)
+            if render:
+                item = stream.frames(item.to(stream.generator.device))
+            _put_unless_stopped(batches, item.pin_memory() if pin_memory else item, stop)
             step += 1
     except BaseException as error:  # handed to the consumer, raised by its next()
         _put_unless_stopped(batches, error, stop)
@@ -379,10 +464,16 @@ def read_sequence_file(path: str | os.PathLike) -> np.ndarray:
     return array
 
 
+def sequence_pixels(array: np.ndarray, indices: slice | np.ndarray = slice(None)) -> Tensor:
+    """Standard-layout (T, N, H, W) uint8 -> (B, T, 1, H, W) uint8 for the chosen sequences:
+    the one place that transposes the layout."""
+    selected = np.array(array[:, indices].swapaxes(0, 1), order="C")  # (B, T, H, W), a writable copy
+    return torch.from_numpy(selected).unsqueeze(2)
+
+
 def sequences_to_tensor(array: np.ndarray, indices: slice | np.ndarray = slice(None)) -> Tensor:
     """Standard-layout (T, N, H, W) uint8 -> (B, T, 1, H, W) float in [0, 1] for the chosen sequences."""
-    selected = np.array(array[:, indices].swapaxes(0, 1), order="C")  # (B, T, H, W), a writable copy
-    return to_unit_float(torch.from_numpy(selected))
+    return as_unit_float(sequence_pixels(array, indices))
 
 
 def write_sequence_file(path: str | os.PathLike, frames: Tensor) -> None:
@@ -405,24 +496,46 @@ def _atomic_save(path: Path, array: np.ndarray) -> None:
 
 @dataclass(frozen=True)
 class TestSet:
-    """A fixed set of sequences in the standard layout, with digit labels when known."""
+    """A fixed set of sequences in the standard layout, with digit labels when known.
+
+    Read from its file (memory-mapped: on the CPU, workers of one node share its pages);
+    `to(device)` copies the sequences to a device once, as uint8, for a run to validate on
+    there without copying the set again at every validation."""
 
     path: Path
     array: np.ndarray  # (T, N, H, W) uint8, memory-mapped
     labels: np.ndarray | None  # (N, num_digits) int64
+    frames: Tensor | None = None  # (N, T, 1, H, W) uint8 on a device, after `to`
 
     def __len__(self) -> int:
         return self.array.shape[1]
 
+    def to(self, device: torch.device | str) -> TestSet:
+        """The same set held as uint8 sequences on `device` (copied in chunks: no float copy of
+        the whole set on the host)."""
+        chunk = 1024
+        frames = torch.empty(
+            (len(self), self.array.shape[0], 1, *self.array.shape[2:]), dtype=torch.uint8, device=device
+        )
+        for start in range(0, len(self), chunk):
+            end = min(start + chunk, len(self))
+            frames[start:end] = sequence_pixels(self.array, slice(start, end))
+        return TestSet(self.path, self.array, self.labels, frames)
+
     def batches(self, batch_size: int, shard: int = 0, shards: int = 1) -> Iterator[Tensor]:
-        """Consecutive batches (B, T, 1, H, W) float in [0, 1], in file order.
+        """Consecutive batches (B, T, 1, H, W) float in [0, 1], in file order (on the device
+        the set was moved `to`, else on the CPU).
 
         With `shards` > 1, only the `shard`-th contiguous block of sequences (for evaluating
         on several workers at once; the blocks cover the set exactly once).
         """
         first, last = len(self) * shard // shards, len(self) * (shard + 1) // shards
         for start in range(first, last, batch_size):
-            yield sequences_to_tensor(self.array, slice(start, min(start + batch_size, last)))
+            end = min(start + batch_size, last)
+            if self.frames is not None:
+                yield as_unit_float(self.frames[start:end])
+            else:
+                yield sequences_to_tensor(self.array, slice(start, end))
 
 
 def generated_test_path(model: ModelConfig, data: DataConfig) -> Path:

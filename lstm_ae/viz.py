@@ -175,7 +175,7 @@ def model_outputs(model, sequences: torch.Tensor, config) -> tuple[torch.Tensor,
     with autocast(config.training.precision, device):
         reconstruction, prediction = model.reconstruct_and_predict(past.to(device))
     model.train(was_training)
-    return past, future, prediction.float().cpu(), reconstruction.float().cpu()
+    return past.cpu(), future.cpu(), prediction.float().cpu(), reconstruction.float().cpu()
 
 
 def render_run(

@@ -132,6 +132,83 @@ def test_prefetched_batches_are_the_streams_and_resume_exactly(train_generator):
         assert not torch.equal(as_unit_float(next(prefetched)), expected[0])
 
 
+# sha256 (first 16 hex digits) of the frames and labels of `pixel_batch(step)`, batch 5, as
+# the generator drew them before it placed on the CPU and rendered on the device: any change
+# to the random streams, the trajectories or the rendering shows here.
+DRAWN_BEFORE = {
+    "paper": {
+        (0, 0, 0): "6298506d6bb67171",
+        (0, 1, 0): "b1b10b0e2b7242b4",
+        (7, 0, 12): "958a63e1ce043d24",
+        (7, 3, 12345): "d027f22d04dbcbbe",
+    },
+    "three digits on 48x56": {
+        (0, 0, 0): "262a498dcc320a36",
+        (0, 1, 0): "96534f09adcaafc7",
+        (7, 0, 12): "1f8829756297379f",
+        (7, 3, 12345): "7d8839635cff9814",
+    },
+}
+SHAPES = {
+    "paper": {},
+    "three digits on 48x56": dict(height=48, width=56, sequence_length=12, num_digits=3, step_fraction=0.15),
+}
+
+
+def batch_digest(frames: torch.Tensor, labels: torch.Tensor) -> str:
+    import hashlib
+
+    return hashlib.sha256(frames.cpu().numpy().tobytes() + labels.numpy().tobytes()).hexdigest()[:16]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_batches_are_the_bits_drawn_before_placement_and_rendering_were_split(train_generator, shape):
+    generator = BouncingDigits(train_generator.digits, **SHAPES[shape])
+    for (seed, rank, step), digest in DRAWN_BEFORE[shape].items():
+        stream = GeneratedSequences(generator, 5, seed, rank)
+        assert batch_digest(*stream.pixel_batch(step)) == digest, (seed, rank, step)
+
+
+@pytest.mark.parametrize("start_step", [0, 3])
+def test_batches_rendered_by_the_consumer_equal_those_rendered_on_the_thread(train_generator, start_step):
+    """The device path (the thread places, `next()` renders where the digits are), taken on
+    the CPU: the same bits for the same (seed, rank, step), from the start and after a resume."""
+    stream = GeneratedSequences(train_generator, 4, seed=5, rank=1)
+    expected = [stream.pixel_batch(step)[0] for step in range(start_step, start_step + 4)]
+    with PrefetchedBatches(stream, start_step=start_step, render_on_thread=False) as rendered_here:
+        batches = [next(rendered_here) for _ in range(4)]
+    assert all(batch.dtype == torch.uint8 and batch.shape == (4, 20, 1, 64, 64) for batch in batches)
+    assert all(torch.equal(a, b) for a, b in zip(batches, expected))
+
+
+def test_a_generator_moved_to_a_device_keeps_its_shape_and_labels_on_the_cpu(train_generator):
+    moved = BouncingDigits(train_generator.digits, **SHAPES["three digits on 48x56"]).to("cpu")
+    assert moved.device.type == "cpu" and moved.num_digits == 3 and (moved.height, moved.width) == (48, 56)
+    assert moved.digits.labels.device.type == "cpu"
+    frames, labels = GeneratedSequences(moved, 5, 7, 3).pixel_batch(12345)
+    assert batch_digest(frames, labels) == DRAWN_BEFORE["three digits on 48x56"][(7, 3, 12345)]
+
+
+def test_a_validation_set_moved_to_a_device_is_copied_once_and_batches_the_same(tmp_path):
+    model = ModelConfig()
+    data = DataConfig(test_sequences=70, cache_dir=str(tmp_path))
+    test_set = load_test_set(model, data)
+    moved = test_set.to("cpu")
+    assert moved.frames.dtype == torch.uint8 and moved.frames.shape == (70, 20, 1, 64, 64)
+    for batch_size, shard, shards in [(16, 0, 1), (8, 1, 3), (70, 2, 3)]:
+        on_host = list(test_set.batches(batch_size, shard, shards))
+        on_device = list(moved.batches(batch_size, shard, shards))
+        assert [len(b) for b in on_host] == [len(b) for b in on_device]
+        assert all(torch.equal(a, b) for a, b in zip(on_host, on_device))
+    before = list(moved.batches(16))
+    with open(test_set.path, "r+b") as file:  # the file changes under the memory map...
+        file.seek(-64 * 64, 2)
+        file.write(bytes([255]) * 64 * 64)
+    assert not torch.equal(list(test_set.batches(16))[-1], before[-1])
+    # ...and the copy, made once, does not: validations never read the file again
+    assert all(torch.equal(a, b) for a, b in zip(moved.batches(16), before))
+
+
 def test_prefetching_stops_on_close_and_hands_over_the_threads_error(train_generator):
     prefetched = PrefetchedBatches(GeneratedSequences(train_generator, 2, seed=0), depth=1)
     next(prefetched)
@@ -141,10 +218,10 @@ def test_prefetching_stops_on_close_and_hands_over_the_threads_error(train_gener
         next(prefetched)
 
     class Broken(GeneratedSequences):
-        def pixel_batch(self, step):
+        def placement(self, step):
             if step == 2:
                 raise RuntimeError("drawing step 2 failed")
-            return super().pixel_batch(step)
+            return super().placement(step)
 
     broken = PrefetchedBatches(Broken(train_generator, 2, seed=0))
     next(broken), next(broken)

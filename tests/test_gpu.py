@@ -94,6 +94,33 @@ def test_interrupted_and_resumed_run_on_the_gpu_matches_an_uninterrupted_one(tmp
     assert all(torch.equal(resumed[name], expected[name]) for name in expected)
 
 
+@needs_digits
+def test_batches_rendered_on_the_gpu_are_the_cpus_bits(tmp_path):
+    """The training stream renders on the training device: the same uint8 frames as the CPU
+    for several (seed, rank, step), through the prefetching path a worker uses (placements
+    pinned on the thread, rendered by `next()`), and the validation set copied there once."""
+    from lstm_ae.config import DataConfig
+    from lstm_ae.data import BouncingDigits, GeneratedSequences, PrefetchedBatches, load_test_set
+
+    config = preset("smoke", cache_dir=str(tmp_path))
+    on_cpu = BouncingDigits.from_config(config.model, config.data, "train")
+    on_device = on_cpu.to(DEVICE)
+    assert on_device.device.type == DEVICE
+    for seed, rank, start in [(0, 0, 0), (3, 1, 7), (11, 5, 12345)]:
+        expected = [GeneratedSequences(on_cpu, 16, seed, rank).pixel_batch(start + k)[0] for k in range(3)]
+        stream = GeneratedSequences(on_device, 16, seed, rank)
+        with PrefetchedBatches(stream, start_step=start, pin_memory=ON_GPU) as batches:
+            got = [next(batches) for _ in range(3)]
+        assert all(batch.device.type == DEVICE for batch in got)
+        assert all(torch.equal(a.cpu(), b) for a, b in zip(got, expected)), (seed, rank, start)
+    test_set = load_test_set(config.model, DataConfig(test_sequences=40, cache_dir=str(tmp_path)))
+    moved = test_set.to(DEVICE)
+    assert all(
+        a.device.type == DEVICE and torch.equal(a.cpu(), b)
+        for a, b in zip(moved.batches(16), test_set.batches(16))
+    )
+
+
 @pytest.fixture
 def ieee_fp32_matmuls():
     """CUDA matmuls in true fp32 (no TF32) during one test; the process-wide setting is restored.

@@ -133,7 +133,7 @@ def train_function(loop_config: dict[str, Any], session: Session) -> TrainingSta
     choice = agree_precision(config, state, world_size, session.device)
     config = config.replace(precision=choice.precision)
     stream = _training_batches(config, rank, world_size, state.step, session.device)
-    test_set = load_test_set(config.model, config.data)
+    test_set = _validation_set(config, session.device)
     tracker = open_tracker(loop_config, config, rank, state.step)  # rank 0's TensorBoard events
     if state.step == 0 and not settings.quiet:
         _log(rank, describe_run(config, trainables.model, world_size, session.device))
@@ -257,12 +257,20 @@ def _load_initial_weights(model: torch.nn.Module, location: str, session: Sessio
 
 
 def _training_batches(config: ExperimentConfig, rank: int, world_size: int, start_step: int, device):
-    """This worker's batches: step s on rank r is drawn from the seed (seed, r, s), on a
-    background thread ahead of the step (uint8; page-locked for a GPU's copy)."""
-    generator = BouncingDigits.from_config(config.model, config.data, "train")
+    """This worker's batches: step s on rank r is drawn from the seed (seed, r, s), placed on
+    a background thread ahead of the step and rendered on the training device (uint8)."""
+    generator = BouncingDigits.from_config(config.model, config.data, "train").to(device)
     per_worker = config.training.batch_size // world_size
     sequences = GeneratedSequences(generator, per_worker, config.training.seed, rank)
     return PrefetchedBatches(sequences, start_step=start_step, pin_memory=device.type == "cuda")
+
+
+def _validation_set(config: ExperimentConfig, device: torch.device):
+    """The fixed validation set, read once per run; on an accelerator it is copied there once
+    (uint8) and stays for the run. On the CPU it stays memory-mapped, its pages shared by the
+    node's workers."""
+    test_set = load_test_set(config.model, config.data)
+    return test_set if device.type == "cpu" else test_set.to(device)
 
 
 def _train_one_step(
