@@ -8,6 +8,7 @@ Ray workers cannot import this module from tests/, so the test modules that hand
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,8 @@ class FailOnceSession:
         if step == self.at_step and self.world_rank == self.world_size - 1 and not self.marker.exists():
             self.marker.parent.mkdir(parents=True, exist_ok=True)
             self.marker.write_text(f"failed at step {step}\n")
+            if checkpoint_dir:  # the session owns the folder it was handed
+                shutil.rmtree(checkpoint_dir, ignore_errors=True)
             raise InjectedFailure(f"injected failure at step {step} on rank {self.world_rank}")
         self.session.report(metrics, checkpoint_dir, step)
 
@@ -50,3 +53,53 @@ class FaultyTrainLoop:
 
         quiet_report_logging()
         train_function(loop_config, FailOnceSession(RayTrainSession(), self.at_step, self.marker))
+
+
+class KilledMidUploadLoop:
+    """`train.worker.train_loop_per_worker` whose rank 0 process dies halfway through
+    uploading the checkpoint of step `at_step` (once), after training has gone on to report
+    the step after it: a node lost while an upload is in flight. The upload writes half of
+    checkpoint.pt into the run's storage, then the process is killed (SIGKILL)."""
+
+    def __init__(self, at_step: int, marker: str | Path):
+        self.at_step, self.marker = at_step, str(marker)
+
+    def __call__(self, loop_config: dict[str, Any]) -> None:
+        from train.ray_internals import quiet_report_logging
+        from train.worker import train_function
+
+        quiet_report_logging()
+        train_function(loop_config, _killed_mid_upload_session(self.at_step, Path(self.marker)))
+
+
+def _killed_mid_upload_session(at_step: int, marker: Path):
+    import os
+    import signal
+    import threading
+
+    import ray.train
+
+    from train.worker import RayTrainSession
+
+    trained_past = threading.Event()  # set when training reports the step after `at_step`
+
+    class KilledMidUpload(RayTrainSession):
+        def report(self, metrics, checkpoint_dir, step):
+            if step == at_step + 1:
+                trained_past.set()
+            super().report(metrics, checkpoint_dir, step)
+
+        def upload_checkpoint(self, checkpoint, name):
+            storage = ray.train.get_context().get_storage()
+            if name == f"checkpoint_{at_step:08d}" and not marker.exists():
+                if not trained_past.wait(timeout=120):
+                    raise AssertionError(f"training did not go on past step {at_step} during its upload")
+                marker.write_text(f"killed uploading {name}\n")
+                target = Path(storage.build_checkpoint_path_from_name(name))
+                target.mkdir(parents=True, exist_ok=True)
+                written = (Path(checkpoint.path) / "checkpoint.pt").read_bytes()
+                (target / "checkpoint.pt").write_bytes(written[: len(written) // 2])
+                os.kill(os.getpid(), signal.SIGKILL)
+            return storage.persist_current_checkpoint(checkpoint, name)
+
+    return KilledMidUpload()

@@ -125,8 +125,8 @@ class GlooSession:
     def report(self, metrics, checkpoint_dir, step):
         import shutil
 
-        if checkpoint_dir:
-            shutil.copytree(checkpoint_dir, f"{self.checkpoint_root}/checkpoint_{step:08d}")
+        if checkpoint_dir:  # the session owns it: moved into place
+            shutil.move(checkpoint_dir, f"{self.checkpoint_root}/checkpoint_{step:08d}")
             self.checkpoints.append(step)
 
 

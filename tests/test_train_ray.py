@@ -11,7 +11,7 @@ from pathlib import Path
 import faults
 import pytest
 import torch
-from faults import FaultyTrainLoop
+from faults import FaultyTrainLoop, KilledMidUploadLoop
 
 from lstm_ae.checkpoint import load_checkpoint, load_model
 from lstm_ae.config import preset
@@ -84,6 +84,25 @@ def test_a_worker_crash_between_checkpoints_restarts_from_the_latest_one(config,
     assert summary.result["steps"] == 6 and summary.result["sequences_seen"] == 24
     assert summary.result["resumed_from"] == [2]
     assert [int(row["step"]) for row in metrics_rows(summary.path)] == [1, 2, 3, 4, 5, 6]
+    recovered, expected = final_weights(summary), final_weights(uninterrupted)
+    assert all(torch.equal(recovered[name], expected[name]) for name in expected)
+
+
+def test_a_node_lost_mid_upload_restarts_from_the_newest_complete_checkpoint(config, uninterrupted, tmp_path):
+    # Step 4's checkpoint uploads while the ranks train on; rank 0's process dies halfway
+    # through that upload, after step 5 is reported. Ray had registered only step 2's.
+    killed = KilledMidUploadLoop(at_step=4, marker=tmp_path / "killed-once")
+    summary = run_training(
+        config.replace(log_every=1),
+        TWO_WORKERS,
+        RunSettings(name="lost", storage=str(tmp_path), max_failures=1),
+        train_loop=killed,
+    )
+    assert "killed uploading checkpoint_00000004" in (tmp_path / "killed-once").read_text()
+    assert summary.result["steps"] == 6 and summary.result["resumed_from"] == [2]
+    assert [int(row["step"]) for row in metrics_rows(summary.path)] == [1, 2, 3, 4, 5, 6]
+    # The half-written folder was uploaded again, whole, when the restarted run got there.
+    load_checkpoint(tmp_path / "lost" / "checkpoint_00000004")
     recovered, expected = final_weights(summary), final_weights(uninterrupted)
     assert all(torch.equal(recovered[name], expected[name]) for name in expected)
 

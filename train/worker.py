@@ -37,6 +37,8 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
+import shutil
 import tempfile
 import time
 from collections.abc import Iterator
@@ -345,23 +347,29 @@ def report_with_checkpoint(
     config and the run's state); `pictures_from` (the validation set) adds the run's pictures."""
     if not all(torch.isfinite(parameter).all() for parameter in trainables.model.parameters()):
         raise NonFiniteLossError(f"parameters became non-finite at step {state.step}; not checkpointing them")
-    with tempfile.TemporaryDirectory(prefix="lstm_ae_checkpoint_") as folder:
-        if session.world_rank == 0:
-            save_checkpoint(
-                folder,
-                trainables.model,
-                state.step,
-                config,
-                optimizer=trainables.optimizer,
-                scheduler=trainables.scheduler,
-                metrics={key: value for key, value in row.items() if isinstance(value, (int, float))},
-            )
-            (Path(folder) / HISTORY_FILE).write_text(json.dumps(asdict(state)))
-            if pictures_from is not None:
-                sample = next(pictures_from.batches(VISUALISED_SEQUENCES))
-                render_run(folder, unwrap(trainables.model), sample, config, state.history)
-        metrics = _reported(row, final=state.finished)
-        session.report(metrics, folder if session.world_rank == 0 else None, state.step)
+    metrics = _reported(row, final=state.finished)
+    if session.world_rank != 0:
+        session.report(metrics, None, state.step)
+        return
+    folder = tempfile.mkdtemp(prefix="lstm_ae_checkpoint_")  # the session's once reported
+    try:
+        save_checkpoint(
+            folder,
+            trainables.model,
+            state.step,
+            config,
+            optimizer=trainables.optimizer,
+            scheduler=trainables.scheduler,
+            metrics={key: value for key, value in row.items() if isinstance(value, (int, float))},
+        )
+        (Path(folder) / HISTORY_FILE).write_text(json.dumps(asdict(state)))
+        if pictures_from is not None:
+            sample = next(pictures_from.batches(VISUALISED_SEQUENCES))
+            render_run(folder, unwrap(trainables.model), sample, config, state.history)
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    session.report(metrics, folder, state.step)
 
 
 def _reported(row: dict[str, Any], final: bool) -> dict[str, Any]:
@@ -388,7 +396,8 @@ class Session(Protocol):
         """A local folder holding the newest checkpoint that loads, to resume from, or None."""
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: str | None, step: int) -> None:
-        """Report metrics (every rank, same number of calls); rank 0 may attach a checkpoint folder."""
+        """Report metrics (every rank, same number of calls); rank 0 may attach a checkpoint
+        folder, which the session then owns: it deletes the folder once the checkpoint is stored."""
 
 
 @contextlib.contextmanager
@@ -413,6 +422,10 @@ def _ray_folder(filesystem, path: str):
 class RayTrainSession:
     """A Ray Train worker: rank and device from the Train context, DDP from prepare_model."""
 
+    upload_mode = "ASYNC"  # a ray.train.CheckpointUploadMode name (benchmarks compare SYNC)
+    upload_checkpoint = None  # Ray's own upload (a pyarrow copy to the run's storage) when None
+    UPLOAD_POLL_SECONDS = 0.05
+
     def __init__(self) -> None:
         import ray.train
         import ray.train.torch
@@ -426,6 +439,7 @@ class RayTrainSession:
         self.world_size = context.get_world_size()
         self.device = ray.train.torch.get_device()
         self.skipped: set[str] = set()  # damaged checkpoints skipped on restoring
+        self._uploading: str | None = None  # the local folder of the checkpoint being uploaded
 
     def prepare_model(self, model: nn.Module) -> nn.Module:
         import ray.train.torch
@@ -443,11 +457,35 @@ class RayTrainSession:
         )
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: str | None, step: int) -> None:
+        """Reports without holding training: Ray Train uploads the checkpoint on its upload
+        thread while the ranks train on (`upload_mode` ASYNC). Ray registers a checkpoint (for
+        results, restarts and resumes) only once its upload is complete, reports in order, and
+        ends a run only after its last upload; it deletes the local folder after the upload.
+        A checkpoint waits for the one before it to be stored, so at most one is uploading and
+        one more written on this node's disk when storage is slower than checkpoint_every
+        steps. Every report takes the same mode: a report waits for those before it."""
         import ray.train
 
-        checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
-        name = fresh_checkpoint_name(checkpoint_name(step), self.skipped)
-        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
+        checkpoint = None
+        if checkpoint_dir:
+            self._wait_for_upload()
+            checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir)
+            self._uploading = checkpoint_dir
+        ray.train.report(
+            metrics,
+            checkpoint=checkpoint,
+            checkpoint_dir_name=fresh_checkpoint_name(checkpoint_name(step), self.skipped),
+            checkpoint_upload_mode=getattr(ray.train.CheckpointUploadMode, self.upload_mode),
+            delete_local_checkpoint_after_upload=True,
+            checkpoint_upload_fn=self.upload_checkpoint,
+        )
+
+    def _wait_for_upload(self) -> None:
+        """Until the checkpoint reported last is stored (Ray deletes its local folder then; a
+        failed upload ends the worker group, this thread with it)."""
+        while self._uploading is not None and os.path.exists(self._uploading):
+            time.sleep(self.UPLOAD_POLL_SECONDS)
+        self._uploading = None
 
 
 class LocalSession:
@@ -471,13 +509,11 @@ class LocalSession:
         return newest_loadable(pyarrow.fs.LocalFileSystem(), latest, self.world_rank, self.skipped)
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: str | None, step: int) -> None:
-        import shutil
-        from pathlib import Path
-
         self.reports.append(dict(metrics))
         if checkpoint_dir:
             target = Path(self.checkpoint_root) / fresh_checkpoint_name(checkpoint_name(step), self.skipped)
             shutil.copytree(checkpoint_dir, target, dirs_exist_ok=True)
+            shutil.rmtree(checkpoint_dir)
             self.checkpoints.append(str(target))
 
 
@@ -520,7 +556,11 @@ class TuneSession:
         import ray.tune
 
         checkpoint = ray.tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
-        ray.tune.report(metrics, checkpoint=checkpoint)
+        try:
+            ray.tune.report(metrics, checkpoint=checkpoint)  # Tune's report stores it before returning
+        finally:
+            if checkpoint_dir:
+                shutil.rmtree(checkpoint_dir, ignore_errors=True)
 
 
 class TimeBudget:
