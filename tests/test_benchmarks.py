@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks import data as data_benchmark
+from benchmarks import gpu_check, train_step
 from benchmarks import prefetch as prefetch_benchmark
-from benchmarks import train_step
 from lstm_ae.config import ModelConfig
 from lstm_ae.model import CompositeLSTMAutoencoder
 
@@ -104,3 +110,63 @@ def test_train_step_benchmark_names_the_cpu_and_times_ours_where_the_reference_c
     cannot = [line for line in lines if line.startswith("reference: torch cannot run it in bf16 here")]
     assert cannot or lines[-1].startswith("speedup=")
     assert "Traceback" not in completed.stderr
+
+
+REPOSITORY = Path(__file__).resolve().parents[1]
+
+
+def test_gpu_check_dry_run_on_the_cpu_reports_every_stage_in_its_output_folder(tmp_path):
+    """The GPU check as a GPU machine runs it (the shell wrapper, a folder to bring back), on the
+    CPU: every stage leaves its figures or its reason in the summary and the log."""
+    output = tmp_path / "out"
+    completed = subprocess.run(
+        ["bash", "benchmarks/gpu_check.sh", str(output), "--tests", "rendered or (fp32 and linear)"],
+        cwd=REPOSITORY,
+        env={**os.environ, "DEVICE": "cpu", "PYTHON": sys.executable},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-2000:]
+    summary = json.loads((output / "summary.json").read_text())
+    assert summary["device"] == "cpu" and summary["passed"]
+    figures = {f"{stage}: {figure}": value for stage, figure, value in summary["rows"]}
+    assert figures["tests: test_batches_rendered_on_the_gpu_are_the_cpus_bits"] == "passed"
+    assert figures["tests: total"] == "2 passed"
+    assert float(figures["renderer: rendered on cpu sequences/s"]) > 0
+    for batch_size in gpu_check.Shape.for_device("cpu").batch_sizes:
+        assert float(figures[f"step: batch {batch_size}: sequences/s"]) > 0
+    assert float(figures["profile: matmul ms"]) > 0 and int(figures["profile: operators per step (CPU)"]) > 0
+    assert figures["graph: skipped"] == "CUDA graphs need a CUDA device"
+    log = (output / "gpu_check.log").read_text()
+    # The log holds what stdout showed, the summary's last line included.
+    assert log.strip().splitlines()[-1] == completed.stdout.strip().splitlines()[-1]
+    for stage in ("test test_batches_rendered_on_the_gpu_are_the_cpus_bits", *gpu_check.STAGES):
+        assert f"== {stage} (limit" in log
+    assert (output / "summary.md").read_text().startswith("| stage: figure")
+
+
+def test_gpu_check_ends_a_hung_stage_at_its_limit_and_names_it(tmp_path):
+    check = gpu_check.Check(tmp_path, "cpu", budget_seconds=60)
+    hung = [
+        sys.executable,
+        "-c",
+        "import subprocess, sys, time; print('started', flush=True); time.sleep(60)",
+    ]
+    code, lines = check.run("a stage that hangs", hung, limit=3)
+    assert code is None and lines == ["started"]
+    assert (tmp_path / "gpu_check.log").read_text().splitlines() == [
+        "== a stage that hangs (limit 3 s)",
+        "   started",
+    ]
+
+
+def test_gpu_check_needs_an_output_folder():
+    completed = subprocess.run(
+        ["bash", "benchmarks/gpu_check.sh"], cwd=REPOSITORY, capture_output=True, text=True
+    )
+    assert completed.returncode == 2 and "usage: benchmarks/gpu_check.sh OUTPUT_DIR" in completed.stderr
+
+
+def test_busy_time_counts_overlapping_kernels_once():
+    assert gpu_check.busy_microseconds([(0, 10), (5, 15), (20, 25), (21, 22)]) == 20
