@@ -34,9 +34,9 @@ def test_the_project_ships_aws_gcp_and_local_cluster_files():
 
 @pytest.mark.parametrize("path", CLUSTER_FILES, ids=lambda path: path.name)
 def test_ray_accepts_the_cluster_file(path):
-    from ray.autoscaler._private.util import prepare_config, validate_config
+    from train.ray_internals import validated_autoscaling_config
 
-    validate_config(prepare_config(yaml.safe_load(path.read_text())))
+    validated_autoscaling_config(yaml.safe_load(path.read_text()))
 
 
 @pytest.mark.parametrize("path", CLUSTER_FILES, ids=lambda path: path.name)

@@ -10,7 +10,9 @@ come from, in order:
    reads); Ray 2.60's own autoscalers do not publish it yet, so usually:
 2. the autoscaling config file: `$LSTM_AE_AUTOSCALING_CONFIG`, else
    `~/ray_bootstrap_config.yaml`, where `ray up` puts it on the head node (where
-   `ray job submit` runs drivers). Each type counts at most `max_workers` nodes, capped by
+   `ray job submit` runs drivers); under KubeRay, which writes no such file, the manifests
+   in k8s/ point the variable at k8s/node-types.yaml, the node types Ray's KubeRay
+   autoscaler derives from them. Each type counts at most `max_workers` nodes, capped by
    the file's global `max_workers`.
 """
 
@@ -105,11 +107,20 @@ def _autoscaler_node_types() -> list[NodeGroup] | None:
 
 
 def node_types_from_file(path: Path) -> list[NodeGroup] | None:
-    """Node types of an autoscaling config (YAML or JSON): the head type counts once."""
+    """Node types of an autoscaling config file (YAML or JSON); None where it cannot be read."""
     import yaml
 
     try:
         config = yaml.safe_load(path.read_text()) or {}
+    except (OSError, ValueError, yaml.YAMLError):
+        return None
+    return node_types_from_config(config)
+
+
+def node_types_from_config(config: dict) -> list[NodeGroup] | None:
+    """Node types of an autoscaling config (`ray up`'s, or the one Ray's KubeRay autoscaler
+    derives from a RayCluster): the head type counts once; None without a worker to launch."""
+    try:
         types = config.get("available_node_types") or {}
         overall = config.get("max_workers")
         groups, launchable_workers = [], 0
@@ -121,7 +132,7 @@ def node_types_from_file(path: Path) -> list[NodeGroup] | None:
             if resources:  # a type without declared resources (detected at start) tells nothing
                 groups.append(NodeGroup(resources, count))
                 launchable_workers += count if name != config.get("head_node_type") else 0
-    except (OSError, ValueError, TypeError, AttributeError, yaml.YAMLError):
+    except (ValueError, TypeError, AttributeError):
         return None
     launchable_workers = sum(group.count for group in groups) - (
         1 if config.get("head_node_type") in types else 0

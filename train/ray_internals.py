@@ -3,8 +3,9 @@
 Each is a workaround for something the public API does not offer. `PRIVATE_APIS` lists them
 with the version each was checked against; `missing_private_apis()` says which the installed
 versions no longer have (tests/test_ray_internals.py fails with those lines, so an upgrade
-shows at once what to look at). Every caller degrades on its own where one is missing: a
-note, never a crash.
+shows at once what to look at). Every caller in the suite degrades on its own where one is
+missing: a note, never a crash. The offline checks of the cluster files (tests) use the last
+two rows, and fail.
 
 | what | private API | checked against |
 | --- | --- | --- |
@@ -13,10 +14,13 @@ note, never a crash.
 | an autoscaler's node types | `ray._private.state.state.get_cluster_config()` | Ray 2.60.0 |
 | placement groups of dead trainers | `ray._private.state.state` GCS tables, `ray.core.generated.gcs_pb2`, the `TrainController` actor | Ray 2.60.0 |
 | MLflow URI schemes | `mlflow.tracking._tracking_service.utils._tracking_store_registry`, `_model_registry.utils._get_store_registry` | mlflow-skinny 3.18.0 |
+| Ray's checks of a cluster file | `ray.autoscaler._private.util.prepare_config`, `validate_config` | Ray 2.60.0 |
+| a RayCluster's node types | `ray.autoscaler._private.kuberay.autoscaling_config._derive_autoscaling_config_from_ray_cr` | Ray 2.60.0 |
 """
 
 from __future__ import annotations
 
+import copy
 import importlib
 import json
 import logging
@@ -76,6 +80,24 @@ PRIVATE_APIS = (
         "_get_store_registry",
         f"mlflow-skinny {MLFLOW_CHECKED}",
     ),
+    (
+        "Ray's checks of a cluster file",
+        "ray.autoscaler._private.util",
+        "prepare_config",
+        f"Ray {RAY_CHECKED}",
+    ),
+    (
+        "Ray's checks of a cluster file",
+        "ray.autoscaler._private.util",
+        "validate_config",
+        f"Ray {RAY_CHECKED}",
+    ),
+    (
+        "a RayCluster's node types",
+        "ray.autoscaler._private.kuberay.autoscaling_config",
+        "_derive_autoscaling_config_from_ray_cr",
+        f"Ray {RAY_CHECKED}",
+    ),
 )
 
 
@@ -126,6 +148,29 @@ def autoscaler_node_groups() -> list[tuple[dict[str, float], int]] | None:
         ({name: float(value) for name, value in group.resources.items()}, int(group.max_count))
         for group in config.node_group_configs
     ]
+
+
+def validated_autoscaling_config(config: dict) -> dict:
+    """Ray's own checks of an autoscaling config, the ones `ray up` runs on a cluster file:
+    the config with Ray's defaults filled in; raises what Ray raises on a config it refuses."""
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    prepared = prepare_config(copy.deepcopy(config))
+    validate_config(prepared)
+    return prepared
+
+
+def kuberay_autoscaling_config(ray_cluster: dict) -> dict:
+    """The autoscaling config (node types with their Ray resources) that Ray's KubeRay
+    autoscaler derives from a RayCluster resource, the code it runs inside the cluster each
+    round, here on a manifest instead of the API server's copy. A manifest without a
+    namespace gets `default`, as `kubectl apply` gives it. Raises what Ray raises on a
+    RayCluster it cannot read."""
+    from ray.autoscaler._private.kuberay.autoscaling_config import _derive_autoscaling_config_from_ray_cr
+
+    resource = copy.deepcopy(ray_cluster)
+    resource.setdefault("metadata", {}).setdefault("namespace", "default")
+    return _derive_autoscaling_config_from_ray_cr(resource)
 
 
 TRAIN_CONTROLLER_CLASS = "TrainController"  # Ray Train V2's controller actor
