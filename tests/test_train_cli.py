@@ -69,6 +69,7 @@ def test_resume_keeps_the_model_of_the_saved_run(tmp_path):
         "continues the run with its saved config, and these flags differ from it: "
         f"--hidden-size 64 (saved: 32), --learning-rate 0.5 (saved: {config.optim.learning_rate})"
     ) in completed.stderr
+    assert "--eval-every" not in completed.stderr
     (tmp_path / "run" / "config.json").write_text("{not json")
     completed = run_train(*common)
     assert completed.returncode == 2 and "config.json is not a readable run config" in completed.stderr

@@ -209,13 +209,13 @@ def test_resuming_a_finished_run_says_so_and_changes_nothing(finished_run):
 @pytest.mark.parametrize(
     "flags, saved",
     [
-        (["--seed", "1"], "0"),
-        (["--batch-size", "8"], "4"),
-        (["--step-fraction", "0.2"], "0.1"),
-        (["--learning-rate", "0.5"], "0.01"),
-        (["--hidden-size", "64"], "32"),
-        (["--num-workers", "2"], "1"),
-        (["--max-steps", "4"], "6"),
+        (["--seed", "1"], "(saved: 0)"),
+        (["--batch-size", "8"], "(saved: 4)"),
+        (["--step-fraction", "0.2"], "(saved: 0.1)"),
+        (["--learning-rate", "0.5"], "(saved: 0.01)"),
+        (["--hidden-size", "64"], "(saved: 32)"),
+        (["--num-workers", "2"], "the resumed run's num_workers 1"),
+        (["--max-steps", "4"], "the resumed run's max_steps 6"),
     ],
 )
 def test_resume_refuses_changes_that_break_reproducibility(finished_run, flags, saved):
