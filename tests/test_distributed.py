@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from datetime import timedelta
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -38,11 +41,31 @@ def test_bf16_allreduce_hook_trains_like_fp32_allreduce(gloo_group):
     assert compressed == pytest.approx(exact, rel=1e-2) and compressed != exact
 
 
+@contextlib.contextmanager
+def rank_group(backend: str, store: str, rank: int, world_size: int):
+    """This spawned process's rank in a process group, torn down in step with the others.
+
+    The ranks meet at a barrier before they destroy the group, and at a file rendezvous after
+    it, before any of them may exit: a process that exits closes its sockets, and a peer still
+    inside a collective or inside its own teardown then reads "connection reset" on gloo's I/O
+    thread, where the exception is uncaught and the peer aborts (SIGABRT). Where the body
+    raises, the group is destroyed and the error goes up without waiting for the others.
+    """
+    dist.init_process_group(backend, init_method=f"file://{store}", rank=rank, world_size=world_size)
+    try:
+        yield
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+    exits = dist.FileStore(f"{store}.exits", world_size)
+    exits.set(f"rank{rank}", "done")
+    exits.wait([f"rank{other}" for other in range(world_size)], timedelta(seconds=120))
+
+
 def _data_parallel_step(rank: int, world_size: int, store: str, precision: str, output: str) -> None:
     """One training step of rank `rank`'s half of the global batch under DDP (gloo)."""
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size)
-    try:
-        torch.set_num_threads(1)
+    torch.set_num_threads(1)
+    with rank_group("gloo", store, rank, world_size):
         model, optimizer, scheduler, config, frames = _one_step_setup()
         share = frames.shape[0] // world_size
         ddp_model = DistributedDataParallel(model)
@@ -50,8 +73,6 @@ def _data_parallel_step(rank: int, world_size: int, store: str, precision: str, 
         train_step(ddp_model, optimizer, scheduler, [own], config.model, precision, 1.0, 0)
         if rank == 0:
             torch.save({name: value.detach() for name, value in model.state_dict().items()}, output)
-    finally:
-        dist.destroy_process_group()
 
 
 def _one_step_setup():
@@ -79,7 +100,12 @@ def test_two_data_parallel_processes_update_the_weights_as_one_process_on_the_gl
     )
     model, optimizer, scheduler, config, frames = _one_step_setup()
     before = {name: value.clone() for name, value in model.state_dict().items()}
-    train_step(model, optimizer, scheduler, [frames], config.model, precision, 1.0, 0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each rank: the same kernels, split the same way
+    try:
+        train_step(model, optimizer, scheduler, [frames], config.model, precision, 1.0, 0)
+    finally:
+        torch.set_num_threads(threads)
     parallel = torch.load(output)
     for name, single in model.state_dict().items():
         update, parallel_update = single - before[name], parallel[name] - before[name]
@@ -137,10 +163,9 @@ def _poisoned_run(rank: int, world_size: int, store: str, folder: str, poisoned_
     from lstm_ae.engine import NonFiniteLossError
     from train.worker import WorkerSettings, loop_config, train_function
 
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size)
     torch.set_num_threads(1)
     outcome = Path(folder) / f"rank{rank}.txt"
-    try:
+    with rank_group("gloo", store, rank, world_size):
         config = preset(
             "smoke",
             hidden_size=16,
@@ -156,8 +181,6 @@ def _poisoned_run(rank: int, world_size: int, store: str, folder: str, poisoned_
             outcome.write_text("finished")
         except NonFiniteLossError as error:
             outcome.write_text(f"NonFiniteLossError: {error}")
-    finally:
-        dist.destroy_process_group()
 
 
 def test_a_loss_gone_bad_on_one_rank_stops_every_rank_with_the_same_error(tmp_path):

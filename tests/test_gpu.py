@@ -243,14 +243,13 @@ def test_one_rank_ddp_step_with_the_bf16_allreduce_hook():
 
 def _two_rank_step(rank: int, world_size: int, store: str, output: str) -> None:
     """One fp32 DDP step of rank `rank`'s half of the global batch on its own GPU."""
-    from test_distributed import _one_step_setup
+    from test_distributed import _one_step_setup, rank_group
 
     if ON_GPU:
         torch.cuda.set_device(rank)
         torch.backends.cuda.matmul.fp32_precision = "ieee"  # torch >= 2.9; no TF32 on either side
     device = torch.device(f"cuda:{rank}" if ON_GPU else "cpu")
-    dist.init_process_group(BACKEND, init_method=f"file://{store}", rank=rank, world_size=world_size)
-    try:
+    with rank_group(BACKEND, store, rank, world_size):
         model, optimizer, scheduler, config, frames = _one_step_setup()
         model.to(device)  # the same parameter objects: the optimizer still holds them
         share = frames.shape[0] // world_size
@@ -259,8 +258,6 @@ def _two_rank_step(rank: int, world_size: int, store: str, output: str) -> None:
         train_step(ddp_model, optimizer, scheduler, [own], config.model, "fp32", 1.0, 0)
         if rank == 0:
             torch.save({name: value.detach().cpu() for name, value in model.state_dict().items()}, output)
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.usefixtures("ieee_fp32_matmuls")
