@@ -106,6 +106,7 @@ def test_two_objectives_the_study_holds_the_second_metric_at_the_best_first_repo
     rows, _ = trial_rows(results, SPACE, "val_mse_frame", 100, set(), objectives=OBJECTIVES)
     told = study_by_trial(settings)
     assert [direction.name for direction in load_study(settings).directions] == ["MINIMIZE", "MAXIMIZE"]
+    assert load_study(settings).metric_names == ["val_mse_frame", "val_ssim"]
     first, second = front_columns(OBJECTIVES)
     for row in rows:
         trial = told[row["trial"]]
@@ -194,3 +195,18 @@ def test_a_remote_experiment_copies_its_study_up_after_each_trial(tmp_path, monk
     drive(searcher)
     copied = tmp_path / "bucket" / "searches" / "remote" / "optuna_study.log"
     assert copied.read_bytes() == open(searcher.study_file, "rb").read()
+
+
+@pytest.mark.parametrize("objectives", [(), OBJECTIVES])
+def test_optunas_plots_are_drawn_from_the_stored_study(tmp_path, objectives):
+    from tune.results import hypervolume_reference, plot_study
+
+    settings = SearchSettings(name="plots", storage=str(tmp_path), objectives=objectives)
+    drive(build_searcher(settings, concurrent_trials=1), objectives)
+    written = plot_study(tmp_path, load_study(settings), objectives, "val_mse_frame")
+    expected = ["optuna_importances.png", "optuna_parallel_coordinate.png"]
+    if objectives:
+        expected += ["optuna_pareto_front.png", "optuna_hypervolume.png"]
+    assert written == expected
+    assert all((tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for name in written)
+    assert hypervolume_reference([[250.0, 0.4], [200.0, 0.5]], ("min", "max")) == [255.0, pytest.approx(0.39)]

@@ -109,7 +109,12 @@ def test_a_search_of_four_trials_writes_the_table_and_asha_stops_a_trial(search)
     assert STOPPED_BY_SCHEDULER in {row["status"] for row in rows}
     assert all(row["status"] in (COMPLETED, STOPPED_BY_SCHEDULER) for row in rows)
     assert all(Path(row["best_checkpoint"]).is_dir() for row in rows)
-    for picture in ("trials.png", "parameters.png", "importances.png"):
+    for picture in (
+        "trials.png",
+        "parameters.png",
+        "optuna_importances.png",
+        "optuna_parallel_coordinate.png",
+    ):
         assert (folder / picture).stat().st_size > 0
     assert "results.md" in summary
     # The stored study holds what the table ranks: each trial's best report, ASHA's stop included.
@@ -281,5 +286,6 @@ def test_a_two_objective_search_marks_a_front_no_trial_on_it_is_dominated(ray_cl
     assert study_values(folder) == {
         row["trial"]: [float(row["best_val_mse_frame"]), float(row["val_ssim"])] for row in rows
     }
-    assert (folder / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for picture in ("pareto.png", "optuna_pareto_front.png", "optuna_hypervolume.png"):
+        assert (folder / picture).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "front: the Pareto front of best_val_mse_frame and val_ssim" in summary

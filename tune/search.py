@@ -182,7 +182,7 @@ class RankedOptunaSearch(OptunaSearch):
             study_name=study_name,
             storage=journal_storage(study_file),
         )
-        self.study_file, self.study_copy = study_file, study_copy
+        self.study_file, self.study_copy, self.study_name = study_file, study_copy, study_name
         self.ranking_reports: dict[str, dict[str, Any]] = {}  # by Tune trial id: the objectives' values
 
     def objectives(self) -> list[tuple[str, str]]:
@@ -208,6 +208,21 @@ class RankedOptunaSearch(OptunaSearch):
         """The values the study is told for a trial, in objective order; None before a report."""
         kept = self.ranking_reports.get(trial_id)
         return None if kept is None else [kept[metric] for metric, _ in self.objectives()]
+
+    def set_search_properties(self, metric, mode, config, **spec) -> bool:
+        """Tune's metric, mode and space, then the study is made: it is given the metrics' names
+        (optuna-dashboard and Optuna's plots show them instead of "Objective Value 0")."""
+        import warnings
+
+        import optuna
+
+        if not super().set_search_properties(metric, mode, config, **spec):
+            return False
+        study = optuna.load_study(study_name=self.study_name, storage=journal_storage(self.study_file))
+        with warnings.catch_warnings():  # Optuna marks metric names experimental
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names([name for name, _ in self.objectives()])
+        return True
 
     def suggest(self, trial_id: str) -> dict | None:
         config = super().suggest(trial_id)
