@@ -209,4 +209,7 @@ def test_optunas_plots_are_drawn_from_the_stored_study(tmp_path, objectives):
         expected += ["optuna_pareto_front.png", "optuna_hypervolume.png"]
     assert written == expected
     assert all((tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for name in written)
+    from tune.report import EXPERIMENT_PICTURES  # the HTML page shows each of them
+
+    assert set(written) <= {name for name, _ in EXPERIMENT_PICTURES["tune experiment"]}
     assert hypervolume_reference([[250.0, 0.4], [200.0, 0.5]], ("min", "max")) == [255.0, pytest.approx(0.39)]
