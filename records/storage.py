@@ -54,3 +54,21 @@ def local_copy(location: str, folder: str) -> str:
         while chunk := stream.read(1 << 24):
             file.write(chunk)
     return str(target)
+
+
+def copy_file(source: str, target: str) -> None:
+    """Copy one file from `source` to `target`, each a local path or a URI (up to s3:// or back);
+    the target's folder is made where missing."""
+    import posixpath
+
+    import pyarrow.fs
+
+    source_filesystem, source_path = storage_filesystem(source)
+    target_filesystem, target_path = storage_filesystem(target)
+    target_filesystem.create_dir(posixpath.dirname(target_path), recursive=True)
+    pyarrow.fs.copy_files(
+        source_path,
+        target_path,
+        source_filesystem=source_filesystem,
+        destination_filesystem=target_filesystem,
+    )

@@ -63,6 +63,26 @@ def read_rows(folder: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(file))
 
 
+def stored_study(folder: Path):
+    """The Optuna study the search kept in its folder."""
+    import optuna
+
+    from tune.search import TUNE_TRIAL_ATTRIBUTE, journal_storage
+
+    study = optuna.load_study(
+        study_name=folder.name, storage=journal_storage(str(folder / "optuna_study.log"))
+    )
+    return {trial.user_attrs[TUNE_TRIAL_ATTRIBUTE]: trial for trial in study.trials}, study
+
+
+def study_values(folder: Path) -> dict[str, float | list[float]]:
+    trials, _ = stored_study(folder)
+    return {
+        trial_id: trial.value if len(trial.values) == 1 else trial.values
+        for trial_id, trial in trials.items()
+    }
+
+
 @pytest.fixture(scope="module")
 def search(ray_cluster, base, tmp_path_factory):
     storage = tmp_path_factory.mktemp("searches")
@@ -89,9 +109,16 @@ def test_a_search_of_four_trials_writes_the_table_and_asha_stops_a_trial(search)
     assert STOPPED_BY_SCHEDULER in {row["status"] for row in rows}
     assert all(row["status"] in (COMPLETED, STOPPED_BY_SCHEDULER) for row in rows)
     assert all(Path(row["best_checkpoint"]).is_dir() for row in rows)
-    for picture in ("trials.png", "parameters.png", "importances.png"):
+    for picture in (
+        "trials.png",
+        "parameters.png",
+        "optuna_importances.png",
+        "optuna_parallel_coordinate.png",
+    ):
         assert (folder / picture).stat().st_size > 0
     assert "results.md" in summary
+    # The stored study holds what the table ranks: each trial's best report, ASHA's stop included.
+    assert study_values(folder) == {row["trial"]: float(row["best_val_mse_frame"]) for row in rows}
 
 
 def test_train_from_the_search_trains_its_printed_best_trial_and_records_its_source(search, tmp_path):
@@ -148,6 +175,10 @@ def test_an_interrupted_search_resumes_without_rerunning_finished_trials(ray_clu
     starts = log.read_text().split()
     assert starts.count(first_run[0]) == 1  # the trial that had finished was not run again
     assert len(set(starts)) == 3
+    # One study across the interruption: the first run's trial kept, every trial told its best.
+    assert study_values(tmp_path / "interrupted") == {
+        row["trial"]: float(row["best_val_mse_frame"]) for row in rows
+    }
 
 
 def test_a_trial_with_two_workers_runs_a_torch_trainer_and_reports(ray_cluster, base, tmp_path):
@@ -250,12 +281,11 @@ def test_a_two_objective_search_marks_a_front_no_trial_on_it_is_dominated(ray_cl
         {"metric": "val_ssim", "mode": "max"},
     ]
     assert not (folder / "stopped_by_scheduler").exists()
-    from ray.tune.search.optuna import OptunaSearch  # Optuna was told both values of every trial
-
-    searcher = OptunaSearch()
-    searcher.restore(str(next(folder.glob("searcher-state-*.pkl"))))
-    study = searcher._ot_study
+    _, study = stored_study(folder)  # Optuna was told both values of every trial, as the table takes them
     assert [direction.name for direction in study.directions] == ["MINIMIZE", "MAXIMIZE"]
-    assert all(len(trial.values) == 2 for trial in study.trials)
-    assert (folder / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert study_values(folder) == {
+        row["trial"]: [float(row["best_val_mse_frame"]), float(row["val_ssim"])] for row in rows
+    }
+    for picture in ("pareto.png", "optuna_pareto_front.png", "optuna_hypervolume.png"):
+        assert (folder / picture).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "front: the Pareto front of best_val_mse_frame and val_ssim" in summary

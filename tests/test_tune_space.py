@@ -10,7 +10,7 @@ import pytest
 
 from lstm_ae.config import preset
 from lstm_ae.tables import to_csv, to_html, to_markdown
-from tune.results import BEST_MARK, parameter_importances, sort_rows
+from tune.results import BEST_MARK, sort_rows
 from tune.space import SpaceError, default_space, load_space, parse_space
 
 
@@ -171,19 +171,6 @@ def test_rows_sort_best_first_and_render_in_every_format():
     assert to_csv(ordered).splitlines()[0] == "best,trial,best_val_mse_frame"
     assert "<td>101.5</td>" in to_html(ordered)
     assert [row["trial"] for row in sort_rows(rows, "best_val_mse_frame", "max")][0] == "a"
-
-
-def test_parameter_importances_from_the_table_rank_the_parameter_that_matters():
-    space = parse_space(
-        {"learning_rate": {"loguniform": [1e-4, 1e-2]}, "reconstruction_weight": {"uniform": [0, 1]}}
-    )
-    rows = [
-        {"learning_rate": lr, "reconstruction_weight": w, "best_val_mse_frame": 100 + 1000 * lr}
-        for lr, w in [(1e-4, 0.9), (5e-4, 0.1), (1e-3, 0.5), (5e-3, 0.3), (1e-2, 0.7), (2e-3, 0.2)]
-    ]
-    importances = parameter_importances(rows, space, "val_mse_frame")
-    assert importances["learning_rate"] > importances["reconstruction_weight"]
-    assert parameter_importances(rows[:2], space, "val_mse_frame") is None
 
 
 def test_help_lists_search_and_config_flags():

@@ -16,6 +16,10 @@ two rows, and fail.
 | MLflow URI schemes | `mlflow.tracking._tracking_service.utils._tracking_store_registry`, `_model_registry.utils._get_store_registry` | mlflow-skinny 3.18.0 |
 | Ray's checks of a cluster file | `ray.autoscaler._private.util.prepare_config`, `validate_config` | Ray 2.60.0 |
 | a RayCluster's node types | `ray.autoscaler._private.kuberay.autoscaling_config._derive_autoscaling_config_from_ray_cr` | Ray 2.60.0 |
+| the Optuna trial of a Tune trial | `OptunaSearch._ot_trials` (set in its `__init__`) | Ray 2.60.0 |
+
+An attribute path may call an attribute with no arguments (`OptunaSearch()._ot_trials`): an
+instance attribute is checked on a fresh instance.
 """
 
 from __future__ import annotations
@@ -98,6 +102,12 @@ PRIVATE_APIS = (
         "_derive_autoscaling_config_from_ray_cr",
         f"Ray {RAY_CHECKED}",
     ),
+    (
+        "the Optuna trial of a Tune trial",
+        "ray.tune.search.optuna.optuna_search",
+        "OptunaSearch()._ot_trials",
+        f"Ray {RAY_CHECKED}",
+    ),
 )
 
 
@@ -108,11 +118,23 @@ def missing_private_apis() -> list[str]:
         try:
             value = importlib.import_module(module_name)
             for attribute in filter(None, attributes.split(".")):
-                value = getattr(value, attribute)
+                called = attribute.endswith("()")
+                value = getattr(value, attribute.removesuffix("()"))
+                if called:
+                    value = value()
         except (ImportError, AttributeError) as error:
             where = f"{module_name}.{attributes}" if attributes else module_name
             missing.append(f"{purpose}: {where} is gone ({error}); checked against {checked}")
     return missing
+
+
+# ------------------------------------------------------------------------------ Tune's Optuna searcher
+
+
+def optuna_trial_of(searcher, trial_id: str):
+    """The Optuna trial Ray's OptunaSearch asked its study for on behalf of Tune trial `trial_id`,
+    or None (not asked yet, or Ray no longer keeps them in `_ot_trials`)."""
+    return getattr(searcher, "_ot_trials", {}).get(trial_id)
 
 
 # ------------------------------------------------------------------------------ logging

@@ -80,7 +80,7 @@ CLAIMS = (
 def run_ablations(base, seeds: int, settings, callbacks=()):
     """Run (or resume) the grid; returns (ResultGrid, experiment path, plan)."""
 
-    def grid_setup(ray_tune):
+    def grid_setup(ray_tune, plan):
         space = {
             "variant": ray_tune.grid_search(list(VARIANTS)),
             "seed": ray_tune.grid_search(list(range(seeds))),

@@ -254,7 +254,7 @@ def search_and_tabulate(
 ) -> str:
     """Run the search, write the results table and plots; returns a printable summary.
     `interrupted()` true after Tune returns: the search was stopped by Ctrl-C (Interrupted)."""
-    from tune.search import comparison_field, run_search, stopped_by_scheduler
+    from tune.search import comparison_field, load_study, run_search, stopped_by_scheduler
 
     results, path, _ = run_search(base, space, settings, callbacks, points_to_evaluate)
     if interrupted():
@@ -264,7 +264,7 @@ def search_and_tabulate(
     clock = comparison_field(base)  # ASHA's clock
     rows, histories = trial_rows(results, space, metric, base.training.max_steps, stopped, clock, objectives)
     folder = local_results_folder(settings)
-    written = write_results(folder, rows, histories, space, metric, clock, objectives)
+    written = write_results(folder, rows, histories, space, metric, clock, objectives, load_study(settings))
     publish(folder, written, settings)
     timed = ["training_seconds"] if clock == "training_seconds" else []
     scores = [f"best_{metric}"]

@@ -252,7 +252,8 @@ def run_experiment(
 ):
     """Check, start or restore, and run a Tune experiment of `trial`s over `base`.
 
-    `setup(ray_tune)` returns (param_space, extra TuneConfig arguments) for a new experiment;
+    `setup(ray_tune, plan)` returns (param_space, extra TuneConfig arguments) for a new experiment
+    (`plan` is the TrialPlan: how many trials run at once);
     `callbacks` are Tune callbacks (tests use them to watch or interrupt the driver).
     Returns (ResultGrid, experiment path, plan).
     """
@@ -289,7 +290,7 @@ def _run_locked(base: ExperimentConfig, settings: SearchSettings, setup, record,
             raise RunFolderError(f"experiment {path} cannot be restored (no Tune state)")
         tuner = ray_tune.Tuner.restore(tune_path, trainable=trainable, resume_errored=True)
     else:
-        param_space, tune_arguments = setup(ray_tune)
+        param_space, tune_arguments = setup(ray_tune, plan)
         filesystem.create_dir(path, recursive=True)
         with filesystem.open_output_stream(f"{path}/{SEARCH_FILE}") as stream:
             full_record = {"base": base.to_dict(), "settings": asdict(settings), **record}

@@ -27,6 +27,13 @@ EXPERIMENT_PICTURES = {
     "tune experiment": (
         ("trials.png", "the validation metric over steps, every trial of the search"),
         ("pareto.png", "two objectives: every trial, the Pareto front, the trial the rule picks"),
+        ("optuna_importances.png", "Optuna's parameter importances (fANOVA), from the search's study"),
+        (
+            "optuna_parallel_coordinate.png",
+            "Optuna's parallel coordinates: each trial's parameters and value",
+        ),
+        ("optuna_pareto_front.png", "two objectives: Optuna's Pareto front of the study"),
+        ("optuna_hypervolume.png", "two objectives: the hypervolume of the front as trials completed"),
     ),
     "ablation grid": (("ablations.png", "each variant's metrics, mean over seeds"),),
 }

@@ -9,8 +9,10 @@ with these plots:
 
     trials.png        the validation metric over steps, every trial on one figure
     parameters.png    each searched parameter against the trial's best metric
-    importances.png   Optuna's parameter importances (when there are enough trials)
     pareto.png        two objectives: every trial, the front, the chosen trial
+    optuna_*.png      Optuna's plots of the stored study (`plot_study`, from 4 completed trials):
+                      importances, parallel coordinates; for two objectives the Pareto front and
+                      the hypervolume history
 
 
 A search of two objectives marks its Pareto front in the table (`mark_front`, the front and
@@ -19,6 +21,7 @@ the rule that picks one trial from it are `lstm_ae.pareto`'s) and draws it in `p
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -277,43 +280,63 @@ def plot_parameters(path: Path, rows: list[dict[str, Any]], space: SearchSpace, 
     plt.close(figure)
 
 
-def parameter_importances(
-    rows: list[dict[str, Any]], space: SearchSpace, metric: str
-) -> dict[str, float] | None:
-    """Optuna's fANOVA importances, from the table itself (so it works after a resume too)."""
+def hypervolume_reference(values: list[list[float]], modes: Sequence[str]) -> list[float]:
+    """A point worse than every trial on each objective (by a tenth of the objective's spread, or
+    of its size where all trials agree), from which the hypervolume is measured."""
+    reference = []
+    for index, mode in enumerate(modes):
+        column = [point[index] for point in values]
+        margin = 0.1 * ((max(column) - min(column)) or abs(column[0]) or 1.0)
+        reference.append(max(column) + margin if mode == "min" else min(column) - margin)
+    return reference
+
+
+def plot_study(folder: Path, study, objectives: Objectives, metric: str) -> list[str]:
+    """Optuna's own plots of the search's stored study (`optuna.visualization.matplotlib`), from
+    MIN_TRIALS_FOR_IMPORTANCES completed trials on: parameter importances (fANOVA, each
+    objective) and parallel coordinates (the first objective); for two objectives the Pareto
+    front and the hypervolume history. Returns the names written."""
+    import warnings
+
     import optuna
+    from optuna.visualization import matplotlib as optuna_plots
 
-    column = f"best_{metric}"
-    usable = [
-        row
-        for row in rows
-        if is_finite_number(row.get(column)) and all(row.get(n) is not None for n in space.names)
-    ]
-    if len(usable) < MIN_TRIALS_FOR_IMPORTANCES:
-        return None
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(direction="minimize" if METRIC_MODES[metric] == "min" else "maximize")
-    distributions = {dimension.name: dimension.to_optuna() for dimension in space.dimensions}
-    for row in usable:
-        params = {name: row[name] for name in space.names}
-        study.add_trial(
-            optuna.trial.create_trial(params=params, distributions=distributions, value=row[column])
-        )
-    try:
-        return optuna.importance.get_param_importances(study)
-    except (RuntimeError, ValueError):
-        return None
-
-
-def plot_importances(path: Path, importances: dict[str, float]) -> None:
     plt = _pyplot()
-    figure, axis = plt.subplots(figsize=(6, 0.5 + 0.5 * len(importances)))
-    names = list(importances)[::-1]
-    axis.barh(names, [importances[name] for name in names])
-    axis.set_xlabel("importance (Optuna fANOVA)")
-    figure.tight_layout()
-    figure.savefig(path, dpi=90)
-    plt.close(figure)
+    complete = [trial for trial in study.trials if trial.state == optuna.trial.TrialState.COMPLETE]
+    if len(complete) < MIN_TRIALS_FOR_IMPORTANCES:
+        return []
+    metrics = [name for name, _ in objectives] or [metric]
+    first = (
+        {"target": lambda trial: trial.values[0], "target_name": metrics[0]} if is_multi(objectives) else {}
+    )
+    plots = {
+        # fANOVA explains the objective's variance whatever its direction (Optuna 5's default,
+        # PED-ANOVA, takes every objective as one to minimise) and is seeded.
+        "optuna_importances.png": lambda: optuna_plots.plot_param_importances(
+            study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0)
+        ),
+        "optuna_parallel_coordinate.png": lambda: optuna_plots.plot_parallel_coordinate(study, **first),
+    }
+    if is_multi(objectives):
+        reference = hypervolume_reference(
+            [trial.values for trial in complete], [mode for _, mode in objectives]
+        )
+        plots["optuna_pareto_front.png"] = lambda: optuna_plots.plot_pareto_front(study, target_names=metrics)
+        plots["optuna_hypervolume.png"] = lambda: optuna_plots.plot_hypervolume_history(study, reference)
+    written = []
+    for name, draw in plots.items():
+        with warnings.catch_warnings():  # Optuna marks its matplotlib plots experimental
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            try:
+                axes = draw()
+            except (RuntimeError, ValueError):  # e.g. importances of parameters that never varied
+                plt.close("all")
+                continue
+        figure = axes.flat[0].figure if hasattr(axes, "flat") else axes.figure
+        figure.savefig(folder / name, dpi=90, bbox_inches="tight")
+        plt.close(figure)
+        written.append(name)
+    return written
 
 
 def write_results(
@@ -324,8 +347,10 @@ def write_results(
     metric: str,
     clock: str = "step",
     objectives: Objectives = (),
+    study=None,
 ) -> list[str]:
-    """results.csv, results.md and the plots (`pareto.png` for two objectives); returns the names written."""
+    """results.csv, results.md and the plots (`pareto.png` for two objectives, Optuna's plots of
+    the search's `study` where given); returns the names written."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / RESULTS_CSV).write_text(to_csv(rows))
     (folder / RESULTS_MD).write_text(to_markdown(rows))
@@ -337,10 +362,8 @@ def write_results(
         plot_trials(folder / "trials.png", histories, metric, clock)
         plot_parameters(folder / "parameters.png", rows, space, metric)
         written += ["trials.png", "parameters.png"]
-    importances = parameter_importances(rows, space, metric)
-    if importances:
-        plot_importances(folder / "importances.png", importances)
-        written.append("importances.png")
+    if study is not None:
+        written += plot_study(folder, study, objectives, metric)
     return written
 
 

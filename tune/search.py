@@ -10,23 +10,38 @@ carried across restarts, validation not counted), with rungs at budget / reducti
 reduction_factor and the budget. ASHA's decisions are written to the experiment folder
 (`stopped_by_scheduler/<trial id>`, through the same filesystem as the experiment, so they
 survive s3:// storage): Tune itself marks a stopped trial like a finished one.
+
+Optuna learns from what the results table ranks (`RankedOptunaSearch`): each trial's best report
+of the first metric (and, for two objectives, the second metric at that report), also for a trial
+ASHA stopped or one that errored after reporting. The study is kept in the experiment folder
+(STUDY_FILE, an Optuna journal that `optuna-dashboard` opens) and `--resume` continues it. Where
+more than one trial runs at once, TPE runs with the constant liar (`sampler_options`).
 """
 
 from __future__ import annotations
 
+import hashlib
+import tempfile
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 from ray.tune.schedulers import ASHAScheduler, TrialScheduler
+from ray.tune.search.optuna import OptunaSearch
 
 from lstm_ae.config import ExperimentConfig
-from records.storage import path_exists, storage_filesystem
+from lstm_ae.metrics import best_of, is_finite_number
+from records.layout import STUDY_FILE
+from records.storage import copy_file, path_exists, storage_filesystem
+from train.ray_internals import optuna_trial_of
 from tune.experiment import SearchSettings, experiment_path, run_experiment
 from tune.objectives import is_multi, to_record
 from tune.space import SearchSpace
 
 STOPPED_BY_SCHEDULER_FOLDER = "stopped_by_scheduler"
 MAX_T_MARGIN = 1.1
+TUNE_TRIAL_ATTRIBUTE = "tune_trial_id"  # an Optuna trial's user attribute: the Tune trial it ran as
+TUNE_STATUS_ATTRIBUTE = "tune_status"  # "errored" on a trial that errored after reporting
 
 
 def comparison_field(base: ExperimentConfig) -> str:
@@ -82,6 +97,187 @@ def stopped_by_scheduler(settings: SearchSettings) -> set[str]:
     return {info.base_name for info in filesystem.get_file_info(pyarrow.fs.FileSelector(folder))}
 
 
+# ------------------------------------------------------------------------------ the Optuna study
+
+
+def sampler_options(seed: int, concurrent_trials: int) -> dict[str, Any]:
+    """TPESampler's options: seeded by --search-seed, with the constant liar where more than one
+    trial runs at once (a running trial counts as a poor result, so trials started together do not
+    all sample the same promising region; Optuna advises it for parallel trials and made it the
+    default only in Optuna 5)."""
+    return {"seed": seed, "constant_liar": concurrent_trials > 1}
+
+
+def study_files(settings: SearchSettings) -> tuple[str, str | None]:
+    """(the study file the driver writes, its place in the experiment folder where that folder is
+    remote, else None).
+
+    Optuna's journal appends to a local file under a file lock, which s3:// cannot hold: a remote
+    search writes its study in a local folder named after the experiment's URI and copies it up.
+    That folder does not depend on the user's home, so Ray's saved searcher (which holds the path)
+    finds it again when the search resumes on another machine (`run_search` fetches it first)."""
+    if "://" not in settings.storage or settings.storage.startswith("file://"):
+        _, path = experiment_path(settings)
+        return f"{path}/{STUDY_FILE}", None
+    uri = f"{settings.storage.rstrip('/')}/{settings.name}"
+    digest = hashlib.sha256(uri.encode()).hexdigest()[:16]
+    local = Path(tempfile.gettempdir()) / "lstm-ae-studies" / f"{settings.name}-{digest}" / STUDY_FILE
+    return str(local), f"{uri}/{STUDY_FILE}"
+
+
+def journal_storage(study_file: str):
+    """Optuna's journal storage in `study_file` (made where missing)."""
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    Path(study_file).parent.mkdir(parents=True, exist_ok=True)
+    return JournalStorage(JournalFileBackend(study_file))
+
+
+def load_study(settings: SearchSettings):
+    """The search's Optuna study from the driver's study file, or None where there is none."""
+    import optuna
+
+    study_file, _ = study_files(settings)
+    if not Path(study_file).is_file():
+        return None
+    return optuna.load_study(study_name=settings.name, storage=journal_storage(study_file))
+
+
+class RankedOptunaSearch(OptunaSearch):
+    """Ray's OptunaSearch telling the study what the results table ranks each trial by.
+
+    Ray 2.60's OptunaSearch completes an Optuna trial with the trial's last report. The table
+    (`tune.results.trial_rows`) ranks a trial by its report with the best first metric, whether
+    the trial finished, ASHA stopped it or it errored after reporting. This searcher keeps that
+    report for every trial (from each result, and from the last one Tune hands over at completion:
+    Tune never passes the report ASHA stops a trial on to on_trial_result) and completes the Optuna
+    trial with its values: the first metric's best and, for two objectives, the second metric at
+    that report. A trial that errored after reporting is completed with them too (and marked
+    errored); one that never reported fails (errored) or is pruned (stopped).
+
+    The study is an Optuna journal in `study_file`, copied to `study_copy` (a URI) after each trial
+    completes where the experiment folder is remote.
+    """
+
+    def __init__(
+        self,
+        study_file: str,
+        study_copy: str | None,
+        study_name: str,
+        seed: int,
+        concurrent_trials: int,
+        metric: str | list[str] | None = None,
+        mode: str | list[str] | None = None,
+        points_to_evaluate: list[dict[str, Any]] | None = None,
+    ):
+        import optuna
+
+        self.sampler_options = sampler_options(seed, concurrent_trials)
+        super().__init__(
+            metric=metric,
+            mode=mode,
+            points_to_evaluate=points_to_evaluate,
+            sampler=optuna.samplers.TPESampler(**self.sampler_options),
+            study_name=study_name,
+            storage=journal_storage(study_file),
+        )
+        self.study_file, self.study_copy, self.study_name = study_file, study_copy, study_name
+        self.ranking_reports: dict[str, dict[str, Any]] = {}  # by Tune trial id: the objectives' values
+
+    def objectives(self) -> list[tuple[str, str]]:
+        """[(metric, mode), ...]: the first ranks a trial's reports."""
+        metrics = self.metric if isinstance(self.metric, list) else [self.metric]
+        modes = self.mode if isinstance(self.mode, list) else [self.mode]
+        return list(zip(metrics, modes))
+
+    def keep_if_better(self, trial_id: str, result: dict[str, Any]) -> None:
+        """Keep `result`'s objectives as the trial's ranking report if its first metric is better
+        than the kept one's (the earlier report wins a tie, as in the table)."""
+        objectives = self.objectives()
+        first, mode = objectives[0]
+        if not is_finite_number(result.get(first)):
+            return
+        report = {metric: result.get(metric) for metric, _ in objectives}
+        kept = self.ranking_reports.get(trial_id)
+        self.ranking_reports[trial_id] = best_of(
+            [*([kept] if kept else []), report], lambda r: r[first], mode
+        )
+
+    def ranking_values(self, trial_id: str) -> list[Any] | None:
+        """The values the study is told for a trial, in objective order; None before a report."""
+        kept = self.ranking_reports.get(trial_id)
+        return None if kept is None else [kept[metric] for metric, _ in self.objectives()]
+
+    def set_search_properties(self, metric, mode, config, **spec) -> bool:
+        """Tune's metric, mode and space, then the study is made: it is given the metrics' names
+        (optuna-dashboard and Optuna's plots show them instead of "Objective Value 0")."""
+        import warnings
+
+        import optuna
+
+        if not super().set_search_properties(metric, mode, config, **spec):
+            return False
+        study = optuna.load_study(study_name=self.study_name, storage=journal_storage(self.study_file))
+        with warnings.catch_warnings():  # Optuna marks metric names experimental
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names([name for name, _ in self.objectives()])
+        return True
+
+    def suggest(self, trial_id: str) -> dict | None:
+        config = super().suggest(trial_id)
+        optuna_trial = optuna_trial_of(self, trial_id)
+        if isinstance(config, dict) and optuna_trial is not None:  # the dashboard shows Tune's trial id
+            optuna_trial.set_user_attr(TUNE_TRIAL_ATTRIBUTE, trial_id)
+        return config
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        self.keep_if_better(trial_id, result)
+        super().on_trial_result(trial_id, result)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if result:
+            self.keep_if_better(trial_id, result)
+        kept = self.ranking_reports.get(trial_id)
+        optuna_trial = optuna_trial_of(self, trial_id)
+        if error and kept is not None and optuna_trial is not None:
+            optuna_trial.set_user_attr(TUNE_STATUS_ATTRIBUTE, "errored")
+        # Ray's OptunaSearch reads the objectives from the result it is given: give it the kept report.
+        super().on_trial_complete(trial_id, result=dict(kept) if kept else None, error=error)
+        self.copy_study_up()
+
+    def copy_study_up(self) -> None:
+        """Copy the study file to the remote experiment folder; a failed copy is retried after the
+        next trial (and at the end of the search) rather than failing this trial."""
+        if self.study_copy is None:
+            return
+        try:
+            copy_file(self.study_file, self.study_copy)
+        except OSError as error:
+            print(f"the Optuna study could not be copied to {self.study_copy} (tried again later): {error}")
+
+
+def build_searcher(
+    settings: SearchSettings, concurrent_trials: int, points_to_evaluate: list[dict[str, Any]] | None = None
+) -> RankedOptunaSearch:
+    """The searcher of a new search: its study in the experiment's study file, named after the
+    experiment; two objectives set their metrics here (one metric comes from Tune's config)."""
+    study_file, study_copy = study_files(settings)
+    objectives = {}
+    if is_multi(settings.objectives):
+        metrics, modes = (list(values) for values in zip(*settings.objectives))
+        objectives = {"metric": metrics, "mode": modes}
+    return RankedOptunaSearch(
+        study_file=study_file,
+        study_copy=study_copy,
+        study_name=settings.name,
+        seed=settings.seed,
+        concurrent_trials=concurrent_trials,
+        points_to_evaluate=points_to_evaluate,
+        **objectives,
+    )
+
+
 def run_search(
     base: ExperimentConfig,
     space: SearchSpace,
@@ -94,16 +290,17 @@ def run_search(
     ASHA's rungs are in steps (the first at `grace_period` validations, the last at
     max_steps) or, with max_minutes, in seconds (`asha_clock`).
     """
-    from ray.tune.search.optuna import OptunaSearch
-
     space.check(base)
+    study_file, study_copy = study_files(settings)
+    if settings.resume and study_copy is not None:  # Ray's restored searcher reads the local file
+        filesystem, path = storage_filesystem(study_copy)
+        if path_exists(filesystem, path):
+            copy_file(study_copy, study_file)
 
-    def search_setup(ray_tune):
+    def search_setup(ray_tune, plan):
+        Path(study_file).unlink(missing_ok=True)  # a new experiment starts a new study
+        searcher = build_searcher(settings, plan.max_concurrent, points_to_evaluate)
         if is_multi(settings.objectives):  # the front: Optuna's multi-objective TPE, no early stopping
-            metrics, modes = (list(values) for values in zip(*settings.objectives))
-            searcher = OptunaSearch(
-                metric=metrics, mode=modes, seed=settings.seed, points_to_evaluate=points_to_evaluate
-            )
             return space.to_ray(), {
                 "search_alg": searcher,
                 "metric": None,
@@ -116,7 +313,6 @@ def run_search(
             reduction_factor=settings.reduction_factor,
             **asha_clock(base, settings.grace_period, settings.reduction_factor),
         )
-        searcher = OptunaSearch(seed=settings.seed, points_to_evaluate=points_to_evaluate)
         return space.to_ray(), {
             "search_alg": searcher,
             "scheduler": scheduler,
@@ -128,4 +324,7 @@ def run_search(
         if settings.objectives[0][0] != base.training.metric:
             raise ValueError("the first objective must be the base config's metric")
         record["objectives"] = to_record(settings.objectives)
-    return run_experiment(base, settings, search_setup, record, callbacks)
+    outcome = run_experiment(base, settings, search_setup, record, callbacks)
+    if study_copy is not None and Path(study_file).is_file():  # the last copy, whatever failed before
+        copy_file(study_file, study_copy)
+    return outcome
