@@ -9,6 +9,7 @@ note, never a crash.
 | what | private API | checked against |
 | --- | --- | --- |
 | repair a resume's checkpoint list | Ray Train V2's `checkpoint_manager_snapshot.json` (`_CheckpointManagerState`) | Ray 2.60.0 |
+| where a worker stores a checkpoint | the Train context's `get_storage()` (a DeveloperAPI `StorageContext`): `storage_filesystem`, `build_checkpoint_path_from_name` | Ray 2.60.0 |
 | quiet report logging | the loggers of `ray.train.v2._internal.execution.storage` and `.context` | Ray 2.60.0 |
 | an autoscaler's node types | `ray._private.state.state.get_cluster_config()` | Ray 2.60.0 |
 | placement groups of dead trainers | `ray._private.state.state` GCS tables, `ray.core.generated.gcs_pb2`, the `TrainController` actor | Ray 2.60.0 |
@@ -41,6 +42,12 @@ PRIVATE_APIS = (
         "the checkpoint list a resume repairs",
         "ray.train.v2._internal.execution.checkpoint.checkpoint_manager",
         "_CheckpointManagerState",
+        f"Ray {RAY_CHECKED}",
+    ),
+    (
+        "where a worker stores a checkpoint",
+        "ray.train.v2._internal.execution.storage",
+        "StorageContext.build_checkpoint_path_from_name",
         f"Ray {RAY_CHECKED}",
     ),
     ("quiet report logging", "ray.train.v2._internal.execution.storage", "", f"Ray {RAY_CHECKED}"),
@@ -106,6 +113,18 @@ def quiet_report_logging() -> None:
     except ImportError:
         return
     logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
+# ------------------------------------------------------------------------------ storing
+
+
+def checkpoint_destination(name: str) -> tuple[object, str]:
+    """(pyarrow filesystem, path) where this Ray Train worker's run stores checkpoint `name`
+    (what Ray's own upload copies to)."""
+    import ray.train
+
+    storage = ray.train.get_context().get_storage()
+    return storage.storage_filesystem, storage.build_checkpoint_path_from_name(name)
 
 
 # ------------------------------------------------------------------------------ the cluster
