@@ -13,6 +13,10 @@ validation metric plus the latest). A run locks the folder before Ray starts
     result.json      final metrics with units, best checkpoint, wall time, sequences seen
     prediction.gif, reconstruction.gif, frames.png, curves.png
 
+A run folder without a checkpoint that loads (the run stopped before its first was stored,
+or every one is damaged) is not resumed: `--resume` says so in one line, and a new start in
+the folder sets what is damaged aside (`check_run_start`).
+
 The resume policy lives here too: a resumed run keeps its saved config, and may change only
 `RESUMABLE_FIELDS` (`python -m train --resume`).
 """
@@ -90,10 +94,10 @@ def no_complete_checkpoint(what: str, damaged: list[tuple[str, str]]) -> str:
 
 def check_run_start(filesystem, run_path: str, name: str, started: bool, resume: bool, log=print) -> bool:
     """Whether the run folder holds a run that `--resume` continues (`started`: Ray's list of
-    checkpoints is there). A resume of a run with no checkpoint that loads, and no other
-    start that would take its place, is refused in one line saying so; a new start in such
-    a folder sets its damaged checkpoints and Ray's list aside (`damaged_<name>`), so that Ray
-    starts anew. Returns whether the folder counts as started."""
+    checkpoints is there). Where a run began (config.json) but none of its checkpoints
+    loads, a resume is refused in one line saying so (`no_complete_checkpoint`), and a new
+    start sets the damaged checkpoints and Ray's list aside (`damaged_<name>`, never deleted)
+    so that Ray starts anew. Returns whether the folder counts as started."""
     if not path_exists(filesystem, f"{run_path}/{CONFIG_FILE}"):
         return started
     loads, damaged = damaged_checkpoints(filesystem, run_path)

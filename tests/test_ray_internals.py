@@ -61,3 +61,28 @@ def test_tunes_saved_trial_state_is_still_read_and_written_as_repair_experiment_
     restored = cloudpickle.loads(cloudpickle.dumps(manager))
     assert Path(restored._latest_checkpoint_result.checkpoint.path).name == "checkpoint_000002"
     assert restored.latest_checkpoint_result is restored._latest_checkpoint_result
+
+
+def test_a_workers_traceback_of_a_full_disk_is_left_out_and_other_errors_stay(caplog):
+    """Ray Train logs every worker error with its traceback from this logger; a full disk is
+    the driver's one line instead."""
+    import logging
+
+    from records.checkpoints import StorageFullError
+
+    ray_internals.quiet_report_logging()
+    logger = logging.getLogger(ray_internals.TRAIN_FUNCTION_ERRORS_LOGGER)
+    with caplog.at_level(logging.ERROR, logger=ray_internals.TRAIN_FUNCTION_ERRORS_LOGGER):
+        full = StorageFullError("no room for checkpoint_00000004 on the disk mounted at /d: it needs 2 MB")
+        logger.error(
+            f"Error in training function:\nTraceback ...\nrecords.checkpoints.StorageFullError: {full}"
+        )
+        logger.error("Error in training function:\nTraceback ...\nValueError: a bug")
+        from ray.train.v2._internal.execution import context
+
+        upload = logging.getLogger(context.__file__)  # a failed upload: the error travels as exc_info
+        try:
+            raise full
+        except StorageFullError:
+            upload.exception("checkpoint upload failed in the background thread")
+    assert [record.getMessage().splitlines()[-1] for record in caplog.records] == ["ValueError: a bug"]

@@ -11,7 +11,7 @@ note, never a crash.
 | repair a resume's checkpoint list | Ray Train V2's `checkpoint_manager_snapshot.json` (`_CheckpointManagerState`) | Ray 2.60.0 |
 | repair a resumed search's trial checkpoints | Tune's `experiment_state-<time>.json` (`TuneController.CKPT_FILE_TMPL`): each trial's `run_metadata.checkpoint_manager`, a cloudpickled `ray.train._internal.checkpoint_manager._CheckpointManager` of `_TrainingResult`s | Ray 2.60.0 |
 | where a worker stores a checkpoint | the Train context's `get_storage()` (a DeveloperAPI `StorageContext`): `storage_filesystem`, `build_checkpoint_path_from_name` | Ray 2.60.0 |
-| quiet report logging | the loggers of `ray.train.v2._internal.execution.storage` and `.context` | Ray 2.60.0 |
+| quiet report logging | the loggers of `ray.train.v2._internal.execution.storage` and `.context`; `ray.train.v2._internal.util`'s, which logs a worker's traceback | Ray 2.60.0 |
 | an autoscaler's node types | `ray._private.state.state.get_cluster_config()` | Ray 2.60.0 |
 | placement groups of dead trainers | `ray._private.state.state` GCS tables, `ray.core.generated.gcs_pb2`, the `TrainController` actor | Ray 2.60.0 |
 | MLflow URI schemes | `mlflow.tracking._tracking_service.utils._tracking_store_registry`, `_model_registry.utils._get_store_registry` | mlflow-skinny 3.18.0 |
@@ -31,7 +31,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lstm_ae.checkpoint import CHECKPOINT_FILE, CheckpointError
-from records.checkpoints import TrainingState, checkpoint_key, set_aside, stored_problem
+from records.checkpoints import (
+    STORAGE_FULL,
+    StorageFullError,
+    TrainingState,
+    checkpoint_key,
+    set_aside,
+    stored_problem,
+)
 from records.layout import RESULT_FILE, SNAPSHOT_FILE, TRIAL_PREFIX
 from records.storage import path_exists, read_text, write_text
 
@@ -72,6 +79,12 @@ PRIVATE_APIS = (
     ),
     ("quiet report logging", "ray.train.v2._internal.execution.storage", "", f"Ray {RAY_CHECKED}"),
     ("quiet report logging", "ray.train.v2._internal.execution.context", "", f"Ray {RAY_CHECKED}"),
+    (
+        "quiet report logging",
+        "ray.train.v2._internal.util",
+        "construct_user_exception_with_traceback",
+        f"Ray {RAY_CHECKED}",
+    ),
     ("an autoscaler's node types", "ray._private.state", "state.get_cluster_config", f"Ray {RAY_CHECKED}"),
     (
         "placement groups of dead trainers",
@@ -123,16 +136,39 @@ def missing_private_apis() -> list[str]:
 # ------------------------------------------------------------------------------ logging
 
 
+TRAIN_FUNCTION_ERRORS_LOGGER = (
+    "ray.train.v2._internal.util"  # "Error in training function:" and its traceback
+)
+
+
+class _WithoutStorageFullTraceback(logging.Filter):
+    """Drops a worker's traceback of a full disk: the driver reports it in one line that
+    says more (`train.cli`), and every restart of the workers would repeat it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        return not isinstance(error, StorageFullError) and (
+            f"{StorageFullError.__name__}: {STORAGE_FULL}" not in record.getMessage()
+        )
+
+
 def quiet_report_logging() -> None:
     """Ray logs every report's full metrics and every checkpoint's path at INFO (from the
-    worker or trial process); our own progress line and results table say the same."""
+    worker or trial process); our own progress line and results table say the same. A full
+    disk's traceback is left out too (`_WithoutStorageFullTraceback`)."""
     for name in ("ray.train._internal.storage", "ray.train.v2._internal.execution.storage"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    loggers = [logging.getLogger(TRAIN_FUNCTION_ERRORS_LOGGER)]
     try:
         from ray.train.v2._internal.execution import context
     except ImportError:
-        return
-    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+        context = None
+    if context is not None:
+        logging.getLogger(context.__file__).setLevel(logging.WARNING)
+        loggers.append(logging.getLogger(context.__file__))  # a failed upload, with its traceback
+    for logger in loggers:
+        if not any(isinstance(existing, _WithoutStorageFullTraceback) for existing in logger.filters):
+            logger.addFilter(_WithoutStorageFullTraceback())
 
 
 # ------------------------------------------------------------------------------ storing
