@@ -16,15 +16,23 @@ it when it drops out of the kept checkpoints; the checkpoints written after the 
 a fresh name where the skipped one's would repeat (`checkpoint_<step>_1`). The driver meets
 them before Ray starts on `--resume`: `train.ray_internals.repair_snapshot` drops them from
 Ray's own list of checkpoints.
+
+A checkpoint that did not fit never looks complete (`store_checkpoint`): on a local disk it is
+written aside (`.<name>.partial`) and renamed into place whole; on an object store, where a
+folder cannot be renamed but each object appears whole, `checkpoint.pt` is written last. A
+full disk ends the copy with `StorageFullError`, one line naming the disk, the space the
+checkpoint needs and the space free.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
 import re
+import shutil
 import tempfile
 import zipfile
 from collections.abc import Callable, Iterable, Iterator
@@ -37,7 +45,7 @@ import torch
 from lstm_ae.checkpoint import CHECKPOINT_FILE, CheckpointError, load_checkpoint
 from lstm_ae.metrics import METRIC_MODES, best_of, is_finite_number
 from records.layout import DAMAGED_PREFIX, HISTORY_FILE
-from records.storage import local_copy, path_exists, read_text
+from records.storage import is_local, local_copy, path_exists, read_text
 
 
 @dataclass
@@ -301,3 +309,92 @@ def newest_loadable(
         damaged.append((candidate, problem, aside))
     reasons = "; ".join(f"{PurePosixPath(name).name}: {reason}" for name, reason, _ in damaged)
     raise CheckpointError(f"no checkpoint of this run loads ({reasons})")
+
+
+# ------------------------------------------------------------------------------ storing
+
+PARTIAL_SUFFIX = ".partial"  # a checkpoint being written aside: .<name>.partial beside its place
+FULL_ERRORS = (errno.ENOSPC, errno.EDQUOT)
+STORAGE_FULL = "no room for "  # how a StorageFullError's line begins (the driver finds it in Ray's errors)
+COPY_CHUNK_BYTES = 1 << 22
+
+
+class StorageFullError(OSError):
+    """A checkpoint did not fit on the disk (or quota) of the run's storage; the message is
+    one line that names the disk, the space needed and the space free."""
+
+
+def store_checkpoint(source: str | os.PathLike, filesystem, target: str, staged: bool | None = None) -> None:
+    """Copy the local checkpoint folder `source` to `target` on `filesystem`, so that a copy
+    cut short (a full disk, a lost node) never leaves a folder that looks complete.
+
+    `staged` (the default on a local disk): written into `.<name>.partial` beside `target`,
+    then renamed into place in one step. Otherwise (object stores, which cannot rename a
+    folder but show each object whole) `checkpoint.pt` is written last, so a folder without
+    it is incomplete (`folder_problem`). What a failed copy wrote is removed. A folder already
+    at `target` is the leftover of an upload cut short (Ray lists a checkpoint only once it is
+    stored, and a stored one is never written again): it is replaced."""
+    source = Path(source)
+    staged = is_local(filesystem) if staged is None else staged
+    files = sorted((path for path in source.rglob("*") if path.is_file()), key=lambda path: (
+        path.name == CHECKPOINT_FILE, str(path)))  # fmt: skip
+    target = target.rstrip("/")
+    parent, name = str(PurePosixPath(target).parent), PurePosixPath(target).name
+    destination = f"{parent}/.{name}{PARTIAL_SUFFIX}" if staged else target
+    try:
+        for leftover in {destination, target}:
+            if path_exists(filesystem, leftover):
+                filesystem.delete_dir(leftover)
+        filesystem.create_dir(destination, recursive=True)
+        for file in files:
+            relative = file.relative_to(source).as_posix()
+            if "/" in relative:
+                filesystem.create_dir(f"{destination}/{PurePosixPath(relative).parent}", recursive=True)
+            with (
+                open(file, "rb") as reader,
+                filesystem.open_output_stream(f"{destination}/{relative}") as writer,
+            ):
+                while chunk := reader.read(COPY_CHUNK_BYTES):
+                    writer.write(chunk)
+        if staged:
+            filesystem.move(destination, target)
+    except OSError as error:
+        with contextlib.suppress(OSError):
+            if path_exists(filesystem, destination):
+                filesystem.delete_dir(destination)
+        if error.errno in FULL_ERRORS:
+            needed = sum(file.stat().st_size for file in files)
+            raise StorageFullError(storage_full_message(name, needed, filesystem, parent)) from None
+        raise
+
+
+def storage_full_message(name: str, needed: int, filesystem, folder: str) -> str:
+    """One line: which disk is full, what `name` needs there and what is free."""
+    if not is_local(filesystem):
+        return f"{STORAGE_FULL}{name} in {filesystem.type_name} storage at {folder}: it needs {_size(needed)}"
+    disk, kind = mount_point(folder)
+    free = shutil.disk_usage(disk).free
+    return (
+        f"{STORAGE_FULL}{name} on the disk mounted at {disk}{f' ({kind})' if kind else ''}, which holds {folder}: "
+        f"it needs {_size(needed)}, {_size(free)} free"
+    )
+
+
+def mount_point(folder: str) -> tuple[str, str]:
+    """(mount point, filesystem type) of the disk holding `folder` (type '' where unknown)."""
+    path = Path(folder).resolve()
+    while not path.exists():
+        path = path.parent
+    while not os.path.ismount(path):
+        path = path.parent
+    kind = ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/mounts").read_text().splitlines():
+            fields = line.split()
+            if len(fields) > 2 and fields[1] == str(path):
+                kind = fields[2]  # the last mount at a point is the one in use
+    return str(path), kind
+
+
+def _size(size: int) -> str:
+    return f"{size / 1e6:.1f} MB" if size >= 1e5 else f"{size / 1e3:.1f} kB"

@@ -13,6 +13,10 @@ validation metric plus the latest). A run locks the folder before Ray starts
     result.json      final metrics with units, best checkpoint, wall time, sequences seen
     prediction.gif, reconstruction.gif, frames.png, curves.png
 
+A run folder without a checkpoint that loads (the run stopped before its first was stored,
+or every one is damaged) is not resumed: `--resume` says so in one line, and a new start in
+the folder sets what is damaged aside (`check_run_start`).
+
 The resume policy lives here too: a resumed run keeps its saved config, and may change only
 `RESUMABLE_FIELDS` (`python -m train --resume`).
 """
@@ -28,8 +32,8 @@ from typing import Any
 from lstm_ae.config import ConfigError, ExperimentConfig
 from lstm_ae.metrics import METRIC_MODES, UNITS
 from lstm_ae.viz import RUN_PICTURES
-from records.checkpoints import best_checkpoint
-from records.layout import CONFIG_FILE, HISTORY_FILE, METRICS_FILE, RESULT_FILE
+from records.checkpoints import best_checkpoint, checkpoint_key, set_aside, stored_problem
+from records.layout import CONFIG_FILE, DAMAGED_PREFIX, HISTORY_FILE, METRICS_FILE, RESULT_FILE, SNAPSHOT_FILE
 from records.storage import path_exists, read_text, storage_filesystem, write_text
 
 
@@ -47,6 +51,66 @@ def check_folder(started: bool, resume: bool, folder: str, what: str, name: str,
         )
     if resume and not started:
         raise RunFolderError(f"nothing to resume: no {what} named {name!r} under {under}")
+
+
+def checkpoint_folders(filesystem, run_path: str) -> list[str]:
+    """The names of a run folder's `checkpoint_<step>` folders, newest first."""
+    import pyarrow.fs
+
+    infos = filesystem.get_file_info(pyarrow.fs.FileSelector(run_path, allow_not_found=True))
+    named = [
+        (checkpoint_key(info.base_name), info.base_name)
+        for info in infos
+        if info.type == pyarrow.fs.FileType.Directory and checkpoint_key(info.base_name) is not None
+    ]
+    return [name for _, name in sorted(named, reverse=True)]
+
+
+def damaged_checkpoints(filesystem, run_path: str) -> tuple[bool, list[tuple[str, str]]]:
+    """(whether one of the run folder's checkpoints loads, (name, why not) of those that do
+    not, newest first)."""
+    damaged = []
+    for name in checkpoint_folders(filesystem, run_path):
+        problem, _ = stored_problem(filesystem, f"{run_path}/{name}")
+        if problem is None:
+            return True, damaged
+        damaged.append((name, problem))
+    return False, damaged
+
+
+def no_complete_checkpoint(what: str, damaged: list[tuple[str, str]]) -> str:
+    """Why `what` ("run e") cannot be resumed when none of its checkpoints loads."""
+    if not damaged:
+        return (
+            f"{what} has no checkpoint to resume from (it stopped before its first checkpoint was "
+            "stored): start it again without --resume"
+        )
+    if len(damaged) == 1:
+        (name, reason), = damaged  # fmt: skip
+        return f"{what} has no complete checkpoint: its only checkpoint, {name}, is damaged ({reason}): start it again without --resume"
+    names = ", ".join(name for name, _ in damaged)
+    return f"{what} has no complete checkpoint: all {len(damaged)} of its checkpoints ({names}) are damaged: start it again without --resume"
+
+
+def check_run_start(filesystem, run_path: str, name: str, started: bool, resume: bool, log=print) -> bool:
+    """Whether the run folder holds a run that `--resume` continues (`started`: Ray's list of
+    checkpoints is there). Where a run began (config.json) but none of its checkpoints
+    loads, a resume is refused in one line saying so (`no_complete_checkpoint`), and a new
+    start sets the damaged checkpoints and Ray's list aside (`damaged_<name>`, never deleted)
+    so that Ray starts anew. Returns whether the folder counts as started."""
+    if not path_exists(filesystem, f"{run_path}/{CONFIG_FILE}"):
+        return started
+    loads, damaged = damaged_checkpoints(filesystem, run_path)
+    if loads:
+        return started
+    if resume:
+        raise RunFolderError(no_complete_checkpoint(f"run {name}", damaged))
+    for folder, reason in damaged:
+        aside = set_aside(filesystem, f"{run_path}/{folder}")
+        log(f"setting damaged checkpoint {folder} aside ({reason}){f': kept as {aside}' if aside else ''}")
+    if started:
+        filesystem.move(f"{run_path}/{SNAPSHOT_FILE}", f"{run_path}/{DAMAGED_PREFIX}{SNAPSHOT_FILE}")
+    return False
 
 
 def continue_line(command: str, flags: str, resumable: bool, unstarted: str) -> str:

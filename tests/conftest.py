@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -30,3 +31,32 @@ def ray_cluster():
     ray.init(num_cpus=4, runtime_env={"env_vars": dict(RAY_ENVIRONMENT)})
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """`mount(size)`: a tmpfs of `size` (e.g. "8m") mounted at a fresh folder, unmounted at the
+    end; `mount(size, remount=True)` resizes it. Skipped where mounting is not allowed (not
+    root, or a container without the capability)."""
+    import subprocess
+
+    folder = tmp_path / "small_disk"
+    folder.mkdir()
+    mounted = []
+
+    def mount(size: str, remount: bool = False) -> Path:
+        options = f"remount,size={size}" if remount else f"size={size}"
+        try:
+            completed = subprocess.run(
+                ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], capture_output=True, text=True
+            )
+        except OSError as error:  # no mount command
+            pytest.skip(f"cannot mount a tmpfs here: {error}")
+        if completed.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {completed.stderr.strip()}")
+        mounted.append(folder)
+        return folder
+
+    yield mount
+    if mounted:
+        subprocess.run(["umount", str(folder)], check=False)

@@ -12,6 +12,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import pyarrow
+import pyarrow.fs
+
 
 class InjectedFailure(RuntimeError):
     pass
@@ -103,3 +106,84 @@ def _killed_mid_upload_session(at_step: int, marker: Path):
             return storage.persist_current_checkpoint(checkpoint, name)
 
     return KilledMidUpload()
+
+
+class FullDiskHandler(pyarrow.fs.FileSystemHandler):
+    """A pyarrow filesystem handler over local paths whose writes fail with ENOSPC once
+    `room` bytes are written in all (the bytes that fit stay, as on a full disk). Wrap it
+    as `pyarrow.fs.PyFileSystem(FullDiskHandler(room))`; `room` may be raised later."""
+
+    def __init__(self, room: int):
+        self.room, self.written = room, 0
+        self.local = pyarrow.fs.LocalFileSystem()
+
+    def get_type_name(self) -> str:
+        return "full-disk"
+
+    def normalize_path(self, path):
+        return path
+
+    def equals(self, other) -> bool:
+        return other is self
+
+    def get_file_info(self, paths):
+        return self.local.get_file_info(paths)
+
+    def get_file_info_selector(self, selector):
+        return self.local.get_file_info(selector)
+
+    def create_dir(self, path, recursive):
+        self.local.create_dir(path, recursive=recursive)
+
+    def delete_dir(self, path):
+        self.local.delete_dir(path)
+
+    def delete_dir_contents(self, path, missing_dir_ok=False):
+        self.local.delete_dir_contents(path, missing_dir_ok=missing_dir_ok)
+
+    def delete_root_dir_contents(self, path):
+        self.local.delete_dir_contents(path)
+
+    def delete_file(self, path):
+        self.local.delete_file(path)
+
+    def move(self, source, destination):
+        self.local.move(source, destination)
+
+    def copy_file(self, source, destination):
+        self.local.copy_file(source, destination)
+
+    def open_input_stream(self, path):
+        return self.local.open_input_stream(path)
+
+    def open_input_file(self, path):
+        return self.local.open_input_file(path)
+
+    def open_output_stream(self, path, metadata):
+        return pyarrow.PythonFile(_FillingFile(open(path, "wb"), self), mode="w")
+
+    def open_append_stream(self, path, metadata):
+        raise NotImplementedError
+
+
+class _FillingFile:
+    def __init__(self, file, disk: FullDiskHandler):
+        self.file, self.disk, self.closed = file, disk, False
+
+    def write(self, data) -> int:
+        import errno
+
+        data = bytes(data)
+        fits = max(0, min(len(data), self.disk.room - self.disk.written))
+        self.file.write(data[:fits])
+        self.disk.written += fits
+        if fits < len(data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return fits
+
+    def flush(self) -> None:
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+        self.closed = True

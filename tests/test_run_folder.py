@@ -18,13 +18,14 @@ from pathlib import Path
 import pyarrow.fs
 import pytest
 import torch
-from faults import FailOnceSession, InjectedFailure
+from faults import FailOnceSession, FullDiskHandler, InjectedFailure
 
 from lstm_ae.checkpoint import CheckpointError, load_checkpoint
 from lstm_ae.config import preset
-from records.checkpoints import left_empty, stored_problem
+from records.checkpoints import StorageFullError, folder_problem, left_empty, store_checkpoint, stored_problem
 from records.folder_lock import STALE_SECONDS, FolderLock, FolderLockedError
 from records.layout import LOCK_FILE, SNAPSHOT_FILE
+from records.run_folder import RunFolderError
 from train.ray_internals import repair_snapshot
 from train.worker import LocalSession, WorkerSettings, loop_config, train_function
 
@@ -294,8 +295,97 @@ def test_the_command_line_resume_exits_2_in_one_line_when_no_checkpoint_loads(ru
         truncate(run_folder / name / "checkpoint.pt")
     completed = run_cli("train", "--output-dir", str(run_folder.parent), "--name", "r", "--resume")
     assert completed.returncode == 2 and completed.stderr.count("\n") == 1
-    assert "no checkpoint of" in completed.stderr and "nothing to resume from" in completed.stderr
+    assert (
+        "run r has no complete checkpoint: all 2 of its checkpoints (checkpoint_00000004, "
+        in completed.stderr
+    )
+    assert completed.stderr.rstrip().endswith("are damaged: start it again without --resume")
     assert "Ray" not in completed.stderr
+
+
+@pytest.mark.parametrize("damaged", [False, True])
+def test_a_resume_without_a_complete_checkpoint_says_so_and_a_new_start_sets_the_damaged_aside(
+    checkpoint, smoke, tmp_path, damaged
+):
+    import shutil
+
+    from train.driver import RunSettings, check_run_folder
+
+    run_folder = tmp_path / "runs" / "r"  # Ray lists a checkpoint only once stored: no list here
+    run_folder.mkdir(parents=True)
+    (run_folder / "config.json").write_text(json.dumps({"config": smoke.to_dict()}))
+    if damaged:  # a copy cut short in place, as Ray's own upload left it
+        shutil.copytree(checkpoint, run_folder / "checkpoint_00000002")
+        truncate(run_folder / "checkpoint_00000002" / "checkpoint.pt")
+    settings = RunSettings(name="r", storage=str(run_folder.parent), resume=True)
+    with pytest.raises(RunFolderError) as error:
+        check_run_folder(settings)
+    expected = (
+        "run r has no complete checkpoint: its only checkpoint, checkpoint_00000002, is damaged ("
+        if damaged
+        else "run r has no checkpoint to resume from (it stopped before its first checkpoint was stored)"
+    )
+    assert str(error.value).startswith(expected) and "\n" not in str(error.value)
+    assert str(error.value).endswith(": start it again without --resume")
+    check_run_folder(RunSettings(name="r", storage=str(run_folder.parent)))  # as the line says
+    assert not (run_folder / "checkpoint_00000002").exists()
+    assert (run_folder / "damaged_checkpoint_00000002").is_dir() == damaged
+
+
+# ------------------------------------------------------------------------------ a full disk
+
+
+@pytest.fixture
+def checkpoint(smoke, tmp_path):
+    """A local checkpoint folder as rank 0 writes it before it is stored (4 MB of weights)."""
+    from dataclasses import asdict
+
+    from lstm_ae.checkpoint import save_checkpoint
+    from lstm_ae.model import CompositeLSTMAutoencoder
+    from records.checkpoints import TrainingState
+
+    folder = tmp_path / "written" / "checkpoint_00000002"
+    save_checkpoint(folder, CompositeLSTMAutoencoder(smoke.model), 2, smoke)
+    (folder / "history.json").write_text(json.dumps(asdict(TrainingState(step=2))))
+    return folder
+
+
+@pytest.mark.parametrize("staged", [True, False], ids=["renamed-into-place", "checkpoint-file-last"])
+def test_a_checkpoint_that_does_not_fit_is_never_left_looking_complete(checkpoint, tmp_path, staged):
+    size = sum(file.stat().st_size for file in checkpoint.iterdir())
+    disk = FullDiskHandler(room=size // 2)
+    filesystem = pyarrow.fs.PyFileSystem(disk)
+    target = tmp_path / "run" / "checkpoint_00000002"
+    with pytest.raises(StorageFullError) as error:
+        store_checkpoint(checkpoint, filesystem, str(target), staged=staged)
+    line = str(error.value)
+    assert "\n" not in line and line.startswith("no room for checkpoint_00000002 in py::full-disk storage")
+    assert f"needs {size / 1e6:.1f} MB" in line
+    assert disk.written == size // 2  # half of it was written, then removed
+    assert list((tmp_path / "run").iterdir()) == []
+    disk.room = 10 * size  # room made: stored whole, once
+    store_checkpoint(checkpoint, filesystem, str(target), staged=staged)
+    assert folder_problem(target) == folder_problem(checkpoint)
+    assert sorted(path.name for path in (tmp_path / "run").iterdir()) == ["checkpoint_00000002"]
+
+
+def test_a_copy_cut_short_in_place_is_replaced_when_the_checkpoint_is_stored_again(checkpoint, tmp_path):
+    target = tmp_path / "run" / "checkpoint_00000002"
+    target.mkdir(parents=True)
+    (target / "checkpoint.pt").write_bytes(b"half")  # a lost node's upload, never listed by Ray
+    store_checkpoint(checkpoint, LOCAL, str(target))
+    assert folder_problem(target)[0] is None
+
+
+def test_on_a_full_tmpfs_the_error_names_the_disk_the_space_needed_and_free(checkpoint, small_disk):
+    size = sum(file.stat().st_size for file in checkpoint.iterdir())
+    disk = small_disk(f"{size // 2 // 4096 * 4096}")
+    with pytest.raises(StorageFullError) as error:
+        store_checkpoint(checkpoint, LOCAL, str(disk / "run" / "checkpoint_00000002"))
+    line = str(error.value)
+    assert line.startswith(f"no room for checkpoint_00000002 on the disk mounted at {disk} (tmpfs)")
+    assert f"it needs {size / 1e6:.1f} MB" in line and line.endswith(" free")
+    assert [path.name for path in (disk / "run").iterdir()] == []  # nothing that looks complete
 
 
 def test_a_checkpoint_folder_left_empty_is_never_the_best(tmp_path):

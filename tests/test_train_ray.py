@@ -263,3 +263,41 @@ def test_use_gpu_on_a_cluster_that_can_never_have_a_gpu_exits_2_with_one_line(ra
     assert completed.returncode == 2
     error_lines = [line for line in completed.stderr.splitlines() if line.startswith("error:")]
     assert len(error_lines) == 1 and "no node has a GPU" in error_lines[0]
+
+
+def test_a_full_disk_ends_the_run_in_one_line_and_a_resume_after_room_is_made_ends_it_exact(
+    ray_cluster, config, uninterrupted, small_disk, capfd
+):
+    """The run folder on a tmpfs with room for one checkpoint (22 MB each) and not two: the
+    run stops at the second with one line naming the disk and what to do, no traceback, and
+    nothing in the folder that looks like a second checkpoint; once the disk is larger,
+    --resume ends the run as an uninterrupted one."""
+    from train.cli import main
+
+    disk = small_disk("36m")
+    flags = ["--preset", "smoke", "--checkpoint-every", "2", "--eval-every", "2", "--cache-dir",
+             config.data.cache_dir, "--num-workers", "2", "--cpus-per-worker", "1",
+             "--output-dir", str(disk), "--name", "full"]  # fmt: skip
+    with pytest.raises(SystemExit) as exit_status:
+        main(flags)
+    out, err = capfd.readouterr()
+    assert exit_status.value.code == 1
+    # The error is the last line and the only one of ours; Ray's processes may add their own
+    # prefixed log lines (its core's known ERROR line about the preemption watcher), never a traceback.
+    lines = err.strip().splitlines()
+    assert [line for line in lines if line.startswith("error:")] == lines[-1:], err[-3000:]
+    line = lines[-1]
+    assert line.startswith(f"error: no room for checkpoint_00000004 on the disk mounted at {disk} (tmpfs)")
+    assert "MB free" in line and "it needs 22." in line
+    assert line.endswith(f"continue it with: python -m train --name full --output-dir {disk} --resume")
+    assert "Traceback" not in out + err, (out + err)[-3000:]
+    checkpoints = sorted(path.name for path in (disk / "full").iterdir() if "checkpoint_0" in path.name)
+    assert checkpoints == ["checkpoint_00000002"]
+    load_checkpoint(disk / "full" / "checkpoint_00000002")
+    small_disk("200m", remount=True)  # room made
+    assert main([*flags, "--resume"]) == 0
+    result = json.loads((disk / "full" / "result.json").read_text())
+    assert result["steps"] == 6 and result["sequences_seen"] == 24 and result["resumed_from"] == [2]
+    recovered = load_checkpoint(result["final_checkpoint"])["model"]
+    expected = final_weights(uninterrupted)
+    assert all(torch.equal(recovered[name], expected[name]) for name in expected)

@@ -6,6 +6,7 @@ import csv
 import json
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -289,3 +290,56 @@ def test_a_two_objective_search_marks_a_front_no_trial_on_it_is_dominated(ray_cl
     for picture in ("pareto.png", "optuna_pareto_front.png", "optuna_hypervolume.png"):
         assert (folder / picture).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "front: the Pareto front of best_val_mse_frame and val_ssim" in summary
+
+
+def test_a_search_whose_driver_is_killed_resumes_every_trial_from_a_checkpoint_it_still_has(
+    ray_cluster, tmp_path
+):
+    """SIGKILL of `python -m tune` once its two trials have checkpoints, then what a trial's
+    pruning leaves when it runs after Tune saved its state: the checkpoint the saved state
+    names is gone (for one trial, older and newer ones remain; for the other, none is left).
+    `--resume` restores the first from its newest complete checkpoint and starts the second
+    again from step 0, saying so for each; every trial completes, none errors."""
+    import time
+
+    import pyarrow.fs
+
+    from train.ray_internals import saved_trials
+
+    address = ray_cluster.get_runtime_context().gcs_address
+    flags = ["--output-dir", str(tmp_path), "--name", "killed", "--address", address]
+    search = [sys.executable, "-m", "tune", "--preset", "smoke", "--num-samples", "2", "--max-concurrent", "2",
+              "--cpus-per-worker", "1", "--max-steps", "12", "--eval-every", "2", "--checkpoint-every", "2",
+              "--grace-period", "6", "--cache-dir", str(tmp_path / "data"), *flags]  # fmt: skip
+    folder = tmp_path / "killed"
+    driver = subprocess.Popen(search, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    local = pyarrow.fs.LocalFileSystem()
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and driver.poll() is None:
+        trials = saved_trials(local, str(folder)) if folder.is_dir() else {}
+        checkpoints = [len(list(trial.glob("checkpoint_*"))) for trial in folder.glob("trial_*")]
+        if len(trials) == 2 and all(name and status != "TERMINATED" for status, name in trials.values()):
+            if len(checkpoints) == 2 and min(checkpoints) >= 2:
+                break
+        time.sleep(0.2)
+    driver.kill()  # SIGKILL: no handler, no last save
+    driver.wait()
+    trials = saved_trials(local, str(folder))
+    assert len(trials) == 2 and all(name and status != "TERMINATED" for status, name in trials.values()), (
+        trials
+    )
+    (kept_id, (_, kept_name)), (lost_id, _) = sorted(trials.items())
+    kept_folder, lost_folder = (next(folder.glob(f"trial_{trial}_*")) for trial in (kept_id, lost_id))
+    for checkpoint in [kept_folder / kept_name, *lost_folder.glob("checkpoint_*")]:
+        shutil.rmtree(checkpoint)
+    newest = max(path.name for path in kept_folder.glob("checkpoint_*"))
+    resumed = subprocess.run(
+        [sys.executable, "-m", "tune", "--resume", *flags], capture_output=True, text=True, timeout=600
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "does not exist on storage anymore" not in resumed.stdout + resumed.stderr
+    assert f"trial {lost_id}: no complete checkpoint left" in resumed.stdout
+    assert "it starts again from step 0" in resumed.stdout
+    assert f"trial {kept_id}: resuming from {newest}, its newest complete checkpoint" in resumed.stdout
+    rows = read_rows(folder)
+    assert len(rows) == 2 and all(row["status"] == COMPLETED and row["steps"] == "12" for row in rows), rows

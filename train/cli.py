@@ -41,6 +41,7 @@ from lstm_ae.metrics import (
     VAL_MSE_FRAME,
     VAL_SSIM,
 )
+from records.checkpoints import STORAGE_FULL
 from records.run_folder import RESUMABLE_FIELDS, RunFolderError, SavedRun, check_resumed_flags, saved_run
 from records.sources import Source, SourceError, check_initial_weights, read_source, source_label
 from train.commandline import (
@@ -248,7 +249,14 @@ def run_command(
     except Exception as error:  # Ray's TrainingFailedError and friends: one line, not a traceback
         if interrupted():
             raise
-        fail(f"training failed: {root_cause(error)}", status=1)
+        cause = root_cause(error)
+        if STORAGE_FULL in cause:  # a worker's StorageFullError, as Ray passes it on
+            fail(
+                f"{cause}. Make room there (or move the run folder to a larger disk); "
+                f"{run_continue_line(settings)}",
+                status=1,
+            )
+        fail(f"training failed: {cause}", status=1)
     print_summary(summary)
     return 0
 

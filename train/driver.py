@@ -30,6 +30,7 @@ from records.layout import SNAPSHOT_FILE
 from records.run_folder import (
     RunFolderError,
     check_folder,
+    check_run_start,
     continue_line,
     folder_flags,
     saved_source,
@@ -220,9 +221,12 @@ def run_continue_line(settings: RunSettings) -> str:
 
 
 def check_run_folder(settings: RunSettings) -> None:
-    """A new run must not overwrite an old one; a resume needs something to resume."""
+    """A new run must not overwrite an old one; a resume needs a checkpoint that loads (a
+    folder without one is started again: `records.run_folder.check_run_start`)."""
     filesystem, root = storage_filesystem(settings.storage)
-    check_folder(_started(settings), settings.resume, f"{root}/{settings.name}", "run", settings.name, root)
+    run_path = f"{root}/{settings.name}"
+    started = check_run_start(filesystem, run_path, settings.name, _started(settings), settings.resume)
+    check_folder(started, settings.resume, run_path, "run", settings.name, root)
 
 
 def run_training(

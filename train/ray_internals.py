@@ -4,13 +4,15 @@ Each is a workaround for something the public API does not offer. `PRIVATE_APIS`
 with the version each was checked against; `missing_private_apis()` says which the installed
 versions no longer have (tests/test_ray_internals.py fails with those lines, so an upgrade
 shows at once what to look at). Every caller in the suite degrades on its own where one is
-missing: a note, never a crash. The offline checks of the cluster files (tests) use the last
-two rows, and fail.
+missing: a note, never a crash. The offline checks of the cluster files (tests) use the two
+rows on cluster files and RayClusters, and fail.
 
 | what | private API | checked against |
 | --- | --- | --- |
 | repair a resume's checkpoint list | Ray Train V2's `checkpoint_manager_snapshot.json` (`_CheckpointManagerState`) | Ray 2.60.0 |
-| quiet report logging | the loggers of `ray.train.v2._internal.execution.storage` and `.context` | Ray 2.60.0 |
+| repair a resumed search's trial checkpoints | Tune's `experiment_state-<time>.json` (`TuneController.CKPT_FILE_TMPL`): each trial's `run_metadata.checkpoint_manager`, a cloudpickled `ray.train._internal.checkpoint_manager._CheckpointManager` of `_TrainingResult`s | Ray 2.60.0 |
+| where a worker stores a checkpoint | the Train context's `get_storage()` (a DeveloperAPI `StorageContext`): `storage_filesystem`, `build_checkpoint_path_from_name` | Ray 2.60.0 |
+| quiet report logging | the loggers of `ray.train.v2._internal.execution.storage` and `.context`; `ray.train.v2._internal.util`'s, which logs a worker's traceback | Ray 2.60.0 |
 | an autoscaler's node types | `ray._private.state.state.get_cluster_config()` | Ray 2.60.0 |
 | placement groups of dead trainers | `ray._private.state.state` GCS tables, `ray.core.generated.gcs_pb2`, the `TrainController` actor | Ray 2.60.0 |
 | MLflow URI schemes | `mlflow.tracking._tracking_service.utils._tracking_store_registry`, `_model_registry.utils._get_store_registry` | mlflow-skinny 3.18.0 |
@@ -24,6 +26,7 @@ instance attribute is checked on a fresh instance.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib
 import json
@@ -36,8 +39,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lstm_ae.checkpoint import CHECKPOINT_FILE, CheckpointError
-from records.checkpoints import TrainingState, checkpoint_key, set_aside, stored_problem
-from records.layout import SNAPSHOT_FILE
+from records.checkpoints import (
+    STORAGE_FULL,
+    StorageFullError,
+    TrainingState,
+    checkpoint_key,
+    set_aside,
+    stored_problem,
+)
+from records.layout import RESULT_FILE, SNAPSHOT_FILE, TRIAL_PREFIX
 from records.storage import path_exists, read_text, write_text
 
 RAY_CHECKED = "2.60.0"
@@ -51,8 +61,38 @@ PRIVATE_APIS = (
         "_CheckpointManagerState",
         f"Ray {RAY_CHECKED}",
     ),
+    (
+        "where a worker stores a checkpoint",
+        "ray.train.v2._internal.execution.storage",
+        "StorageContext.build_checkpoint_path_from_name",
+        f"Ray {RAY_CHECKED}",
+    ),
+    (
+        "the trial checkpoints a resumed search repairs",
+        "ray.tune.execution.tune_controller",
+        "TuneController.CKPT_FILE_TMPL",
+        f"Ray {RAY_CHECKED}",
+    ),
+    (
+        "the trial checkpoints a resumed search repairs",
+        "ray.train._internal.checkpoint_manager",
+        "_CheckpointManager.latest_checkpoint_result",
+        f"Ray {RAY_CHECKED}",
+    ),
+    (
+        "the trial checkpoints a resumed search repairs",
+        "ray.train._internal.session",
+        "_TrainingResult",
+        f"Ray {RAY_CHECKED}",
+    ),
     ("quiet report logging", "ray.train.v2._internal.execution.storage", "", f"Ray {RAY_CHECKED}"),
     ("quiet report logging", "ray.train.v2._internal.execution.context", "", f"Ray {RAY_CHECKED}"),
+    (
+        "quiet report logging",
+        "ray.train.v2._internal.util",
+        "construct_user_exception_with_traceback",
+        f"Ray {RAY_CHECKED}",
+    ),
     ("an autoscaler's node types", "ray._private.state", "state.get_cluster_config", f"Ray {RAY_CHECKED}"),
     (
         "placement groups of dead trainers",
@@ -140,16 +180,51 @@ def optuna_trial_of(searcher, trial_id: str):
 # ------------------------------------------------------------------------------ logging
 
 
+TRAIN_FUNCTION_ERRORS_LOGGER = (
+    "ray.train.v2._internal.util"  # "Error in training function:" and its traceback
+)
+
+
+class _WithoutStorageFullTraceback(logging.Filter):
+    """Drops a worker's traceback of a full disk: the driver reports it in one line that
+    says more (`train.cli`), and every restart of the workers would repeat it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        return not isinstance(error, StorageFullError) and (
+            f"{StorageFullError.__name__}: {STORAGE_FULL}" not in record.getMessage()
+        )
+
+
 def quiet_report_logging() -> None:
     """Ray logs every report's full metrics and every checkpoint's path at INFO (from the
-    worker or trial process); our own progress line and results table say the same."""
+    worker or trial process); our own progress line and results table say the same. A full
+    disk's traceback is left out too (`_WithoutStorageFullTraceback`)."""
     for name in ("ray.train._internal.storage", "ray.train.v2._internal.execution.storage"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    loggers = [logging.getLogger(TRAIN_FUNCTION_ERRORS_LOGGER)]
     try:
         from ray.train.v2._internal.execution import context
     except ImportError:
-        return
-    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+        context = None
+    if context is not None:
+        logging.getLogger(context.__file__).setLevel(logging.WARNING)
+        loggers.append(logging.getLogger(context.__file__))  # a failed upload, with its traceback
+    for logger in loggers:
+        if not any(isinstance(existing, _WithoutStorageFullTraceback) for existing in logger.filters):
+            logger.addFilter(_WithoutStorageFullTraceback())
+
+
+# ------------------------------------------------------------------------------ storing
+
+
+def checkpoint_destination(name: str) -> tuple[object, str]:
+    """(pyarrow filesystem, path) where this Ray Train worker's run stores checkpoint `name`
+    (what Ray's own upload copies to)."""
+    import ray.train
+
+    storage = ray.train.get_context().get_storage()
+    return storage.storage_filesystem, storage.build_checkpoint_path_from_name(name)
 
 
 # ------------------------------------------------------------------------------ the cluster
@@ -373,6 +448,158 @@ def repair_snapshot(
             snapshot[key] = [name for name in snapshot[key] if name not in problems]
     _write_atomically(filesystem, snapshot_path, json.dumps(snapshot))
     return Repair(tuple(sorted(problems)), newest, step)
+
+
+EXPERIMENT_STATE_PATTERN = "experiment_state-*.json"  # Tune's TuneController.CKPT_FILE_TMPL
+CLOUDPICKLED = "CLOUDPICKLE_FALLBACK"  # how Tune's JSON encoder marks a pickled value
+
+
+def repair_experiment_state(
+    filesystem, experiment_path: str, log: Callable[[str], None] = print
+) -> list[str]:
+    """Point every unfinished trial of a Tune experiment at its newest checkpoint that loads,
+    before `Tuner.restore` reads the experiment's saved state; returns the ids changed.
+
+    Tune saves the experiment's state every few seconds, but a trial's own pruning
+    (`CheckpointConfig.num_to_keep`, by score) deletes a checkpoint at once: when the
+    driver dies between the two, the saved state names a checkpoint that is gone (the
+    trial's latest when saved, then dropped for a better older and a newer one), and the
+    trial fails to restore from it at every retry. So the saved state is brought in line
+    with the trial's folder: the checkpoints still there are kept in the trial's list, the
+    newest that loads (which may be newer than the saved state knows) becomes its latest,
+    with the metrics Tune recorded for it; a trial with none left starts again from step 0,
+    with one line saying so."""
+    from ray import cloudpickle
+    from ray.train import Checkpoint
+    from ray.train._internal.session import _TrainingResult
+
+    found = _experiment_state(filesystem, experiment_path)
+    if found is None:
+        return []
+    state_path, state, names = found
+    changed = []
+    for entry in state["trial_data"]:
+        trial, metadata = json.loads(entry[0]), json.loads(entry[1])
+        packed = metadata.get("checkpoint_manager")
+        if (
+            trial.get("status") == "TERMINATED"
+            or not isinstance(packed, dict)
+            or packed.get("_type") != CLOUDPICKLED
+        ):
+            continue
+        trial_id = trial["trial_id"]
+        folder = _trial_folder(names, experiment_path, trial_id)
+        manager = cloudpickle.loads(bytes.fromhex(packed["value"]))
+        latest = manager.latest_checkpoint_result
+        saved_name = Path(latest.checkpoint.path).name if latest is not None else None
+        newest, gone = _newest_loadable_checkpoint(filesystem, folder) if folder else (None, [])
+        kept = [
+            result for result in manager._checkpoint_results
+            if folder and path_exists(filesystem, f"{folder}/{Path(result.checkpoint.path).name}/{CHECKPOINT_FILE}")
+        ]  # fmt: skip
+        if newest == saved_name and len(kept) == len(manager._checkpoint_results):
+            continue
+        if newest is None:
+            manager._checkpoint_results, manager._latest_checkpoint_result = [], None
+            why = f"Tune's saved state named {saved_name}, which is gone" if saved_name else "none was stored"
+            damaged = f"; {', '.join(gone)} do not load" if gone else ""
+            log(
+                f"trial {trial_id}: no complete checkpoint left ({why}{damaged}): it starts again from step 0"
+            )
+        else:
+            result = next((r for r in kept if Path(r.checkpoint.path).name == newest), None)
+            if result is None:
+                checkpoint = Checkpoint(path=f"{folder}/{newest}", filesystem=filesystem)
+                result = _TrainingResult(checkpoint, _reported_with(filesystem, folder, newest))
+                kept.append(result)
+            manager._checkpoint_results, manager._latest_checkpoint_result = kept, result
+            if newest != saved_name:
+                named = (
+                    f"Tune's saved state named {saved_name}, which is gone"
+                    if saved_name
+                    else "Tune's saved state named none"
+                )
+                log(f"trial {trial_id}: resuming from {newest}, its newest complete checkpoint ({named})")
+        metadata["checkpoint_manager"] = {"_type": CLOUDPICKLED, "value": cloudpickle.dumps(manager).hex()}
+        entry[1] = json.dumps(metadata)
+        changed.append(trial_id)
+    if changed:
+        _write_atomically(filesystem, state_path, json.dumps(state))
+    return changed
+
+
+def saved_trials(filesystem, experiment_path: str) -> dict[str, tuple[str, str | None]]:
+    """What Tune's newest saved state says of each trial: (status, the name of the checkpoint
+    it would restore from, or None)."""
+    from ray import cloudpickle
+
+    found = _experiment_state(filesystem, experiment_path)
+    trials = {}
+    for entry in found[1]["trial_data"] if found else ():
+        trial, metadata = json.loads(entry[0]), json.loads(entry[1])
+        packed = metadata.get("checkpoint_manager")
+        latest = None
+        if isinstance(packed, dict) and packed.get("_type") == CLOUDPICKLED:
+            latest = cloudpickle.loads(bytes.fromhex(packed["value"])).latest_checkpoint_result
+        trials[trial["trial_id"]] = (
+            trial.get("status"),
+            Path(latest.checkpoint.path).name if latest else None,
+        )
+    return trials
+
+
+def _experiment_state(filesystem, experiment_path: str) -> tuple[str, dict, list[str]] | None:
+    """(path, contents, the experiment folder's names) of Tune's newest saved state, the one
+    `Tuner.restore` reads; None where there is none. Pickled values stay encoded."""
+    import fnmatch
+
+    import pyarrow.fs
+
+    names = [info.base_name for info in filesystem.get_file_info(pyarrow.fs.FileSelector(experiment_path))]
+    states = sorted(fnmatch.filter(names, EXPERIMENT_STATE_PATTERN))
+    if not states:
+        return None
+    path = f"{experiment_path}/{states[-1]}"
+    return path, json.loads(read_text(filesystem, path)), names
+
+
+def _trial_folder(names: list[str], experiment_path: str, trial_id: str) -> str | None:
+    """The trial's folder (`trial_<id>_...`, `records.layout.TRIAL_PREFIX`), or None."""
+    found = sorted(name for name in names if name.startswith(f"{TRIAL_PREFIX}{trial_id}_"))
+    return f"{experiment_path}/{found[-1]}" if found else None
+
+
+def _newest_loadable_checkpoint(filesystem, folder: str) -> tuple[str | None, list[str]]:
+    """(the newest of the trial folder's checkpoints that loads, the newer ones that do not)."""
+    import pyarrow.fs
+
+    infos = filesystem.get_file_info(pyarrow.fs.FileSelector(folder, allow_not_found=True))
+    named = sorted(
+        ((checkpoint_key(info.base_name), info.base_name) for info in infos
+         if info.type == pyarrow.fs.FileType.Directory and checkpoint_key(info.base_name) is not None),
+        reverse=True,
+    )  # fmt: skip
+    damaged = []
+    for _, name in named:
+        if stored_problem(filesystem, f"{folder}/{name}")[0] is None:
+            return name, damaged
+        damaged.append(name)
+    return None, damaged
+
+
+def _reported_with(filesystem, folder: str, name: str) -> dict:
+    """The metrics Tune recorded with checkpoint `name` (its line in the trial's result.json
+    names it); Tune restores its iteration count and clocks from them."""
+    try:
+        lines = read_text(filesystem, f"{folder}/{RESULT_FILE}").splitlines()
+    except OSError:
+        return {}
+    for line in reversed(lines):
+        with contextlib.suppress(ValueError):
+            row = json.loads(line)
+            if row.get("checkpoint_dir_name") == name:
+                return row
+    return {}
 
 
 def _write_atomically(filesystem, path: str, text: str) -> None:

@@ -74,11 +74,12 @@ from records.checkpoints import (
     TrainingState,
     fresh_checkpoint_name,
     newest_loadable,
+    store_checkpoint,
     stored_checkpoint,
     update_early_stopping,
 )
 from train.progress import ProgressClock, describe_run, progress_line
-from train.ray_internals import quiet_report_logging
+from train.ray_internals import checkpoint_destination, quiet_report_logging
 from train.tracking import open_tracker
 
 now = time.perf_counter  # the workers' clock (tests replace it)
@@ -423,7 +424,6 @@ class RayTrainSession:
     """A Ray Train worker: rank and device from the Train context, DDP from prepare_model."""
 
     upload_mode = "ASYNC"  # a ray.train.CheckpointUploadMode name (benchmarks compare SYNC)
-    upload_checkpoint = None  # Ray's own upload (a pyarrow copy to the run's storage) when None
     UPLOAD_POLL_SECONDS = 0.05
 
     def __init__(self) -> None:
@@ -479,6 +479,16 @@ class RayTrainSession:
             delete_local_checkpoint_after_upload=True,
             checkpoint_upload_fn=self.upload_checkpoint,
         )
+
+    def upload_checkpoint(self, checkpoint, name: str):
+        """Ray's upload thread stores each checkpoint through this, in place of its own copy
+        (which leaves a folder cut short by a full disk looking complete):
+        `records.checkpoints.store_checkpoint`, which raises StorageFullError on a full disk."""
+        import ray.train
+
+        filesystem, target = checkpoint_destination(name)
+        store_checkpoint(checkpoint.path, filesystem, target)
+        return ray.train.Checkpoint(path=target, filesystem=filesystem)
 
     def _wait_for_upload(self) -> None:
         """Until the checkpoint reported last is stored (Ray deletes its local folder then; a

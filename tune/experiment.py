@@ -49,7 +49,7 @@ from records.storage import path_exists, read_text, storage_filesystem, storage_
 from train.cluster import HEAD_RESOURCE, ClusterCapacity, check_can_hold, cluster_capacity, waiting_line
 from train.commandline import flag
 from train.driver import build_trainer, connect, with_absolute_paths, worker_cpus, worker_resources
-from train.ray_internals import DeadTrainerReaper, quiet_report_logging
+from train.ray_internals import DeadTrainerReaper, quiet_report_logging, repair_experiment_state
 from train.tracking import TRACKING_KEY
 from train.worker import TuneSession, WorkerSettings, loop_config, train_function, train_loop_per_worker
 from tune.objectives import Objectives
@@ -288,6 +288,8 @@ def _run_locked(base: ExperimentConfig, settings: SearchSettings, setup, record,
     if settings.resume:
         if not ray_tune.Tuner.can_restore(tune_path):
             raise RunFolderError(f"experiment {path} cannot be restored (no Tune state)")
+        # Tune's saved state may name checkpoints the trials' own pruning removed since.
+        repair_experiment_state(filesystem, path)
         tuner = ray_tune.Tuner.restore(tune_path, trainable=trainable, resume_errored=True)
     else:
         param_space, tune_arguments = setup(ray_tune, plan)
