@@ -78,6 +78,10 @@ def test_a_workers_traceback_of_a_full_disk_is_left_out_and_other_errors_stay(ca
             f"Error in training function:\nTraceback ...\nrecords.checkpoints.StorageFullError: {full}"
         )
         logger.error("Error in training function:\nTraceback ...\nValueError: a bug")
+        logger.error(  # a rank waiting at a report while the group was torn down
+            "Error in training function:\nTraceback ...\nray.exceptions.ActorDiedError: The actor died"
+            f" unexpectedly before finishing this task.\n\t{ray_internals.TORN_DOWN_BARRIER}\n"
+        )
         from ray.train.v2._internal.execution import context
 
         upload = logging.getLogger(context.__file__)  # a failed upload: the error travels as exc_info

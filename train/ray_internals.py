@@ -185,14 +185,24 @@ TRAIN_FUNCTION_ERRORS_LOGGER = (
 )
 
 
+# A rank waiting at a report when another rank failed: Ray tears the group down, killing the
+# actor the ranks meet at, and the waiting rank fails with this in its error (Ray 2.60).
+TORN_DOWN_BARRIER = "class_name: SynchronizationActor"
+
+
 class _WithoutStorageFullTraceback(logging.Filter):
     """Drops a worker's traceback of a full disk: the driver reports it in one line that
-    says more (`train.cli`), and every restart of the workers would repeat it."""
+    says more (`train.cli`), and every restart of the workers would repeat it. Also drops the
+    traceback of a rank that was waiting at a report when the group was torn down (the
+    failure that caused it is the one the driver reports)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         error = record.exc_info[1] if record.exc_info else None
+        message = record.getMessage()
+        if error is not None and TORN_DOWN_BARRIER in str(error) or TORN_DOWN_BARRIER in message:
+            return False
         return not isinstance(error, StorageFullError) and (
-            f"{StorageFullError.__name__}: {STORAGE_FULL}" not in record.getMessage()
+            f"{StorageFullError.__name__}: {STORAGE_FULL}" not in message
         )
 
 
