@@ -47,6 +47,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.data import placement_rate, rendering_rate, synchronize  # noqa: E402
+
 # Seconds each stage may take at most, in the order they run; a stage also never runs past
 # the whole check's budget (what is left of it when the stage starts).
 STAGE_LIMITS = {"tests": 150, "renderer": 20, "step": 60, "profile": 30, "graph": 40}
@@ -111,16 +113,7 @@ def significant(value: float) -> float:
     return float(f"{value:.3g}")
 
 
-def synchronize(device) -> None:
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def stage_renderer(device, shape: Shape) -> dict:
-    from benchmarks.data import placement_rate, rendering_rate
-
     config = model_config(shape)
     stream, digits = stream_of(config, shape.batch_sizes[0], device)
     return {
