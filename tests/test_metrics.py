@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from skimage.metrics import structural_similarity
@@ -174,6 +175,73 @@ def test_the_trivial_predictions_ssim_is_reported_beside_their_mse():
     expected = metrics.ssim_per_frame(torch.zeros_like(still), still).mean().item()
     assert means[metrics.BASELINE_ZEROS_SSIM] == pytest.approx(expected)
     assert {metrics.BASELINE_COPY_LAST_SSIM, metrics.BASELINE_ZEROS_SSIM} <= set(metrics.EVALUATION_METRICS)
+
+
+def test_ink_ssim_averages_scikit_images_ssim_map_over_the_windows_with_ink():
+    """skimage's full SSIM map, borders cropped as its mean does, averaged over the windows whose
+    brightest pixel in either frame reaches INK_LEVEL; a frame with ink nowhere scores 1."""
+    generator = torch.Generator().manual_seed(5)
+    target = torch.zeros(1, 3, 1, 20, 20, dtype=torch.float64)
+    target[0, :, 0, 3:8, 4:9] = torch.rand(3, 5, 5, generator=generator, dtype=torch.float64)
+    prediction = (
+        target.roll(shifts=2, dims=-1) + 0.05 * torch.rand(target.shape, generator=generator).double()
+    )
+    prediction[0, 2] = 0.0  # frame 3: a blank prediction of an inked target
+    target[0, 1], prediction[0, 1] = 0.0, 0.0  # frame 2: nothing anywhere
+    ssim, ink_ssim = metrics.ssim_and_ink_ssim_per_frame(prediction, target)
+    crop = (metrics.SSIM_WINDOW - 1) // 2
+    for t in (0, 2):
+        x, y = prediction[0, t, 0].clamp(0, 1).numpy(), target[0, t, 0].numpy()
+        mean, full = structural_similarity(
+            x, y, data_range=1.0, gaussian_weights=False, use_sample_covariance=True, full=True
+        )
+        ssim_map = torch.from_numpy(full[crop:-crop, crop:-crop])
+        brightest = torch.nn.functional.max_pool2d(
+            torch.from_numpy(np.maximum(x, y))[None, None], metrics.SSIM_WINDOW, stride=1
+        )[0, 0]
+        ink = brightest >= metrics.INK_LEVEL
+        assert 0 < ink.sum() < ink.numel()
+        assert ssim[0, t].item() == pytest.approx(mean, abs=1e-6)
+        assert ink_ssim[0, t].item() == pytest.approx(ssim_map[ink].mean().item(), abs=1e-6)
+    assert ink_ssim[0, 1].item() == 1.0 and ssim[0, 1].item() == pytest.approx(1.0)
+    assert ink_ssim[0, 2].item() < 0.01 < 0.5 < ssim[0, 2].item()  # blank: high SSIM, no ink SSIM
+
+
+def test_ink_ssim_ranks_the_blank_prediction_worst_and_the_target_best_where_ssim_does_not():
+    """On generated Moving MNIST: the trivial predictions of benchmarks/baselines.py. SSIM puts
+    the blank above the last frame copied; ink SSIM puts it at the bottom (the mean frame, as
+    featureless, may tie it) and the target at 1, a blurred target between."""
+    from benchmarks.baselines import scores, trivial_predictions
+    from lstm_ae.config import preset
+    from lstm_ae.data import load_test_set
+
+    config = preset("smoke", test_sequences=64)
+    sequences = next(load_test_set(config.model, config.data).batches(64)).float()
+    past, future = sequences[:, :10], sequences[:, 10:]
+    table = {
+        name: scores(prediction, future) for name, prediction in trivial_predictions(past, future).items()
+    }
+    blank, target = table["all-zeros (blank)"], table["target"]
+    assert blank["ssim"] > table["last frame copied"]["ssim"]  # why SSIM cannot be searched on
+    others = [row["ink_ssim"] for name, row in table.items() if name != "all-zeros (blank)"]
+    assert blank["ink_ssim"] < 0.05 and blank["ink_ssim"] <= min(others) + 0.01
+    assert target["ink_ssim"] == pytest.approx(1.0)
+    assert 0.3 < table["target blurred"]["ink_ssim"] < 0.9
+    for name in ("last frame copied", "last frame copied, blurred"):
+        assert blank["ink_ssim"] < table[name]["ink_ssim"], name
+
+
+def test_validation_and_baselines_report_ink_ssim_beside_ssim():
+    past = torch.zeros(2, 3, 1, 16, 16)
+    past[:, :, :, 4:7, 4:7] = 1.0
+    accumulator = metrics.MetricAccumulator()
+    metrics.add_prediction_metrics(accumulator, past, past)
+    metrics.add_baselines(accumulator, past, past)
+    means = accumulator.means()
+    assert means[metrics.VAL_INK_SSIM] == pytest.approx(1.0) == means[metrics.BASELINE_COPY_LAST_INK_SSIM]
+    assert means[metrics.BASELINE_ZEROS_INK_SSIM] < 0.01 < means[metrics.BASELINE_ZEROS_SSIM]
+    assert metrics.METRIC_MODES[metrics.VAL_INK_SSIM] == "max"
+    assert {metrics.VAL_INK_SSIM, metrics.BASELINE_ZEROS_INK_SSIM} <= set(metrics.EVALUATION_METRICS)
 
 
 def test_best_of_follows_the_mode_skips_missing_values_and_keeps_the_earliest_of_equals():

@@ -34,10 +34,13 @@ from lstm_ae.config import (
 )
 from lstm_ae.data import DataError
 from lstm_ae.metrics import (
+    BASELINE_COPY_LAST_INK_SSIM,
     BASELINE_COPY_LAST_MSE_FRAME,
     BASELINE_COPY_LAST_SSIM,
+    BASELINE_ZEROS_INK_SSIM,
     BASELINE_ZEROS_MSE_FRAME,
     BASELINE_ZEROS_SSIM,
+    VAL_INK_SSIM,
     VAL_MSE_FRAME,
     VAL_SSIM,
 )
@@ -277,5 +280,10 @@ def print_summary(summary) -> None:
         print(
             f"prediction SSIM {metrics[VAL_SSIM]:.3f} "
             f"(all-zeros {metrics[BASELINE_ZEROS_SSIM]:.3f}, copy-last-frame {metrics[BASELINE_COPY_LAST_SSIM]:.3f})"
+        )
+    if BASELINE_ZEROS_INK_SSIM in metrics:  # SSIM where there is ink: a blank prediction scores about 0
+        print(
+            f"prediction ink SSIM {metrics[VAL_INK_SSIM]:.3f} "
+            f"(all-zeros {metrics[BASELINE_ZEROS_INK_SSIM]:.3f}, copy-last-frame {metrics[BASELINE_COPY_LAST_INK_SSIM]:.3f})"
         )
     print(f"best checkpoint ({result['metric']} {result['best_metric']}): {result['best_checkpoint']}")

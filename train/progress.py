@@ -45,7 +45,7 @@ def progress_line(row: dict[str, Any], config: ExperimentConfig, max_steps: int)
             f"(all-zeros {row[metric_names.BASELINE_ZEROS_MSE_FRAME]:.1f}, "
             f"copy-last {row[metric_names.BASELINE_COPY_LAST_MSE_FRAME]:.1f}) "
             f"| bce {row[metric_names.VAL_BCE_NATS_FRAME]:.1f} nats/frame "
-            f"| ssim {row[metric_names.VAL_SSIM]:.3f} | psnr {row[metric_names.VAL_PSNR_DB]:.2f} dB "
+            f"| ssim {row[metric_names.VAL_SSIM]:.3f} (ink {row[metric_names.VAL_INK_SSIM]:.3f}) | psnr {row[metric_names.VAL_PSNR_DB]:.2f} dB "
             f"| reconstruction mse/frame {row[metric_names.VAL_RECONSTRUCTION_MSE_FRAME]:.1f}"
         )
         if metric_names.PROBE_ACCURACY in row:

@@ -46,7 +46,14 @@ import torch
 from PIL import Image
 
 from lstm_ae.config import ConfigError, ExperimentConfig
-from lstm_ae.metrics import BASELINE_COPY_LAST_MSE_FRAME, BASELINE_ZEROS_MSE_FRAME, VAL_MSE_FRAME
+from lstm_ae.metrics import (
+    BASELINE_COPY_LAST_INK_SSIM,
+    BASELINE_COPY_LAST_MSE_FRAME,
+    BASELINE_ZEROS_INK_SSIM,
+    BASELINE_ZEROS_MSE_FRAME,
+    VAL_INK_SSIM,
+    VAL_MSE_FRAME,
+)
 from lstm_ae.viz import RUN_PICTURES, frames_png, model_outputs
 from records.layout import CONFIG_FILE, METRICS_FILE, RESULT_FILE
 from records.storage import path_exists, storage_filesystem
@@ -91,12 +98,25 @@ class TensorBoardLog:
         self._sequences: torch.Tensor | None = None
         if not start_step:
             self.writer.add_text("config", f"```\n{json.dumps(config.to_dict(), indent=2)}\n```", 0)
-            baselines = [
-                tensorboard_tag(key)
-                for key in (VAL_MSE_FRAME, BASELINE_ZEROS_MSE_FRAME, BASELINE_COPY_LAST_MSE_FRAME)
-            ]
+            charts = {
+                "MSE per frame against the baselines": (
+                    VAL_MSE_FRAME,
+                    BASELINE_ZEROS_MSE_FRAME,
+                    BASELINE_COPY_LAST_MSE_FRAME,
+                ),
+                "ink SSIM against the baselines (a blank frame scores about 0)": (
+                    VAL_INK_SSIM,
+                    BASELINE_ZEROS_INK_SSIM,
+                    BASELINE_COPY_LAST_INK_SSIM,
+                ),
+            }
             self.writer.add_custom_scalars(
-                {"validation": {"MSE per frame against the baselines": ["Multiline", baselines]}}
+                {
+                    "validation": {
+                        title: ["Multiline", [tensorboard_tag(key) for key in keys]]
+                        for title, keys in charts.items()
+                    }
+                }
             )
 
     def log(self, row: dict[str, Any], model: torch.nn.Module, validation_set) -> None:

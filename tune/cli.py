@@ -6,7 +6,7 @@
     python -m tune --space my_space.yaml                    # another search space
     python -m tune --name my-search --resume                # continue an interrupted search
     python -m tune --mlflow-tracking-uri file:mlruns        # also one MLflow run per trial
-    python -m tune --metric val_mse_frame --metric val_ssim # two objectives: the Pareto front
+    python -m tune --metric val_mse_frame --metric val_ink_ssim # two objectives: the Pareto front
 
 Config flags (`--max-steps`, `--batch-size`, ...) set the base config every trial starts
 from; the search space overrides its fields. At the end the experiment folder holds

@@ -32,6 +32,7 @@ from lstm_ae.metrics import (
     PROBE_ACCURACY,
     TABLE_METRIC_MODES,
     VAL_BCE_NATS_FRAME,
+    VAL_INK_SSIM,
     VAL_MSE_FRAME,
     VAL_SSIM,
     is_finite_number,
@@ -96,6 +97,7 @@ def train_run_rows(folder: Path, metric: str) -> list[dict[str, Any]]:
         VAL_BCE_NATS_FRAME: final.get(VAL_BCE_NATS_FRAME) if metric != VAL_BCE_NATS_FRAME else value,
         VAL_MSE_FRAME: final.get(VAL_MSE_FRAME) if metric != VAL_MSE_FRAME else value,
         VAL_SSIM: final.get(VAL_SSIM) if metric != VAL_SSIM else value,
+        VAL_INK_SSIM: final.get(VAL_INK_SSIM) if metric != VAL_INK_SSIM else value,
         PROBE_ACCURACY: final.get(PROBE_ACCURACY),
         "steps": result.get("steps"),
         "sequences_seen": result.get("sequences_seen"),
@@ -129,6 +131,7 @@ def experiment_rows(folder: Path, metric: str) -> list[dict[str, Any]]:
                 else _final(record, VAL_BCE_NATS_FRAME),
                 VAL_MSE_FRAME: value if metric == VAL_MSE_FRAME else _final(record, VAL_MSE_FRAME),
                 VAL_SSIM: value if metric == VAL_SSIM else _final(record, VAL_SSIM),
+                VAL_INK_SSIM: value if metric == VAL_INK_SSIM else _final(record, VAL_INK_SSIM),
                 PROBE_ACCURACY: value if metric == PROBE_ACCURACY else _final(record, PROBE_ACCURACY),
                 "steps": record.get("steps"),
                 "sequences_seen": record.get("sequences_seen"),
@@ -314,7 +317,7 @@ def table_columns(metric: str, rows: Sequence[dict[str, Any]] = ()) -> list[str]
     (a two-objective search's Pareto front, from its results.csv) where a row has the mark."""
     front = ["front"] if any(row.get("front") for row in rows) else []
     columns = ["best", *front, "source", "kind", "trial", "status", *CONFIG_COLUMNS, metric]
-    others = (VAL_BCE_NATS_FRAME, VAL_MSE_FRAME, VAL_SSIM, PROBE_ACCURACY)
+    others = (VAL_BCE_NATS_FRAME, VAL_MSE_FRAME, VAL_SSIM, VAL_INK_SSIM, PROBE_ACCURACY)
     columns += [name for name in others if name != metric]
     return columns + ["steps", "sequences_seen", "wall_seconds", "workers", "checkpoint"]
 

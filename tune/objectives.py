@@ -1,7 +1,7 @@
 """What a search optimises: one metric, or two at once (a Pareto front).
 
-`python -m tune --metric val_mse_frame --metric val_ssim` searches both: each metric's mode
-follows its unit (errors are minimised; SSIM, PSNR and probe accuracy maximised:
+`python -m tune --metric val_mse_frame --metric val_ink_ssim` searches both: each metric's mode
+follows its unit (errors are minimised; SSIM, ink SSIM, PSNR and probe accuracy maximised:
 `lstm_ae.metrics.METRIC_MODES`), `--mode` overrides them in the same order. The first metric
 stays the config's `metric`: trials keep their checkpoints by it, and a trial's values on the
 front are those of its report with the best first metric (the model its best checkpoint holds).

@@ -27,11 +27,13 @@ from typing import Any
 
 from lstm_ae.metrics import (
     BASELINE_COPY_LAST_MSE_FRAME,
+    BASELINE_ZEROS_INK_SSIM,
     BASELINE_ZEROS_MSE_FRAME,
     BASELINE_ZEROS_SSIM,
     METRIC_MODES,
     PROBE_ACCURACY,
     VAL_BCE_NATS_FRAME,
+    VAL_INK_SSIM,
     VAL_MSE_FRAME,
     VAL_PSNR_DB,
     VAL_RECONSTRUCTION_MSE_FRAME,
@@ -62,11 +64,13 @@ FINAL_METRICS = (
     VAL_MSE_FRAME,
     VAL_BCE_NATS_FRAME,
     VAL_SSIM,
+    VAL_INK_SSIM,
     VAL_PSNR_DB,
     VAL_RECONSTRUCTION_MSE_FRAME,
     BASELINE_ZEROS_MSE_FRAME,
     BASELINE_COPY_LAST_MSE_FRAME,
     BASELINE_ZEROS_SSIM,
+    BASELINE_ZEROS_INK_SSIM,
     PROBE_ACCURACY,
     "probe_accuracy_untrained",
 )
@@ -424,17 +428,22 @@ def plot_front(path: Path, rows: list[dict[str, Any]], objectives: Objectives) -
             xytext=(4, 4),
             textcoords="offset points",
         )
-    references = [  # the all-zeros prediction, where the rows carry its figures (MSE/frame and SSIM)
+    # The all-zeros prediction (a blank frame), where the rows carry its figures on both axes.
+    blank = {
+        VAL_MSE_FRAME: BASELINE_ZEROS_MSE_FRAME,
+        VAL_SSIM: BASELINE_ZEROS_SSIM,
+        VAL_INK_SSIM: BASELINE_ZEROS_INK_SSIM,
+    }
+    axes_blank = [blank.get(metric) for metric, _ in objectives]
+    references = [
         row
         for row in points
-        if is_finite_number(row.get("baseline_zeros_mse_frame"))
-        and is_finite_number(row.get("baseline_zeros_ssim"))
+        if None not in axes_blank and all(is_finite_number(row.get(key)) for key in axes_blank)
     ]
-    if objectives == (("val_mse_frame", "min"), ("val_ssim", "max")) and references:
-        reference = references[0]
+    if references:
         axis.scatter(
-            [reference["baseline_zeros_mse_frame"]],
-            [reference["baseline_zeros_ssim"]],
+            [references[0][axes_blank[0]]],
+            [references[0][axes_blank[1]]],
             marker="x",
             s=80,
             color="black",
