@@ -46,14 +46,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 HEAD_RESOURCE = "lstm_ae_head"
 TINY = ["--preset", "smoke", "--hidden-size", "64"]
-# Node-loss scenes train long enough (tens of seconds) for a node to die mid-run.
+# Node-loss scenes train long enough for a node to die mid-run: the node is killed once step
+# 50's checkpoint is registered, and 100 steps of hidden 256 (tens of seconds) remain.
+NODE_LOSS_STEPS = 150
 SLOWER = [
     "--preset",
     "smoke",
     "--hidden-size",
     "256",
     "--max-steps",
-    "300",
+    str(NODE_LOSS_STEPS),
     "--eval-every",
     "50",
     "--checkpoint-every",
@@ -351,7 +353,7 @@ def kill_node_under(cluster, marker: str, what: str, process: subprocess.Popen) 
 
 
 def scene_train_node_loss(cluster, work: Path, env: dict[str, str]) -> str:
-    steps, batch = 300, 4
+    steps, batch = NODE_LOSS_STEPS, 4
     command = [
         sys.executable, "-m", "train", *SLOWER, "--num-workers", "2", "--cpus-per-worker", "1",
         "--log-every", "25", "--max-failures", "3", "--address", cluster.address, "--output-dir", str(work / "runs"),

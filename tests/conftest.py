@@ -9,6 +9,13 @@ import pytest
 import torch
 
 
+def pytest_collection_modifyitems(config, items):
+    """Every test that starts or uses Ray is slow too: `-m "not slow"` is the fast tier."""
+    for item in items:
+        if item.get_closest_marker("ray") is not None:
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

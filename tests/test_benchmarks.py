@@ -35,6 +35,7 @@ IN_PLACE_MATMULS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("decoder_mode", ["free", "conditioned"])
 @pytest.mark.parametrize("layers, weight", [(1, 0.5), (2, 0.5), (2, 1.0), (1, 0.0)])
 def test_analytic_flops_match_the_flop_counter(decoder_mode, layers, weight):
@@ -55,6 +56,7 @@ def test_analytic_flops_match_the_flop_counter(decoder_mode, layers, weight):
     assert train_step.step_flops(config, 5) == counter.get_total_flops()
 
 
+@pytest.mark.slow
 def test_train_step_benchmark_runs_and_reports_a_speedup(capsys):
     speedup = train_step.main(["--hidden-size", "16", "--batch-size", "2", "--repeats", "1", "--warmup", "0"])
     output = capsys.readouterr().out
@@ -76,6 +78,7 @@ def test_prefetch_benchmark_runs_and_reports_the_hidden_share(capsys):
     assert capsys.readouterr().out.strip().splitlines()[-1] == f"hidden={hidden:.2f}"
 
 
+@pytest.mark.slow
 def test_train_step_benchmark_names_the_cpu_and_times_ours_where_the_reference_cannot_run():
     # oneDNN and ATen capped at AVX2: the slow bf16 path of CPUs without native bf16, where
     # oneDNN's bf16 LSTM (the reference) refuses to run.
@@ -115,6 +118,7 @@ def test_train_step_benchmark_names_the_cpu_and_times_ours_where_the_reference_c
 REPOSITORY = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_gpu_check_dry_run_on_the_cpu_reports_every_stage_in_its_output_folder(tmp_path):
     """The GPU check as a GPU machine runs it (the shell wrapper, a folder to bring back), on the
     CPU: every stage leaves its figures or its reason in the summary and the log."""
@@ -146,6 +150,7 @@ def test_gpu_check_dry_run_on_the_cpu_reports_every_stage_in_its_output_folder(t
     assert (output / "summary.md").read_text().startswith("| stage: figure")
 
 
+@pytest.mark.slow
 def test_gpu_check_ends_a_hung_stage_at_its_limit_and_names_it(tmp_path):
     check = gpu_check.Check(tmp_path, "cpu", budget_seconds=60)
     hung = [

@@ -42,6 +42,7 @@ def assert_same_state(left, right):
         assert left == right
 
 
+@pytest.mark.slow
 def test_checkpoint_restores_bit_for_bit_and_training_continues_identically(tmp_path):
     model, optimizer, scheduler, frames = trained(3)
     save_checkpoint(tmp_path, model, 3, CONFIG, optimizer, scheduler, metrics={"val_mse_frame": 1.5})

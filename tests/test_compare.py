@@ -160,12 +160,14 @@ def test_unreadable_run_folders_exit_2_naming_the_folder(tmp_path, content, mess
     assert "bad-run" in error and message in error
 
 
+@pytest.mark.slow
 def test_missing_figures_leave_blank_cells_not_errors(tmp_path):
     write_train_run(tmp_path / "run", wall_seconds=None, final_metrics=None)
     (run,) = [row for row in run_compare(tmp_path / "run") if row["kind"] == "train run"]
     assert run["val_mse_frame"] == "150.0" and run["probe_accuracy"] == "" and run["wall_seconds"] == ""
 
 
+@pytest.mark.slow
 def test_an_ablation_trial_cut_short_shows_as_stopped_not_completed(tmp_path):
     from tune.ablations import final_metrics, write_ablations
 
@@ -312,6 +314,7 @@ def report_inputs(tmp_path_factory):
     return root, report
 
 
+@pytest.mark.slow
 def test_the_html_report_is_one_page_with_the_table_and_each_runs_pictures(report_inputs):
     import base64
     import re
@@ -343,6 +346,7 @@ def test_the_html_report_is_one_page_with_the_table_and_each_runs_pictures(repor
     assert {mime for mime, _ in sources} == {"image/png", "image/gif"}
 
 
+@pytest.mark.slow
 def test_the_html_report_renders_in_headless_chromium(report_inputs):
     import shutil
     from pathlib import Path

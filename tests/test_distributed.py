@@ -88,6 +88,7 @@ def _one_step_setup():
 
 
 # The same sums in another order: fp32 agrees to rounding, bf16 matmuls to bf16's precision.
+@pytest.mark.slow
 @pytest.mark.parametrize("precision, tolerance", [("fp32", 1e-4), ("bf16", 1e-2)])
 def test_two_data_parallel_processes_update_the_weights_as_one_process_on_the_global_batch(
     tmp_path, precision, tolerance
@@ -183,6 +184,7 @@ def _poisoned_run(rank: int, world_size: int, store: str, folder: str, poisoned_
             outcome.write_text(f"NonFiniteLossError: {error}")
 
 
+@pytest.mark.slow
 def test_a_loss_gone_bad_on_one_rank_stops_every_rank_with_the_same_error(tmp_path):
     """Rank 1's loss is infinite at step 3 while every gradient is finite: both ranks stop at
     that step with the same one-line error (no rank steps on into a collective that hangs),

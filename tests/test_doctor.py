@@ -21,6 +21,7 @@ def doctor(*flags: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 def test_the_doctor_prints_this_machine_and_checks_the_output_dir(tmp_path):
     completed = doctor("--output-dir", str(tmp_path / "runs"))
     assert completed.returncode == 0, completed.stderr
@@ -37,6 +38,7 @@ def test_the_doctor_prints_this_machine_and_checks_the_output_dir(tmp_path):
     )
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CPU node's bf16 column")
 def test_the_doctor_names_the_slow_bf16_path_of_a_cpu_capped_at_avx2():
     # Capped at AVX2, a CPU's bf16 matmuls take the generic slow path (docs/scaling.md).
@@ -51,6 +53,7 @@ def test_the_doctor_names_the_slow_bf16_path_of_a_cpu_capped_at_avx2():
     assert kind in ("native in the CPU, unused by torch here", "emulated", "none")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU answer")
 def test_use_gpu_without_a_gpu_fails_with_one_line():
     completed = doctor("--use-gpu")
@@ -60,6 +63,7 @@ def test_use_gpu_without_a_gpu_fails_with_one_line():
     ]
 
 
+@pytest.mark.slow
 def test_an_output_dir_that_cannot_be_written_is_named(tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")

@@ -410,6 +410,7 @@ def test_the_run_is_handed_its_source_and_the_weights_to_start_from(tmp_path, ca
     assert handed["settings"].initial_weights is None and "fresh weights" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_initial_weights_are_the_checkpoints_model_and_nothing_else(tmp_path):
     config = BASE.replace(max_steps=2, eval_every=2, checkpoint_every=2, probe_sequences=0, warmup_steps=0)
     source = checkpoint(tmp_path / "source" / "checkpoint_000003", config, 3)

@@ -218,6 +218,7 @@ def fresh_run(seed: int) -> tuple:
     return model, optimizer, torch.rand(2, 6, 1, 8, 8)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
 def test_two_models_in_one_process_train_exactly_as_each_does_alone(bf16):
     """Same shapes on purpose: memory shared by shape, or copies refreshed on another model's
@@ -254,6 +255,7 @@ def hooks():
 """
 
 
+@pytest.mark.slow
 def test_importing_and_training_the_model_registers_nothing_process_wide():
     code = (
         TORCH_GLOBAL_HOOKS

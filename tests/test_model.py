@@ -150,11 +150,13 @@ def overfit(config: ModelConfig, steps: int, learning_rate: float = 1e-2) -> tup
     return losses[0], min(losses[-5:])
 
 
+@pytest.mark.slow
 def test_small_model_overfits_one_batch_by_an_order_of_magnitude():
     first, last = overfit(small(hidden_size=32), steps=150)
     assert last < first / 10
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "decoder_mode, head",
     [("free", "logistic"), ("free", "linear"), ("conditioned", "logistic"), ("conditioned", "linear")],
@@ -174,6 +176,7 @@ def test_wrong_input_shapes_name_the_problem():
         model.encode(torch.rand(2, 4, 8, 8))
 
 
+@pytest.mark.slow
 def test_lstm_ae_does_not_import_ray():
     import subprocess
     import sys

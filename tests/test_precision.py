@@ -107,6 +107,7 @@ def test_every_timed_product_runs_in_both_dtypes():
         assert matmul_gflops(products, dtype, torch.device("cpu")) > 0
 
 
+@pytest.mark.slow
 def test_a_run_records_its_resolved_precision_and_a_resume_keeps_it(tmp_path, capsys):
     config = preset(
         "smoke",

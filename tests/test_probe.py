@@ -60,6 +60,7 @@ def test_fit_linear_probe_scores_10_classes_and_chooses_a_strength_from_the_grid
     assert strength in probe_module.INVERSE_REGULARISATION_STRENGTHS
 
 
+@pytest.mark.slow
 def test_probe_finds_digits_the_features_hold_and_only_those(monkeypatch):
     monkeypatch.setattr(probe_module, "encoder_features", synthetic_features(signal=6.0))
     perfect = probe(None, None, SEQUENCES)
@@ -74,6 +75,7 @@ def test_probe_finds_digits_the_features_hold_and_only_those(monkeypatch):
     assert abs(noise.accuracy - noise.chance) < 0.05
 
 
+@pytest.mark.slow
 def test_probe_with_baseline_reports_the_trained_untrained_and_chance_scores(monkeypatch):
     monkeypatch.setattr(probe_module, "encoder_features", synthetic_features(signal=6.0))
     config = preset("smoke", hidden_size=8)
@@ -90,6 +92,7 @@ def trained(tmp_path_factory):
     return session, config
 
 
+@pytest.mark.slow
 def test_probe_beats_chance_and_the_shuffled_label_control_does_not(trained):
     session, config = trained
     model, _, _ = load_model(session.checkpoints[-1])
@@ -107,6 +110,7 @@ def test_training_reports_the_probe_at_the_end(trained):
     assert "probe_accuracy" not in session.reports[0]
 
 
+@pytest.mark.slow
 def test_probe_command_prints_scores_and_rejects_bad_input(trained, capsys):
     session, config = trained
     arguments = [session.checkpoints[-1], "--sequences", "100", "--cache-dir", config.data.cache_dir]

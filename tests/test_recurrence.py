@@ -61,6 +61,7 @@ def run_decoder(layers: int, logistic: bool, dropout: float):
     return decode
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "layers, logistic, dropout",
     [(1, True, 0.0), (1, False, 0.0), (2, True, 0.0), (3, False, 0.0), (2, True, 0.3), (3, False, 0.5)],
@@ -226,6 +227,7 @@ def test_a_bf16_copy_still_read_by_a_pending_backward_is_never_overwritten():
         torch.testing.assert_close(parameter.grad, old.grad + new.grad, rtol=1e-5, atol=1e-6, msg=name)
 
 
+@pytest.mark.slow
 def test_bf16_training_with_the_suites_optimizer_follows_fp32_training():
     config = ModelConfig(hidden_size=16, height=16, width=16, past_length=4, future_length=4)
     frames = torch.rand(8, 8, 1, 16, 16).round()

@@ -120,6 +120,7 @@ def run_cli(module: str, *arguments: str, timeout: int = 120) -> subprocess.Comp
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("resume", [False, True])
 def test_a_second_run_or_resume_of_a_claimed_folder_exits_2_naming_the_first(tmp_path, resume):
     holder = FolderLock(LOCAL, str(tmp_path / "d")).acquire()  # this test process: alive
@@ -140,6 +141,7 @@ def test_a_second_run_or_resume_of_a_claimed_folder_exits_2_naming_the_first(tmp
     holder.release()
 
 
+@pytest.mark.slow
 def test_the_command_line_takes_over_a_dead_runs_claim_and_gives_it_back(tmp_path):
     (tmp_path / "d").mkdir()
     dead = FolderLock(LOCAL, str(tmp_path / "d"), pid=os.getpid())
@@ -168,6 +170,7 @@ def train(config, session):
     return train_function(loop_config(config, WorkerSettings(quiet=True)), session)
 
 
+@pytest.mark.slow
 def test_a_truncated_newest_checkpoint_is_skipped_and_the_run_ends_as_an_uninterrupted_one(
     smoke, tmp_path, capsys
 ):
@@ -196,6 +199,7 @@ def test_a_truncated_newest_checkpoint_is_skipped_and_the_run_ends_as_an_uninter
     assert all(torch.equal(weights[name], expected[name]) for name in expected)
 
 
+@pytest.mark.slow
 def test_when_no_checkpoint_loads_the_worker_says_so_in_one_line(smoke, tmp_path):
     session = LocalSession(checkpoint_root=str(tmp_path / "run"))
     with pytest.raises(InjectedFailure):
@@ -238,6 +242,7 @@ def run_folder(smoke, tmp_path):
     return tmp_path / "runs" / "r"
 
 
+@pytest.mark.slow
 def test_before_a_resume_the_driver_drops_damaged_checkpoints_from_rays_list(run_folder):
     truncate(run_folder / "checkpoint_00000004" / "checkpoint.pt")
     lines = []
@@ -259,6 +264,7 @@ def test_before_a_resume_the_driver_drops_damaged_checkpoints_from_rays_list(run
     assert repair_snapshot(LOCAL, str(run_folder)).dropped == ()  # nothing more to do
 
 
+@pytest.mark.slow
 def test_a_damaged_best_checkpoint_is_dropped_too_and_the_latest_stays(run_folder):
     truncate(run_folder / "checkpoint_00000002" / "history.json", 10)
     repair = repair_snapshot(LOCAL, str(run_folder), log=lambda line: None)
@@ -270,6 +276,7 @@ def test_a_damaged_best_checkpoint_is_dropped_too_and_the_latest_stays(run_folde
     assert snapshot["latest_checkpoint_result"]["checkpoint_dir_name"] == "checkpoint_00000004"
 
 
+@pytest.mark.slow
 def test_when_no_checkpoint_loads_the_resume_stops_in_one_line_and_changes_nothing(run_folder):
     for name in ("checkpoint_00000002", "checkpoint_00000004"):
         truncate(run_folder / name / "checkpoint.pt")
@@ -280,6 +287,7 @@ def test_when_no_checkpoint_loads_the_resume_stops_in_one_line_and_changes_nothi
     assert sorted(str(path.relative_to(run_folder)) for path in run_folder.rglob("*")) == before
 
 
+@pytest.mark.slow
 def test_on_object_stores_a_truncated_checkpoint_is_found_without_downloading_it(run_folder, tmp_path):
     remote = pyarrow.fs.SubTreeFileSystem(str(tmp_path), LOCAL)  # stands in for s3://
     problem, state = stored_problem(remote, "runs/r/checkpoint_00000004")
@@ -289,6 +297,7 @@ def test_on_object_stores_a_truncated_checkpoint_is_found_without_downloading_it
     assert "not a readable checkpoint" in problem and state is None
 
 
+@pytest.mark.slow
 def test_the_command_line_resume_exits_2_in_one_line_when_no_checkpoint_loads(run_folder, smoke):
     (run_folder / "config.json").write_text(json.dumps({"config": smoke.to_dict()}))
     for name in ("checkpoint_00000002", "checkpoint_00000004"):

@@ -197,6 +197,7 @@ def test_a_remote_experiment_copies_its_study_up_after_each_trial(tmp_path, monk
     assert copied.read_bytes() == open(searcher.study_file, "rb").read()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("objectives", [(), OBJECTIVES])
 def test_optunas_plots_are_drawn_from_the_stored_study(tmp_path, objectives):
     from tune.results import hypervolume_reference, plot_study

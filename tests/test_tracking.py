@@ -65,6 +65,7 @@ def assert_frames_image(log: EventAccumulator, steps: list[int]) -> None:
 # ----------------------------------------------------------------------------- TensorBoard
 
 
+@pytest.mark.slow
 def test_a_run_logs_every_number_it_reports_and_the_frame_grid_at_each_validation(smoke, tmp_path):
     session = train_with_events(smoke, tmp_path / "run")
     log = events(tmp_path / "run")
@@ -84,6 +85,7 @@ def test_a_run_logs_every_number_it_reports_and_the_frame_grid_at_each_validatio
     assert_frames_image(log, [report["step"] for report in session.reports if VAL_MSE_FRAME in report])
 
 
+@pytest.mark.slow
 def test_a_restarted_run_shows_each_step_once(smoke, tmp_path):
     # Events for steps 1-5, a crash reporting step 5, a restart from the step-4 checkpoint.
     config = smoke.replace(checkpoint_every=4, eval_every=2, log_every=1)
@@ -94,6 +96,7 @@ def test_a_restarted_run_shows_each_step_once(smoke, tmp_path):
     assert [event.step for event in events(tmp_path / "run").Scalars("train/loss")] == [1, 2, 3, 4, 5, 6]
 
 
+@pytest.mark.slow
 def test_remote_storage_gets_the_events_copied_up(smoke, tmp_path, monkeypatch):
     import train.tracking
 

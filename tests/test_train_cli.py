@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from command_line import run_main
 
 from lstm_ae.checkpoint import CheckpointError
 from lstm_ae.config import preset
@@ -18,10 +19,21 @@ from train.predict import main as predict_main
 from train.worker import LocalSession, train_function
 
 
-def run_train(*arguments: str, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "train", *arguments], capture_output=True, text=True, timeout=120, cwd=cwd
-    )
+@pytest.fixture
+def run_train(capsys):
+    """`python -m train ARGUMENTS` run in this process (tests/command_line.py says why)."""
+    from train.cli import main
+
+    return lambda *arguments: run_main(main, arguments, capsys)
+
+
+@pytest.mark.slow
+def test_python_m_train_refuses_bad_input_in_one_line_without_a_traceback():
+    """The real entry point, in its own interpreter (the other command-line tests call main)."""
+    command = [sys.executable, "-m", "train", "--preset", "smoke", "--hidden-size", "0"]
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert completed.returncode == 2
+    assert completed.stderr == "error: hidden_size must be a positive integer, got 0\n"
 
 
 @pytest.mark.parametrize(
@@ -37,14 +49,14 @@ def run_train(*arguments: str, cwd=None) -> subprocess.CompletedProcess:
         (["--max-failures", "-2"], "--max-failures must be 0 or more"),
     ],
 )
-def test_bad_input_exits_2_with_one_line_naming_it(arguments, message):
+def test_bad_input_exits_2_with_one_line_naming_it(run_train, arguments, message):
     completed = run_train(*arguments)
     assert completed.returncode == 2
     assert completed.stderr.count("\n") == 1 and message in completed.stderr
     assert "Traceback" not in completed.stderr
 
 
-def test_run_folder_conflicts_are_refused_before_ray_starts(tmp_path):
+def test_run_folder_conflicts_are_refused_before_ray_starts(run_train, tmp_path):
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "checkpoint_manager_snapshot.json").write_text("{}")
     completed = run_train("--preset", "smoke", "--output-dir", str(tmp_path), "--name", "taken")
@@ -58,7 +70,7 @@ def test_run_folder_conflicts_are_refused_before_ray_starts(tmp_path):
     assert "Ray" not in completed.stdout + completed.stderr
 
 
-def test_resume_keeps_the_model_of_the_saved_run(tmp_path):
+def test_resume_keeps_the_model_of_the_saved_run(run_train, tmp_path):
     config = preset("smoke")
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "config.json").write_text(json.dumps({"config": config.to_dict()}))
@@ -76,7 +88,7 @@ def test_resume_keeps_the_model_of_the_saved_run(tmp_path):
     assert "Traceback" not in completed.stderr
 
 
-def test_a_time_limited_run_is_complete_until_given_more_minutes(tmp_path):
+def test_a_time_limited_run_is_complete_until_given_more_minutes(run_train, tmp_path):
     from records.run_folder import saved_run
 
     config = preset("smoke", max_minutes=2.0, max_steps=100_000)
@@ -104,6 +116,7 @@ def trained_checkpoint(tmp_path_factory):
     return session.checkpoints[-1], root
 
 
+@pytest.mark.slow
 def test_predict_writes_predictions_in_the_input_layout_and_a_gif(trained_checkpoint, tmp_path, capsys):
     checkpoint, _ = trained_checkpoint
     sequences = np.random.default_rng(0).integers(0, 256, size=(12, 3, 64, 64), dtype=np.uint8)

@@ -11,11 +11,13 @@ from pathlib import Path
 import faults
 import pytest
 import torch
+from command_line import run_main
 from faults import FaultyTrainLoop, KilledMidUploadLoop
 
 from lstm_ae.checkpoint import load_checkpoint, load_model
 from lstm_ae.config import preset
 from lstm_ae.viz import RUN_PICTURES
+from train.cli import main
 from train.driver import RunSettings, Scaling, run_training
 
 pytestmark = pytest.mark.ray
@@ -107,23 +109,13 @@ def test_a_node_lost_mid_upload_restarts_from_the_newest_complete_checkpoint(con
     assert all(torch.equal(recovered[name], expected[name]) for name in expected)
 
 
-def test_a_stopped_run_resumes_to_the_same_end(config, uninterrupted, tmp_path):
-    crashing = FaultyTrainLoop(at_step=4, marker=tmp_path / "failed-once.marker")
-    settings = RunSettings(name="stopped", storage=str(tmp_path), max_failures=0)
-    with pytest.raises(Exception, match="injected failure at step 4"):
-        run_training(config, TWO_WORKERS, settings, train_loop=crashing)
-    resumed = run_training(
-        config, TWO_WORKERS, RunSettings(name="stopped", storage=str(tmp_path), resume=True)
-    )
-    assert resumed.result["steps"] == uninterrupted.result["steps"] == 6
-    assert resumed.result["resumed_from"] == [2]  # the crash came before step 4's checkpoint
-    weights, expected = final_weights(resumed), final_weights(uninterrupted)
-    assert all(torch.equal(weights[name], expected[name]) for name in expected)
-
-
-def test_a_resume_skips_a_truncated_newest_checkpoint_and_ends_as_an_uninterrupted_run(
+def test_a_stopped_run_resumes_past_a_truncated_newest_checkpoint_to_the_end_of_an_uninterrupted_run(
     config, uninterrupted, tmp_path, capsys
 ):
+    """A run that failed with no retries left is resumed by name. Its newest checkpoint was
+    cut short (a node lost mid-upload, a full disk): the resume sets it aside, says so in one
+    line, restarts from the one before, and ends with the uninterrupted run's weights. (The
+    full-disk scene below resumes from an intact newest checkpoint.)"""
     crashing = FaultyTrainLoop(at_step=6, marker=tmp_path / "failed-once.marker")
     settings = RunSettings(name="damaged", storage=str(tmp_path), max_failures=0)
     with pytest.raises(Exception, match="injected failure at step 6"):  # checkpoints at steps 2 and 4
@@ -147,19 +139,19 @@ def test_a_resume_skips_a_truncated_newest_checkpoint_and_ends_as_an_uninterrupt
     assert all(torch.equal(weights[name], expected[name]) for name in expected)
 
 
-def test_the_command_line_joins_a_running_cluster(ray_cluster, config, tmp_path):
+def test_the_command_line_joins_a_running_cluster(ray_cluster, config, tmp_path, capsys):
     address = ray_cluster.get_runtime_context().gcs_address
-    command = [
-        sys.executable, "-m", "train", "--preset", "smoke", "--address", address,
-        "--output-dir", str(tmp_path), "--name", "cli", "--cache-dir", config.data.cache_dir,
-        "--max-steps", "2", "--cpus-per-worker", "1",
+    flags = [
+        "--preset", "smoke", "--address", address, "--output-dir", str(tmp_path), "--name", "cli",
+        "--cache-dir", config.data.cache_dir, "--max-steps", "2", "--cpus-per-worker", "1",
     ]  # fmt: skip
+    command = PYTHON_M_TRAIN + flags
     completed = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert completed.returncode == 0, completed.stderr[-2000:]
     assert "step 2/2" in completed.stdout and "run folder:" in completed.stdout
     assert json.loads((tmp_path / "cli" / "result.json").read_text())["steps"] == 2
     # The same name again without --resume refuses to overwrite the run.
-    again = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    again = run_main(main, flags, capsys)
     assert again.returncode == 2 and "already exists" in again.stderr
 
 
@@ -172,19 +164,11 @@ def finished_run(ray_cluster, config, tmp_path_factory):
     return storage
 
 
-def train_command(storage: Path, *flags: str) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "train",
-        "--preset",
-        "smoke",
-        "--output-dir",
-        str(storage),
-        "--name",
-        "x",
-        *flags,
-    ]
+PYTHON_M_TRAIN = [sys.executable, "-m", "train"]
+
+
+def train_flags(storage: Path, *flags: str) -> list[str]:
+    return ["--preset", "smoke", "--output-dir", str(storage), "--name", "x", *flags]
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:
@@ -195,12 +179,10 @@ def snapshot(folder: Path) -> dict[str, bytes]:
     }
 
 
-def test_resuming_a_finished_run_says_so_and_changes_nothing(finished_run):
+def test_resuming_a_finished_run_says_so_and_changes_nothing(finished_run, capsys):
     before = snapshot(finished_run)
     assert any(name.startswith("x/checkpoint_00000006/") for name in before)
-    completed = subprocess.run(
-        train_command(finished_run, "--resume"), capture_output=True, text=True, timeout=120
-    )
+    completed = run_main(main, train_flags(finished_run, "--resume"), capsys)
     assert completed.returncode == 0, completed.stderr[-2000:]
     assert "already complete" in completed.stdout and "6 steps" in completed.stdout
     assert snapshot(finished_run) == before
@@ -218,10 +200,9 @@ def test_resuming_a_finished_run_says_so_and_changes_nothing(finished_run):
         (["--max-steps", "4"], "the resumed run's max_steps 6"),
     ],
 )
-def test_resume_refuses_changes_that_break_reproducibility(finished_run, flags, saved):
+def test_resume_refuses_changes_that_break_reproducibility(finished_run, flags, saved, capsys):
     before = snapshot(finished_run)
-    command = train_command(finished_run, "--resume", *flags)
-    completed = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    completed = run_main(main, train_flags(finished_run, "--resume", *flags), capsys)
     assert completed.returncode == 2
     lines = completed.stderr.strip().splitlines()
     assert len(lines) == 1, completed.stderr
@@ -231,7 +212,7 @@ def test_resume_refuses_changes_that_break_reproducibility(finished_run, flags, 
 
 def test_a_finished_run_extended_keeps_its_checkpoint_and_continues_its_schedule(ray_cluster, finished_run):
     address = ray_cluster.get_runtime_context().gcs_address
-    command = train_command(
+    command = PYTHON_M_TRAIN + train_flags(
         finished_run, "--resume", "--max-steps", "8", "--address", address, "--cpus-per-worker", "1"
     )
     completed = subprocess.run(command, capture_output=True, text=True, timeout=600)
@@ -272,8 +253,6 @@ def test_a_full_disk_ends_the_run_in_one_line_and_a_resume_after_room_is_made_en
     run stops at the second with one line naming the disk and what to do, no traceback, and
     nothing in the folder that looks like a second checkpoint; once the disk is larger,
     --resume ends the run as an uninterrupted one."""
-    from train.cli import main
-
     disk = small_disk("36m")
     flags = ["--preset", "smoke", "--checkpoint-every", "2", "--eval-every", "2", "--cache-dir",
              config.data.cache_dir, "--num-workers", "2", "--cpus-per-worker", "1",

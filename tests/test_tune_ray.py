@@ -16,7 +16,6 @@ import pytest
 from ray.tune import Callback
 
 from lstm_ae.config import ExperimentConfig, preset
-from train.driver import RunSettings, Scaling, run_training
 from tune.cli import search_and_tabulate
 from tune.experiment import SearchSettings
 from tune.results import COMPLETED, STOPPED_BY_SCHEDULER, train_best_line
@@ -122,31 +121,43 @@ def test_a_search_of_four_trials_writes_the_table_and_asha_stops_a_trial(search)
     assert study_values(folder) == {row["trial"]: float(row["best_val_mse_frame"]) for row in rows}
 
 
-def test_train_from_the_search_trains_its_printed_best_trial_and_records_its_source(search, tmp_path):
+WINNER_OVERRIDES = {"max_steps": 2, "eval_every": 2, "checkpoint_every": 2, "probe_sequences": 0}
+
+
+@pytest.fixture(scope="module")
+def winner(search, tmp_path_factory):
+    """The search's best trial trained again by the line the search printed, shortened to 2
+    steps: (its run folder, the best row, the line, the exit status)."""
     from train.cli import main as train_main
 
-    folder, summary = search
+    folder, _ = search
     best = read_rows(folder)[0]
     line = train_best_line(best, str(folder))  # says so where the best trial did not finish
-    assert summary.rstrip().endswith(line)
+    command = shlex.split(line.split(": ", 1)[1].split("  (")[0])[3:]
+    flags = ["--max-steps", "2", "--eval-every", "2", "--checkpoint-every", "2", "--probe-sequences", "0"]
+    storage = tmp_path_factory.mktemp("winner")
+    where = ["--cpus-per-worker", "1", "--output-dir", str(storage), "--name", "winner"]
+    status = train_main([*command, *flags, "--init-from-checkpoint", *where])
+    return storage / "winner", best, line, status
+
+
+def test_train_from_the_search_trains_its_printed_best_trial_and_records_its_source(search, winner):
+    folder, summary = search
+    run, best, line, status = winner
+    assert status == 0 and summary.rstrip().endswith(line)
     assert all((trial / "config.json").is_file() for trial in folder.glob("trial_*"))
     trial_folder = next(folder.glob(f"trial_{best['trial']}_*"))
     trial_config = ExperimentConfig.from_dict(
         json.loads((trial_folder / "config.json").read_text())["config"]
     )
-    flags = ["--max-steps", "2", "--eval-every", "2", "--checkpoint-every", "2", "--probe-sequences", "0"]
-    command = shlex.split(line.split(": ", 1)[1].split("  (")[0])[3:]
-    where = ["--cpus-per-worker", "1", "--output-dir", str(tmp_path), "--name", "winner"]
-    assert train_main([*command, *flags, "--init-from-checkpoint", *where]) == 0
-    record = json.loads((tmp_path / "winner" / "config.json").read_text())
-    overridden = {"max_steps": 2, "eval_every": 2, "checkpoint_every": 2, "probe_sequences": 0}
-    assert record["config"] == trial_config.replace(**overridden).to_dict()
+    record = json.loads((run / "config.json").read_text())
+    assert record["config"] == trial_config.replace(**WINNER_OVERRIDES).to_dict()
     source = record["source"]
     assert (source["trial"], source["metric"]) == (best["trial"], "val_mse_frame")
     assert source["value"] == pytest.approx(float(best["best_val_mse_frame"]))
-    assert source["overrides"] == overridden
+    assert source["overrides"] == WINNER_OVERRIDES
     assert Path(source["initial_weights"]) == Path(best["best_checkpoint"])
-    result = json.loads((tmp_path / "winner" / "result.json").read_text())
+    result = json.loads((run / "result.json").read_text())
     assert result["source"] == source and result["steps"] == 2
 
 
@@ -203,12 +214,9 @@ def test_a_trial_with_two_workers_runs_a_torch_trainer_and_reports(ray_cluster, 
     assert held == []
 
 
-def test_compare_puts_experiments_and_a_train_run_in_one_table_with_references(
-    ray_cluster, base, search, tmp_path
-):
-    run = run_training(base, Scaling(1, cpus_per_worker=1), RunSettings(name="single", storage=str(tmp_path)))
+def test_compare_puts_experiments_and_a_train_run_in_one_table_with_references(search, winner):
     experiment, _ = search
-    command = [sys.executable, "-m", "tune.compare", str(experiment), str(Path(run.path))]
+    command = [sys.executable, "-m", "tune.compare", str(experiment), str(winner[0])]
     table = subprocess.run(command, capture_output=True, text=True, timeout=120, check=True).stdout
     *lines, blank, winner = table.strip().splitlines()  # the table, then the line that trains its best
     assert blank == "" and winner.startswith(
@@ -229,7 +237,9 @@ def test_the_ablation_grid_on_smoke_with_two_seeds_fills_every_row(ray_cluster, 
     from tune.ablations import VARIANTS
     from tune.cli import ablations_and_tabulate
 
-    settings = SearchSettings(name="ablations", storage=str(tmp_path), max_concurrent=1, cpus_per_worker=1)
+    # Four trials at a time (the session's cluster has 4 logical CPUs): each trial's seed fixes
+    # its result, so the order does not matter, and most of a 6-step trial is its start.
+    settings = SearchSettings(name="ablations", storage=str(tmp_path), max_concurrent=4, cpus_per_worker=1)
     summary = ablations_and_tabulate(base, 2, settings)
     folder = tmp_path / "ablations"
     with open(folder / "ablations.csv") as file:
@@ -245,15 +255,16 @@ def test_the_ablation_grid_on_smoke_with_two_seeds_fills_every_row(ray_cluster, 
 
 
 def test_a_two_objective_search_marks_a_front_no_trial_on_it_is_dominated(ray_cluster, base, tmp_path):
-    """--metric val_mse_frame --metric val_ssim: no early stopping, the front marked and first,
-    best = the rule's pick, each trial's SSIM taken at its best MSE report, pareto.png."""
+    """--metric val_mse_frame --metric val_ink_ssim, two trials at a time: no early stopping,
+    the front marked and first, best = the rule's pick, each trial's ink SSIM taken at its best
+    MSE report, the study told both values of every trial, pareto.png."""
     import json
 
     from lstm_ae.pareto import dominates, front_choice
 
-    objectives = (("val_mse_frame", "min"), ("val_ssim", "max"))
+    objectives = (("val_mse_frame", "min"), ("val_ink_ssim", "max"))
     settings = SearchSettings(
-        name="front", storage=str(tmp_path), num_samples=4, max_concurrent=1, cpus_per_worker=1,
+        name="front", storage=str(tmp_path), num_samples=4, max_concurrent=2, cpus_per_worker=1,
         objectives=objectives,
     )  # fmt: skip
     space = parse_space(
@@ -263,7 +274,7 @@ def test_a_two_objective_search_marks_a_front_no_trial_on_it_is_dominated(ray_cl
     folder = tmp_path / "front"
     rows = read_rows(folder)
     assert len(rows) == 4 and all(row["status"] == COMPLETED and row["steps"] == "6" for row in rows)
-    points = [(float(row["best_val_mse_frame"]), float(row["val_ssim"])) for row in rows]
+    points = [(float(row["best_val_mse_frame"]), float(row["val_ink_ssim"])) for row in rows]
     modes = ("min", "max")
     marked = [row["front"] == "*" for row in rows]
     for index, point in enumerate(points):  # the hand check
@@ -272,24 +283,24 @@ def test_a_two_objective_search_marks_a_front_no_trial_on_it_is_dominated(ray_cl
     assert marked == sorted(marked, reverse=True)  # the front first
     assert [row["best"] for row in rows].count("*") == 1
     assert rows[front_choice(points, modes)]["best"] == "*"
-    for row in rows:  # SSIM at the report with the best MSE, from Tune's own result.json
+    for row in rows:  # ink SSIM at the report with the best MSE, from Tune's own result.json
         trial_folder = next(folder.glob(f"trial_{row['trial']}_*"))
         reports = [json.loads(line) for line in (trial_folder / "result.json").read_text().splitlines()]
         best = min((r for r in reports if "val_mse_frame" in r), key=lambda r: r["val_mse_frame"])
-        assert float(row["val_ssim"]) == pytest.approx(best["val_ssim"])
+        assert float(row["val_ink_ssim"]) == pytest.approx(best["val_ink_ssim"])
     assert json.loads((folder / "search.json").read_text())["objectives"] == [
         {"metric": "val_mse_frame", "mode": "min"},
-        {"metric": "val_ssim", "mode": "max"},
+        {"metric": "val_ink_ssim", "mode": "max"},
     ]
     assert not (folder / "stopped_by_scheduler").exists()
     _, study = stored_study(folder)  # Optuna was told both values of every trial, as the table takes them
     assert [direction.name for direction in study.directions] == ["MINIMIZE", "MAXIMIZE"]
     assert study_values(folder) == {
-        row["trial"]: [float(row["best_val_mse_frame"]), float(row["val_ssim"])] for row in rows
+        row["trial"]: [float(row["best_val_mse_frame"]), float(row["val_ink_ssim"])] for row in rows
     }
     for picture in ("pareto.png", "optuna_pareto_front.png", "optuna_hypervolume.png"):
         assert (folder / picture).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "front: the Pareto front of best_val_mse_frame and val_ssim" in summary
+    assert "front: the Pareto front of best_val_mse_frame and val_ink_ssim" in summary
 
 
 def test_a_search_whose_driver_is_killed_resumes_every_trial_from_a_checkpoint_it_still_has(

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+from command_line import run_main
 
 from lstm_ae.config import preset
 from lstm_ae.tables import to_csv, to_html, to_markdown
@@ -104,10 +105,12 @@ def test_every_searched_batch_size_must_split_over_the_workers_of_a_trial():
         space.check(preset("smoke"), workers_per_trial=4)
 
 
-def run_tune(*arguments: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "tune", *arguments], capture_output=True, text=True, timeout=120
-    )
+@pytest.fixture
+def run_tune(capsys):
+    """`python -m tune ARGUMENTS` run in this process (tests/command_line.py says why)."""
+    from tune.cli import main
+
+    return lambda *arguments: run_main(main, arguments, capsys)
 
 
 @pytest.mark.parametrize(
@@ -122,7 +125,7 @@ def run_tune(*arguments: str) -> subprocess.CompletedProcess:
         ("dropouts: {uniform: [0, 0.5]}\n", "unknown config field 'dropouts'"),
     ],
 )
-def test_bad_space_files_exit_2_with_one_line(tmp_path, content, message):
+def test_bad_space_files_exit_2_with_one_line(run_tune, tmp_path, content, message):
     (tmp_path / "space.yaml").write_text(content)
     completed = run_tune("--preset", "smoke", "--space", str(tmp_path / "space.yaml"))
     assert completed.returncode == 2 and message in completed.stderr
@@ -143,7 +146,7 @@ def test_base_point_is_the_base_configs_values_of_the_searched_fields():
         space.base_point(base.replace(hidden_size=64))
 
 
-def test_bad_flags_exit_2_with_one_line(tmp_path):
+def test_bad_flags_exit_2_with_one_line(run_tune, tmp_path):
     (tmp_path / "binary.yaml").write_bytes(b"\xff\xfe\x00binary")
     for arguments, message in (
         (["--num-samples", "0"], "--num-samples must be at least 1"),
@@ -173,11 +176,20 @@ def test_rows_sort_best_first_and_render_in_every_format():
     assert [row["trial"] for row in sort_rows(rows, "best_val_mse_frame", "max")][0] == "a"
 
 
-def test_help_lists_search_and_config_flags():
-    completed = run_tune("--help")
+@pytest.mark.slow
+def test_python_m_tune_lists_its_flags_and_refuses_a_bad_one_in_one_line():
+    """The real entry point, in its own interpreter (the other command-line tests call main)."""
+
+    def python_m_tune(*arguments):
+        command = [sys.executable, "-m", "tune", *arguments]
+        return subprocess.run(command, capture_output=True, text=True, timeout=120)
+
+    completed = python_m_tune("--help")
     assert completed.returncode == 0
     for flag in ("--num-samples", "--search-seed", "--space", "--hidden-size", "--seed"):
         assert flag in completed.stdout
+    completed = python_m_tune("--preset", "smoke", "--num-samples", "0")
+    assert completed.returncode == 2 and completed.stderr == "error: --num-samples must be at least 1\n"
 
 
 def write_experiment_record(folder, base, space):
@@ -188,7 +200,7 @@ def write_experiment_record(folder, base, space):
     (folder / "search.json").write_text(json.dumps(record))
 
 
-def test_a_resumed_search_keeps_its_saved_config_and_space_and_refuses_new_ones(tmp_path):
+def test_a_resumed_search_keeps_its_saved_config_and_space_and_refuses_new_ones(run_tune, tmp_path):
     from tune.cli import build_parser, resumed_experiment
     from tune.experiment import SearchSettings, saved_experiment
 

@@ -33,6 +33,7 @@ def final_weights(session) -> dict:
     return load_checkpoint(session.checkpoints[-1])["model"]
 
 
+@pytest.mark.slow
 def test_smoke_run_reports_losses_validation_and_checkpoints(smoke):
     state, session = run(smoke)
     steps = [report["step"] for report in session.reports]
@@ -46,6 +47,7 @@ def test_smoke_run_reports_losses_validation_and_checkpoints(smoke):
     assert validations[-1] < validations[0]  # on the fixed validation set
 
 
+@pytest.mark.slow
 def test_every_validation_reports_the_trivial_predictions_measured_once_on_the_set(smoke):
     """The baselines depend on the validation set alone: the first validation measures them,
     the later ones carry the same values (and evaluate can leave them out)."""
@@ -77,6 +79,7 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoin
         assert all(torch.isfinite(tensor).all() for tensor in load_checkpoint(folder)["model"].values())
 
 
+@pytest.mark.slow
 def test_early_stopping_after_patience_validations_without_improvement(smoke):
     config = smoke.replace(
         learning_rate=1e-30, warmup_steps=0, patience=1, eval_every=2, checkpoint_every=2, max_steps=20
@@ -86,6 +89,7 @@ def test_early_stopping_after_patience_validations_without_improvement(smoke):
     assert session.reports[-1]["stopped_early"] is True and session.reports[-1]["final"] is True
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dropout", [0.0, 0.5])
 def test_interrupted_and_resumed_run_matches_an_uninterrupted_one(smoke, tmp_path, dropout):
     # Checkpoints at steps 4 and 6; the crash comes at step 5, between them.
@@ -105,6 +109,7 @@ def test_workers_draw_different_dropout_masks_and_a_replayed_step_the_same():
     assert len(seeds) == 400 and step_seed(0, 1, 7) == step_seed(0, 1, 7) != step_seed(1, 1, 7)
 
 
+@pytest.mark.slow
 def test_a_finished_run_resumed_again_reports_its_end_without_training(smoke):
     state, session = run(smoke)
     checkpoints = list(session.checkpoints)
@@ -114,6 +119,7 @@ def test_a_finished_run_resumed_again_reports_its_end_without_training(smoke):
     assert session.reports[-1]["final"] is True and session.reports[-1]["step"] == 6
 
 
+@pytest.mark.slow
 def test_a_resumed_run_with_more_steps_continues_its_learning_rate_without_a_jump(smoke):
     config = smoke.replace(log_every=1, warmup_steps=2, learning_rate=1e-2)
     _, session = run(config)
@@ -206,6 +212,7 @@ class FakeClock:
         return self.time
 
 
+@pytest.mark.slow
 def test_a_budgeted_run_under_a_fake_clock_keeps_its_budget_and_prints_progress_every_30_s(
     smoke, monkeypatch, capsys
 ):
@@ -228,6 +235,7 @@ def test_a_budgeted_run_under_a_fake_clock_keeps_its_budget_and_prints_progress_
     assert session.reports[-1]["final"] is True and session.checkpoints
 
 
+@pytest.mark.slow
 def test_a_run_with_a_time_budget_stops_annealed_before_max_steps(smoke):
     config = smoke.replace(
         max_steps=100_000,
@@ -247,6 +255,7 @@ def test_a_run_with_a_time_budget_stops_annealed_before_max_steps(smoke):
     assert last["learning_rate"] < 0.25 * 1e-2
 
 
+@pytest.mark.slow
 def test_a_time_limited_run_resumed_with_more_minutes_trains_on_and_with_the_same_is_done(smoke):
     config = smoke.replace(
         max_steps=100_000,
