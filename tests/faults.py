@@ -20,11 +20,32 @@ class InjectedFailure(RuntimeError):
     pass
 
 
-class FailOnceSession:
-    """Wraps a session; the last rank raises when it reports step `at_step` (once)."""
+def wait_until_registered(run: str | Path, checkpoint: str, timeout: float = 120.0) -> None:
+    """Until Ray Train's checkpoint list in `run` (checkpoint_manager_snapshot.json) holds
+    `checkpoint`. Checkpoints upload beside training (ASYNC): one is registered only once its
+    upload ends, so a crash right after a report may come before it."""
+    import json
+    import time
 
-    def __init__(self, session, at_step: int, marker: str | Path):
+    snapshot, deadline = Path(run) / "checkpoint_manager_snapshot.json", time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            entries = json.loads(snapshot.read_text())["checkpoint_results"]
+            if checkpoint in [entry["checkpoint_dir_name"] for entry in entries]:
+                return
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"Ray Train did not register {checkpoint} in {snapshot} within {timeout:.0f} s")
+
+
+class FailOnceSession:
+    """Wraps a session; the last rank raises when it reports step `at_step` (once), after
+    Ray Train registered the checkpoint `registered` = (run folder, checkpoint name) if given."""
+
+    def __init__(self, session, at_step: int, marker: str | Path, registered: tuple[str, str] | None = None):
         self.session, self.at_step, self.marker = session, at_step, Path(marker)
+        self.registered = registered
         self.world_rank, self.world_size = session.world_rank, session.world_size
         self.device = session.device
 
@@ -40,22 +61,27 @@ class FailOnceSession:
             self.marker.write_text(f"failed at step {step}\n")
             if checkpoint_dir:  # the session owns the folder it was handed
                 shutil.rmtree(checkpoint_dir, ignore_errors=True)
+            if self.registered is not None:
+                wait_until_registered(*self.registered)
             raise InjectedFailure(f"injected failure at step {step} on rank {self.world_rank}")
         self.session.report(metrics, checkpoint_dir, step)
 
 
 class FaultyTrainLoop:
-    """`train.worker.train_loop_per_worker` whose session fails once at `at_step`."""
+    """`train.worker.train_loop_per_worker` whose session fails once at `at_step`, once the
+    checkpoint `registered` = (run folder, checkpoint name) is registered if given."""
 
-    def __init__(self, at_step: int, marker: str | Path):
+    def __init__(self, at_step: int, marker: str | Path, registered: tuple[Path, str] | None = None):
         self.at_step, self.marker = at_step, str(marker)
+        self.registered = (str(registered[0]), registered[1]) if registered else None
 
     def __call__(self, loop_config: dict[str, Any]) -> None:
         from train.ray_internals import quiet_report_logging
         from train.worker import RayTrainSession, train_function
 
         quiet_report_logging()
-        train_function(loop_config, FailOnceSession(RayTrainSession(), self.at_step, self.marker))
+        session = FailOnceSession(RayTrainSession(), self.at_step, self.marker, self.registered)
+        train_function(loop_config, session)
 
 
 class KilledMidUploadLoop:

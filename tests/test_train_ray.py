@@ -74,8 +74,11 @@ def test_two_workers_train_in_sync_and_write_the_run_folder(uninterrupted):
 
 
 def test_a_worker_crash_between_checkpoints_restarts_from_the_latest_one(config, uninterrupted, tmp_path):
-    # Step 3 is trained and logged (log_every 1), then the last rank dies before step 4's checkpoint.
-    crashing = FaultyTrainLoop(at_step=3, marker=tmp_path / "failed-once")
+    # Step 3 is trained and logged (log_every 1), then the last rank dies before step 4's
+    # checkpoint, once Ray registered step 2's (it uploads beside training).
+    crashing = FaultyTrainLoop(
+        3, tmp_path / "failed-once", registered=(tmp_path / "recovered", "checkpoint_00000002")
+    )
     summary = run_training(
         config.replace(log_every=1),
         TWO_WORKERS,
@@ -116,7 +119,8 @@ def test_a_stopped_run_resumes_past_a_truncated_newest_checkpoint_to_the_end_of_
     cut short (a node lost mid-upload, a full disk): the resume sets it aside, says so in one
     line, restarts from the one before, and ends with the uninterrupted run's weights. (The
     full-disk scene below resumes from an intact newest checkpoint.)"""
-    crashing = FaultyTrainLoop(at_step=6, marker=tmp_path / "failed-once.marker")
+    registered = (tmp_path / "damaged", "checkpoint_00000004")
+    crashing = FaultyTrainLoop(6, tmp_path / "failed-once.marker", registered=registered)
     settings = RunSettings(name="damaged", storage=str(tmp_path), max_failures=0)
     with pytest.raises(Exception, match="injected failure at step 6"):  # checkpoints at steps 2 and 4
         run_training(config, TWO_WORKERS, settings, train_loop=crashing)

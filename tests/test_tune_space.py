@@ -189,7 +189,9 @@ def test_python_m_tune_lists_its_flags_and_refuses_a_bad_one_in_one_line():
     for flag in ("--num-samples", "--search-seed", "--space", "--hidden-size", "--seed"):
         assert flag in completed.stdout
     completed = python_m_tune("--preset", "smoke", "--num-samples", "0")
-    assert completed.returncode == 2 and completed.stderr == "error: --num-samples must be at least 1\n"
+    assert (
+        completed.returncode == 2 and completed.stderr == "error: --num-samples must be at least 1, got 0\n"
+    )
 
 
 def write_experiment_record(folder, base, space):
