@@ -1,6 +1,6 @@
 """Prove the suite's cluster behaviour on Ray's own simulated multi-node clusters, on one machine.
 
-    scripts/cluster_sim.sh                       # all scenes, about 6 minutes on 2 cores; CI runs it
+    scripts/cluster_sim.sh                       # all scenes, about 9 minutes on 2 cores; CI runs it
     scripts/cluster_sim.sh --only data-parallel  # one scene (autoscaling, data-parallel, node-loss)
 
 Four scenes, each driven through the project's own commands (`python -m tune`,

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Cluster behaviour on Ray's simulated multi-node clusters (see scripts/cluster_sim.py).
-# Needs the project's venv (.venv, or VENV=...); about 6 minutes on 2 cores for all four
+# Needs the project's venv (.venv, or VENV=...); about 9 minutes on 2 cores for all four
 # scenes (`--only data-parallel`, `--only autoscaling` or `--only node-loss` runs fewer).
 set -euo pipefail
 cd "$(dirname "$0")/.."
