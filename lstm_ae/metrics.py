@@ -247,11 +247,6 @@ def ssim_per_frame(prediction: Tensor, target: Tensor) -> Tensor:
     return ssim_and_ink_ssim_per_frame(prediction, target)[0]
 
 
-def ink_ssim_per_frame(prediction: Tensor, target: Tensor) -> Tensor:
-    """SSIM over the windows with ink in the target or prediction: (B, T, C, H, W) -> (B, T)."""
-    return ssim_and_ink_ssim_per_frame(prediction, target)[1]
-
-
 def copy_last_frame(past: Tensor, steps: int) -> Tensor:
     """Baseline prediction: the last past frame repeated `steps` times."""
     return past[:, -1:].expand(-1, steps, *past.shape[2:])

@@ -31,13 +31,20 @@ def _to_uint8(frames: torch.Tensor | np.ndarray) -> np.ndarray:
     return (np.clip(array, 0, 1) * 255).round().astype(np.uint8)
 
 
+def _joined(images: Sequence[np.ndarray], axis: int) -> np.ndarray:
+    """`images` joined along `axis`, GAP gray pixels between each two."""
+    padding = [(0, 0)] * images[0].ndim
+    padding[axis] = (0, GAP)
+    joined = np.concatenate([np.pad(image, padding, constant_values=128) for image in images], axis)
+    return np.delete(joined, np.s_[-GAP:], axis=axis)
+
+
 def _side_by_side(panels: Sequence[np.ndarray], marker: np.ndarray | None = None) -> list[Image.Image]:
     """Panels (T, H, W) uint8 side by side per frame; `marker` (T,) bool lights a bar on top."""
     steps, height, _ = panels[0].shape
     images = []
     for t in range(steps):
-        row = [np.pad(panel[t], ((0, 0), (0, GAP)), constant_values=128) for panel in panels]
-        frame = np.concatenate(row, axis=1)[:, :-GAP]
+        frame = _joined([panel[t] for panel in panels], axis=1)
         bar = np.full((3, frame.shape[1]), 255 if marker is not None and marker[t] else 0, np.uint8)
         frame = np.concatenate([bar, frame], axis=0)
         image = Image.fromarray(frame).resize(
@@ -53,8 +60,7 @@ def _save_gif(path: str | os.PathLike, images: list[Image.Image]) -> None:
 
 def _stack_sequences(sequences: Sequence[np.ndarray]) -> np.ndarray:
     """Several (T, H, W) sequences stacked vertically into one (T, n*H + gaps, W)."""
-    padded = [np.pad(s, ((0, 0), (0, GAP), (0, 0)), constant_values=128) for s in sequences]
-    return np.concatenate(padded, axis=1)[:, :-GAP]
+    return _joined(sequences, axis=1)
 
 
 def prediction_gif(path: str | os.PathLike, past, future, prediction) -> None:
@@ -100,11 +106,8 @@ def frame_grid_rows(past, future, prediction, reconstruction) -> tuple[list[str]
             columns = [frames[t] if t < len(frames) else np.full((height, width), 128, np.uint8)
                        for t in range(steps)]  # fmt: skip
             labels.append(f"#{index} {label}")
-            rows.append(
-                np.concatenate([np.pad(c, ((0, 0), (0, GAP)), constant_values=128) for c in columns], 1)
-            )
-    grid = np.concatenate([np.pad(row, ((0, GAP), (0, 0)), constant_values=128) for row in rows], 0)
-    return labels, grid[:-GAP, :-GAP]
+            rows.append(_joined(columns, axis=1))
+    return labels, _joined(rows, axis=0)
 
 
 def frames_png(path: str | os.PathLike, past, future, prediction, reconstruction) -> None:
